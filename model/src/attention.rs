@@ -1,0 +1,273 @@
+//! V4 attention (§2.3): shared-KV multi-query attention over a sliding window plus compressed entries,
+//! with per-head attention sinks and a grouped low-rank output projection.
+//!
+//! ```text
+//! qr = RMSNorm(x Wq_a^T)                     [B, S, q_lora]   (also the indexer's query latent)
+//! q  = RoPE(rmsnorm_per_head(qr Wq_b^T))     [B, S, H, d]
+//! kv = RoPE(RMSNorm(x Wkv^T))                [B, S, d]        one head, both K and V
+//! keys of query t: the window (t-W, t] + compressed entries (CSA: the indexer's top-k; HCA: all complete)
+//! p  = softmax over keys, with a per-head sink logit that has no value
+//! o  = inverse-RoPE(p V) at t ; out = Wo_b (per-group Wo_a o_g)
+//! ```
+//! Queries are processed in chunks, each against only the keys its window can reach, so the cost of a
+//! prefill grows linearly with its length.
+
+use crate::cache::LayerCache;
+use crate::compressor::Compressor;
+use crate::config::AttentionKind;
+use crate::indexer::{Indexer, Selection};
+use crate::norm::{rms_normalize, Linear, RmsNorm};
+use crate::probe::{tap, Probe};
+use crate::rope::Rope;
+use burn::module::{Module, Param};
+use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
+
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// `[q_lora, D]`
+    pub wq_a: Linear<B>,
+    pub q_norm: RmsNorm<B>,
+    /// `[H * d, q_lora]`
+    pub wq_b: Linear<B>,
+    /// `[d, D]`
+    pub wkv: Linear<B>,
+    pub kv_norm: RmsNorm<B>,
+    /// Per-group low-rank projection: `[g, R, H * d / g]`.
+    pub wo_a: Param<Tensor<B, 3>>,
+    /// `[D, g * R]`
+    pub wo_b: Linear<B>,
+    /// Per-head sink logits: `[H]`.
+    pub sinks: Param<Tensor<B, 1>>,
+    pub compressor: Option<Compressor<B>>,
+    pub indexer: Option<Indexer<B>>,
+    pub kind: AttentionKind,
+    pub rope: Rope,
+    pub num_heads: usize,
+    pub head_dim: usize,
+    pub window: usize,
+    pub norm_eps: f64,
+}
+
+/// Compressed keys a chunk of queries can read.
+enum CompressedKeys<'a, B: Backend> {
+    /// HCA: every complete entry (`i < floor((t + 1) / m)`).
+    All { entries: &'a Tensor<B, 3>, rate: usize },
+    /// CSA: the indexer's picks.
+    Selected { entries: &'a Tensor<B, 3>, selection: &'a Selection },
+}
+
+impl<B: Backend> Attention<B> {
+    /// Attends the new tokens `x: [B, S, D]` (absolute positions `start..start+S`), continuing `cache`.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        start: usize,
+        cache: &mut LayerCache<B>,
+        probe: &mut dyn Probe,
+        name: &str,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let (h, d) = (self.num_heads, self.head_dim);
+        let device = x.device();
+        let positions: Vec<usize> = (start..start + seq).collect();
+        let tables = self.rope.tables::<B>(&positions, &device);
+
+        let qr = self.q_norm.forward(self.wq_a.forward(x.clone()));
+        let q = self.wq_b.forward(qr.clone()).reshape([batch, seq, h, d]);
+        let q = tables.apply(rms_normalize(q, self.norm_eps), false);
+        let kv = tables.apply3(self.kv_norm.forward(self.wkv.forward(x.clone())), false);
+        tap(probe, &format!("{name}.q"), &q);
+        tap(probe, &format!("{name}.kv"), &kv);
+
+        // Window keys: the cached tail of earlier calls, then this call's tokens.
+        let (keys, key_start) = match cache.window.take() {
+            Some(previous) => {
+                let held = previous.dims()[1];
+                (Tensor::cat(vec![previous, kv], 1), start - held)
+            }
+            None => (kv, start),
+        };
+        let total = keys.dims()[1];
+        let keep = total.min(self.window.saturating_sub(1));
+        if keep > 0 {
+            cache.window = Some(keys.clone().narrow(1, total - keep, keep));
+        }
+
+        let compressed = self
+            .compressor
+            .as_ref()
+            .and_then(|c| c.forward(x.clone(), &mut cache.compressor));
+        if let Some(entries) = &compressed {
+            tap(probe, &format!("{name}.compressor.entries"), entries);
+        }
+        let selection = match (&self.indexer, &compressed) {
+            (Some(indexer), Some(_)) => {
+                let picked = indexer.forward(x, qr, start, &mut cache.indexer);
+                if let Some((selection, scores)) = &picked {
+                    tap(probe, &format!("{name}.indexer.scores"), scores);
+                    if probe.wants(&format!("{name}.indexer.topk")) {
+                        let shape = [batch, seq, selection.k];
+                        probe.record(
+                            &format!("{name}.indexer.topk"),
+                            TensorData::new(selection.indices.clone(), shape),
+                        );
+                    }
+                }
+                picked.map(|(s, _)| s)
+            }
+            _ => None,
+        };
+        let extra = match (&compressed, &selection, self.kind) {
+            (Some(entries), Some(selection), AttentionKind::Csa { .. }) => {
+                Some(CompressedKeys::Selected { entries, selection })
+            }
+            (Some(entries), _, AttentionKind::Hca { rate }) => {
+                Some(CompressedKeys::All { entries, rate })
+            }
+            _ => None,
+        };
+
+        let o = self.attend(q, &keys, key_start, start, extra.as_ref());
+        tap(probe, &format!("{name}.core"), &o);
+        let o = tables.apply(o, true);
+
+        // Grouped output projection: [B*S, g, H*d/g] -> [g, B*S, R] -> [B*S, g*R] -> [B, S, D].
+        let [g, r, group_in] = self.wo_a.dims();
+        let grouped = o.reshape([batch * seq, g, group_in]).swap_dims(0, 1);
+        let low = grouped
+            .matmul(self.wo_a.val().swap_dims(1, 2))
+            .swap_dims(0, 1)
+            .reshape([batch, seq, g * r]);
+        let out = self.wo_b.forward(low);
+        tap(probe, &format!("{name}.output"), &out);
+        out
+    }
+
+    /// Softmax attention of `q: [B, S, H, d]` (query positions from `q_start`) over the window keys
+    /// `keys: [B, L, d]` (positions from `key_start`) and the compressed keys.
+    fn attend(
+        &self,
+        q: Tensor<B, 4>,
+        keys: &Tensor<B, 3>,
+        key_start: usize,
+        q_start: usize,
+        extra: Option<&CompressedKeys<'_, B>>,
+    ) -> Tensor<B, 4> {
+        let [batch, seq, h, d] = q.dims();
+        let device = q.device();
+        let scale = 1.0 / (d as f64).sqrt();
+        let window = self.window;
+        let chunk = window.max(64);
+        let sinks = self.sinks.val().reshape([1, 1, h, 1]);
+        let mut outputs = Vec::new();
+        for begin in (0..seq).step_by(chunk) {
+            let len = chunk.min(seq - begin);
+            let first = q_start + begin;
+            let last = first + len - 1;
+            // Keys any query of the chunk can see: positions (first - W, last].
+            let k0 = (first + 1).saturating_sub(window).max(key_start) - key_start;
+            let k1 = last + 1 - key_start;
+            let kw = keys.clone().narrow(1, k0, k1 - k0);
+            let mut mask = Vec::with_capacity(len * (k1 - k0));
+            for t in first..=last {
+                for u in key_start + k0..key_start + k1 {
+                    let visible = u <= t && u + window > t;
+                    mask.push(if visible { 0.0f32 } else { f32::NEG_INFINITY });
+                }
+            }
+            let mask = Tensor::<B, 4>::from_data(TensorData::new(mask, [1, len, 1, k1 - k0]), &device);
+            let qc = q.clone().narrow(1, begin, len);
+            let q_rows = qc.clone().reshape([batch, len * h, d]);
+            let win_scores = q_rows
+                .clone()
+                .matmul(kw.clone().swap_dims(1, 2))
+                .reshape([batch, len, h, k1 - k0])
+                .mul_scalar(scale)
+                + mask;
+
+            let mut parts = vec![win_scores];
+            // The compressed keys of this chunk and how to mix their probabilities back.
+            let mut values: Option<Tensor<B, 3>> = None;
+            let mut gathered: Option<Tensor<B, 3>> = None;
+            match extra {
+                Some(CompressedKeys::All { entries, rate }) => {
+                    let visible = ((last + 1) / rate).min(entries.dims()[1]);
+                    if visible > 0 {
+                        let ec = (*entries).clone().narrow(1, 0, visible);
+                        let mut mask = Vec::with_capacity(len * visible);
+                        for t in first..=last {
+                            for i in 0..visible {
+                                mask.push(if i < (t + 1) / rate { 0.0f32 } else { f32::NEG_INFINITY });
+                            }
+                        }
+                        let mask =
+                            Tensor::<B, 4>::from_data(TensorData::new(mask, [1, len, 1, visible]), &device);
+                        let s = q_rows
+                            .clone()
+                            .matmul(ec.clone().swap_dims(1, 2))
+                            .reshape([batch, len, h, visible])
+                            .mul_scalar(scale)
+                            + mask;
+                        parts.push(s);
+                        values = Some(ec);
+                    }
+                }
+                Some(CompressedKeys::Selected { entries, selection }) => {
+                    let k = selection.k;
+                    let [_, count, _] = entries.dims();
+                    let mut rows = Vec::with_capacity(batch * len * k);
+                    let mut mask = Vec::with_capacity(batch * len * k);
+                    for b in 0..batch {
+                        for s in begin..begin + len {
+                            for &i in &selection.indices[((b * seq) + s) * k..][..k] {
+                                rows.push((b * count) as i64 + i.max(0));
+                                mask.push(if i >= 0 { 0.0f32 } else { f32::NEG_INFINITY });
+                            }
+                        }
+                    }
+                    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [batch * len * k]), &device);
+                    let mask = Tensor::<B, 4>::from_data(TensorData::new(mask, [batch, len, 1, k]), &device);
+                    let sel = (*entries)
+                        .clone()
+                        .reshape([batch * count, d])
+                        .select(0, rows)
+                        .reshape([batch * len, k, d]);
+                    let s = qc
+                        .reshape([batch * len, h, d])
+                        .matmul(sel.clone().swap_dims(1, 2))
+                        .reshape([batch, len, h, k])
+                        .mul_scalar(scale)
+                        + mask;
+                    parts.push(s);
+                    gathered = Some(sel);
+                }
+                None => {}
+            }
+            parts.push(sinks.clone().expand([batch, len, h, 1]));
+            let widths: Vec<usize> = parts.iter().map(|p| p.dims()[3]).collect();
+            let probs = activation::softmax(Tensor::cat(parts, 3), 3);
+
+            let pw = probs.clone().narrow(3, 0, widths[0]).reshape([batch, len * h, widths[0]]);
+            let mut o = pw.matmul(kw).reshape([batch, len, h, d]);
+            if let Some(ec) = values {
+                let p = probs
+                    .clone()
+                    .narrow(3, widths[0], widths[1])
+                    .reshape([batch, len * h, widths[1]]);
+                o = o + p.matmul(ec).reshape([batch, len, h, d]);
+            }
+            if let Some(sel) = gathered {
+                let p = probs
+                    .narrow(3, widths[0], widths[1])
+                    .reshape([batch * len, h, widths[1]]);
+                o = o + p.matmul(sel).reshape([batch, len, h, d]);
+            }
+            outputs.push(o);
+        }
+        if outputs.len() == 1 {
+            outputs.pop().expect("one chunk")
+        } else {
+            Tensor::cat(outputs, 1)
+        }
+    }
+}

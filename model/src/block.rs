@@ -1,0 +1,67 @@
+//! One V4 layer: attention and MoE, each wrapped by an mHC site over the `c` residual streams.
+//!
+//! ```text
+//! x_in, mix = attn_hc.pre(X);  X = mix.post(Attn(RMSNorm(x_in)), X)
+//! x_in, mix = ffn_hc.pre(X);   X = mix.post(MoE(RMSNorm(x_in), ids), X)
+//! ```
+
+use crate::attention::Attention;
+use crate::cache::LayerCache;
+use crate::hyper_connection::HyperConnection;
+use crate::moe::{ExpertRunner, Moe};
+use crate::norm::RmsNorm;
+use crate::probe::{tap, Probe};
+use burn::module::Module;
+use burn::tensor::{backend::Backend, Tensor};
+
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub attn_hc: HyperConnection<B>,
+    pub attn_norm: RmsNorm<B>,
+    pub attn: Attention<B>,
+    pub ffn_hc: HyperConnection<B>,
+    pub ffn_norm: RmsNorm<B>,
+    pub ffn: Moe<B>,
+    pub index: usize,
+}
+
+impl<B: Backend> Block<B> {
+    /// `X: [B, S, c, D]` for the tokens `ids` at positions `start..start+S`. Returns the new streams and
+    /// the rows each routed expert received.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        x: Tensor<B, 4>,
+        ids: &[u32],
+        start: usize,
+        cache: &mut LayerCache<B>,
+        runner: &dyn ExpertRunner<B>,
+        probe: &mut dyn Probe,
+    ) -> (Tensor<B, 4>, Vec<usize>) {
+        let name = format!("layers.{}", self.index);
+        let (input, mix) = self.attn_hc.pre(&x);
+        let input = self.attn_norm.forward(input);
+        tap(probe, &format!("{name}.attn.input"), &input);
+        let attn = self.attn.forward(
+            input,
+            start,
+            cache,
+            probe,
+            &format!("{name}.attn"),
+        );
+        let x = mix.post(attn, x);
+
+        let (input, mix) = self.ffn_hc.pre(&x);
+        let input = self.ffn_norm.forward(input);
+        tap(probe, &format!("{name}.ffn.input"), &input);
+        let (ffn, counts) = self.ffn.forward(
+            input,
+            ids,
+            self.index,
+            runner,
+            probe,
+            &format!("{name}.ffn"),
+        );
+        (mix.post(ffn, x), counts)
+    }
+}

@@ -1,0 +1,65 @@
+//! The incremental decoding state of V4 (per layer): a sliding window of the last `W - 1` K=V vectors and,
+//! on compressed layers, the compressors' states (incomplete window, overlap halves, entries so far).
+//! Its size is bounded by `W + S/m` entries per layer, which is what makes million-token contexts affordable.
+
+use crate::compressor::CompressorState;
+use burn::tensor::{backend::Backend, Tensor};
+
+/// One layer's state.
+#[derive(Debug, Clone)]
+pub struct LayerCache<B: Backend> {
+    /// The last `W - 1` keys (= values), RoPE applied: `[B, <= W-1, d]`.
+    pub(crate) window: Option<Tensor<B, 3>>,
+    /// The attention compressor (CSA, HCA).
+    pub(crate) compressor: CompressorState<B>,
+    /// The indexer's compressor (CSA).
+    pub(crate) indexer: CompressorState<B>,
+}
+
+impl<B: Backend> Default for LayerCache<B> {
+    fn default() -> Self {
+        Self {
+            window: None,
+            compressor: CompressorState::default(),
+            indexer: CompressorState::default(),
+        }
+    }
+}
+
+impl<B: Backend> LayerCache<B> {
+    /// Scalars held by this layer's state.
+    pub fn num_elements(&self) -> usize {
+        self.window
+            .as_ref()
+            .map_or(0, |w| w.dims().iter().product::<usize>())
+            + self.compressor.num_elements()
+            + self.indexer.num_elements()
+    }
+}
+
+/// The whole model's decoding state: one [`LayerCache`] per layer and the next absolute position.
+#[derive(Debug, Clone)]
+pub struct ModelCache<B: Backend> {
+    pub(crate) layers: Vec<LayerCache<B>>,
+    pub(crate) position: usize,
+}
+
+impl<B: Backend> ModelCache<B> {
+    /// An empty state for a model of `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: (0..num_layers).map(|_| LayerCache::default()).collect(),
+            position: 0,
+        }
+    }
+
+    /// Tokens consumed so far.
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    /// Scalars held by the whole state.
+    pub fn num_elements(&self) -> usize {
+        self.layers.iter().map(LayerCache::num_elements).sum()
+    }
+}

@@ -1,0 +1,121 @@
+//! Manifold-constrained hyper-connections (mHC, V4 §2.2).
+//!
+//! The residual is `c` parallel streams `X: [B, S, c, D]`. Around each sub-block (attention, MoE) a
+//! [`HyperConnection`] reads all streams and produces three mixes: `pre` collapses the streams into the
+//! sub-block's input, `post` spreads the sub-block's output back over the streams, and `comb`, projected onto
+//! the doubly-stochastic matrices by Sinkhorn iterations, mixes the residual streams with each other.
+//! [`HcHead`] collapses the streams once more before the final norm.
+
+use crate::norm::rms_normalize;
+use burn::module::{Module, Param};
+use burn::tensor::{activation, backend::Backend, Tensor};
+
+/// One mHC site. `fn: [(2+c)c, cD]`, `base: [(2+c)c]`, `scale: [3]` (pre, post, comb).
+#[derive(Module, Debug)]
+pub struct HyperConnection<B: Backend> {
+    pub fn_: Param<Tensor<B, 2>>,
+    pub base: Param<Tensor<B, 1>>,
+    pub scale: Param<Tensor<B, 1>>,
+    pub hc_mult: usize,
+    pub sinkhorn_iters: usize,
+    pub hc_eps: f64,
+    pub norm_eps: f64,
+}
+
+/// The `post` and `comb` mixes of a site, kept between the sub-block's input and output.
+#[derive(Debug, Clone)]
+pub struct StreamMix<B: Backend> {
+    /// `[B, S, c, 1]`: weight of the sub-block's output in each stream.
+    post: Tensor<B, 4>,
+    /// `[B, S, c(out k), c(in j)]`: the TRANSPOSED comb, so that `X'_k = sum_j comb[j, k] X_j` is one matmul.
+    comb_t: Tensor<B, 4>,
+}
+
+/// Splits the projection `mu: [B, S, n]` at channel `start` for `len`, and applies `scale[which]` and `base`.
+fn affine<B: Backend>(
+    mu: &Tensor<B, 3>,
+    scale: &Tensor<B, 1>,
+    base: &Tensor<B, 1>,
+    which: usize,
+    start: usize,
+    len: usize,
+) -> Tensor<B, 3> {
+    let s = scale.clone().narrow(0, which, 1).reshape([1, 1, 1]);
+    let b = base.clone().narrow(0, start, len).reshape([1, 1, len]);
+    mu.clone().narrow(2, start, len) * s + b
+}
+
+/// `mu = unweighted_rmsnorm(flatten(X)) @ fn^T`: `[B, S, c, D] -> [B, S, n]`.
+fn project<B: Backend>(x: &Tensor<B, 4>, weight: Tensor<B, 2>, eps: f64) -> Tensor<B, 3> {
+    let [b, s, c, d] = x.dims();
+    let flat = rms_normalize(x.clone().reshape([b * s, c * d]), eps);
+    let n = weight.dims()[0];
+    flat.matmul(weight.transpose()).reshape([b, s, n])
+}
+
+/// `sum_j pre_j X_j`: `[B, S, c]`, `[B, S, c, D] -> [B, S, D]`.
+fn collapse<B: Backend>(pre: Tensor<B, 3>, x: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [b, s, c, d] = x.dims();
+    // [B*S, 1, c] @ [B*S, c, D]: one small matmul per token beats a broadcast product and a reduction.
+    pre.reshape([b * s, 1, c])
+        .matmul(x.reshape([b * s, c, d]))
+        .reshape([b, s, d])
+}
+
+impl<B: Backend> HyperConnection<B> {
+    /// Computes the site's mixes from the streams and returns the sub-block input `[B, S, D]`.
+    pub fn pre(&self, x: &Tensor<B, 4>) -> (Tensor<B, 3>, StreamMix<B>) {
+        let [b, s, c, _] = x.dims();
+        let mu = project(x, self.fn_.val(), self.norm_eps);
+        let scale = self.scale.val();
+        let base = self.base.val();
+        let pre = activation::sigmoid(affine(&mu, &scale, &base, 0, 0, c)).add_scalar(self.hc_eps);
+        let post = activation::sigmoid(affine(&mu, &scale, &base, 1, c, c)).mul_scalar(2.0);
+        let logits = affine(&mu, &scale, &base, 2, 2 * c, c * c).reshape([b, s, c, c]);
+
+        // Sinkhorn-Knopp: softmax over k, then columns, then (iters - 1) x (rows, columns).
+        let eps = self.hc_eps;
+        let mut comb = activation::softmax(logits, 3).add_scalar(eps);
+        comb = comb.clone() / comb.sum_dim(2).add_scalar(eps);
+        for _ in 1..self.sinkhorn_iters {
+            comb = comb.clone() / comb.sum_dim(3).add_scalar(eps);
+            comb = comb.clone() / comb.sum_dim(2).add_scalar(eps);
+        }
+        let input = collapse(pre, x.clone());
+        let mix = StreamMix {
+            post: post.reshape([b, s, c, 1]),
+            comb_t: comb.swap_dims(2, 3),
+        };
+        (input, mix)
+    }
+}
+
+impl<B: Backend> StreamMix<B> {
+    /// `X'_k = post_k * f + sum_j comb[j, k] X_j` for the sub-block output `f: [B, S, D]`.
+    pub fn post(self, f: Tensor<B, 3>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, s, d] = f.dims();
+        let spread = self.post * f.reshape([b, s, 1, d]);
+        spread + self.comb_t.matmul(x)
+    }
+}
+
+/// The final collapse of the streams: `y = sum_j (sigmoid(mu_j * scale + base_j) + eps) X_j`.
+/// `fn: [c, cD]`, `base: [c]`, `scale: [1]`.
+#[derive(Module, Debug)]
+pub struct HcHead<B: Backend> {
+    pub fn_: Param<Tensor<B, 2>>,
+    pub base: Param<Tensor<B, 1>>,
+    pub scale: Param<Tensor<B, 1>>,
+    pub hc_eps: f64,
+    pub norm_eps: f64,
+}
+
+impl<B: Backend> HcHead<B> {
+    /// `[B, S, c, D] -> [B, S, D]`.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 3> {
+        let c = x.dims()[2];
+        let mu = project(&x, self.fn_.val(), self.norm_eps);
+        let pre = mu * self.scale.val().reshape([1, 1, 1]) + self.base.val().reshape([1, 1, c]);
+        collapse(activation::sigmoid(pre).add_scalar(self.hc_eps), x)
+    }
+}

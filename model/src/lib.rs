@@ -1,0 +1,39 @@
+//! The DeepSeek-V4 architecture, written once against burn's generic [`Backend`](burn::tensor::backend::Backend).
+//!
+//! Read it block by block:
+//! - [`config`]: the hyper-parameters, from HF's `config.json` or DeepSeek's `inference/config.json`;
+//! - [`model`]: embedding, blocks, HC head, norm, LM head; [`block`]: one layer;
+//! - [`hyper_connection`]: mHC residual streams with the Sinkhorn projection;
+//! - [`attention`]: shared-KV MQA with sliding window, sinks and grouped output projection;
+//! - [`compressor`]: CSA / HCA compression of the KV sequence; [`indexer`]: CSA's lightning indexer;
+//! - [`moe`]: routed + shared experts; [`rope`]: partial interleaved RoPE with YaRN; [`norm`]: RMSNorm, Linear;
+//! - [`cache`]: the incremental decoding state; [`probe`]: named probe points for validation;
+//! - [`weights`], [`checkpoint`]: where weights come from.
+//!
+//! Probe points, per layer `N`: `layers.N.input` (streams entering the layer), `layers.N.attn.{q,kv,core,
+//! output}`, `layers.N.attn.compressor.entries`, `layers.N.attn.indexer.{scores,topk}`,
+//! `layers.N.ffn.router.{scores,indices,weights}`, `layers.N.ffn.output`; then `final.streams`,
+//! `final.hidden` and `logits`.
+
+pub mod attention;
+pub mod block;
+pub mod cache;
+pub mod checkpoint;
+pub mod compressor;
+pub mod config;
+pub mod hyper_connection;
+pub mod indexer;
+pub mod model;
+pub mod moe;
+pub mod norm;
+pub mod probe;
+pub mod rope;
+pub mod weights;
+
+pub use cache::ModelCache;
+pub use checkpoint::{read_config, SafetensorsDir};
+pub use config::{AttentionKind, ConfigError, ParamCounts, RoutingKind, V4Config};
+pub use model::{ForwardOutput, InputError, Tokens, V4Model};
+pub use moe::{ExpertRunner, LocalExperts};
+pub use probe::{NoProbe, Probe, Recorder};
+pub use weights::{HostData, HostTensor, LoadError, RandomWeights, WeightSource};

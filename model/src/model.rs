@@ -1,0 +1,423 @@
+//! The DeepSeek-V4 model: embedding, `L` blocks over `c` residual streams, the HC head, norm and LM head.
+//!
+//! ```text
+//! X = embed[ids] repeated c times    [B, S, c, D]
+//! for each block: X = Block(X)
+//! logits = head(RMSNorm(HcHead(X)))  [B, S, vocab]   (embedding and head are not tied)
+//! ```
+
+use crate::attention::Attention;
+use crate::block::Block;
+use crate::cache::ModelCache;
+use crate::compressor::Compressor;
+use crate::config::{AttentionKind, RoutingKind, V4Config};
+use crate::hyper_connection::{HcHead, HyperConnection};
+use crate::indexer::Indexer;
+use crate::moe::{ExpertRunner, Experts, LocalExperts, Moe, SharedExpert};
+use crate::norm::{Linear, RmsNorm};
+use crate::probe::{tap, NoProbe, Probe};
+use crate::rope::Rope;
+use crate::weights::{HostData, LoadError, WeightSource};
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use std::collections::HashSet;
+use std::fmt;
+
+#[derive(Module, Debug)]
+pub struct V4Model<B: Backend> {
+    /// `[vocab, D]`
+    pub embed: Param<Tensor<B, 2>>,
+    pub layers: Vec<Block<B>>,
+    pub hc_head: HcHead<B>,
+    pub norm: RmsNorm<B>,
+    /// `[vocab, D]`
+    pub head: Linear<B>,
+    pub config: V4Config,
+}
+
+/// A batch of token ids, `[batch, seq]` row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokens {
+    pub ids: Vec<u32>,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+/// Input the model cannot run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputError {
+    /// `ids.len() != batch * seq`, or an empty batch.
+    Shape { len: usize, batch: usize, seq: usize },
+    /// A token id at or beyond the vocabulary size.
+    OutOfVocabulary { batch: usize, position: usize, id: i64, vocab: usize },
+    /// The context would exceed the model's maximum position.
+    TooLong { positions: usize, max: usize },
+}
+
+impl fmt::Display for InputError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InputError::Shape { len, batch, seq } => {
+                write!(f, "{len} token ids do not form a non-empty [{batch}, {seq}] batch")
+            }
+            InputError::OutOfVocabulary { batch, position, id, vocab } => write!(
+                f,
+                "token id {id} at [{batch}, {position}] is outside the vocabulary (size {vocab})"
+            ),
+            InputError::TooLong { positions, max } => write!(
+                f,
+                "{positions} positions exceed the model's max_position_embeddings ({max})"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for InputError {}
+
+impl Tokens {
+    /// Checks `ids: [batch, seq]` (any integer type) against a vocabulary size.
+    pub fn new(ids: &[i64], batch: usize, seq: usize, vocab: usize) -> Result<Self, InputError> {
+        if batch == 0 || seq == 0 || ids.len() != batch * seq {
+            return Err(InputError::Shape { len: ids.len(), batch, seq });
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for (i, &id) in ids.iter().enumerate() {
+            if id < 0 || id as u64 >= vocab as u64 {
+                return Err(InputError::OutOfVocabulary {
+                    batch: i / seq,
+                    position: i % seq,
+                    id,
+                    vocab,
+                });
+            }
+            out.push(id as u32);
+        }
+        Ok(Self { ids: out, batch, seq })
+    }
+}
+
+/// What a forward pass returns besides the logits.
+#[derive(Debug)]
+pub struct ForwardOutput<B: Backend> {
+    /// `[B, S, vocab]`
+    pub logits: Tensor<B, 3>,
+    /// Rows routed to each expert, per layer (for load balancing and its metrics).
+    pub expert_counts: Vec<Vec<usize>>,
+}
+
+impl<B: Backend> V4Model<B> {
+    /// Full-sequence forward: `[B, S]` tokens -> logits `[B, S, vocab]`.
+    pub fn forward(&self, tokens: &Tokens) -> Result<Tensor<B, 3>, InputError> {
+        let mut cache = ModelCache::new(self.layers.len());
+        Ok(self
+            .forward_with(tokens, &mut cache, &LocalExperts, &mut NoProbe)?
+            .logits)
+    }
+
+    /// Forward of `tokens` continuing `cache` (empty for a full sequence), with experts run by `runner`
+    /// and intermediate tensors offered to `probe`.
+    pub fn forward_with(
+        &self,
+        tokens: &Tokens,
+        cache: &mut ModelCache<B>,
+        runner: &dyn ExpertRunner<B>,
+        probe: &mut dyn Probe,
+    ) -> Result<ForwardOutput<B>, InputError> {
+        let vocab = self.config.vocab_size;
+        if tokens.batch == 0 || tokens.seq == 0 || tokens.ids.len() != tokens.batch * tokens.seq {
+            return Err(InputError::Shape { len: tokens.ids.len(), batch: tokens.batch, seq: tokens.seq });
+        }
+        if let Some(i) = tokens.ids.iter().position(|&id| id as usize >= vocab) {
+            return Err(InputError::OutOfVocabulary {
+                batch: i / tokens.seq,
+                position: i % tokens.seq,
+                id: tokens.ids[i] as i64,
+                vocab,
+            });
+        }
+        let start = cache.position;
+        let end = start + tokens.seq;
+        if end > self.config.max_position_embeddings {
+            return Err(InputError::TooLong { positions: end, max: self.config.max_position_embeddings });
+        }
+        let (b, s) = (tokens.batch, tokens.seq);
+        let d = self.config.hidden_size;
+        let c = self.config.hc_mult;
+        let device = self.embed.device();
+        let ids = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(tokens.ids.iter().map(|&t| t as i64).collect::<Vec<_>>(), [b * s]),
+            &device,
+        );
+        let x = self.embed.val().select(0, ids).reshape([b, s, 1, d]);
+        let mut x = x.repeat_dim(2, c);
+        let mut expert_counts = Vec::with_capacity(self.layers.len());
+        for (block, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            tap(probe, &format!("layers.{}.input", block.index), &x);
+            let (next, counts) = block.forward(x, &tokens.ids, start, layer_cache, runner, probe);
+            x = next;
+            expert_counts.push(counts);
+        }
+        tap(probe, "final.streams", &x);
+        let hidden = self.norm.forward(self.hc_head.forward(x));
+        tap(probe, "final.hidden", &hidden);
+        let logits = self.head.forward(hidden);
+        tap(probe, "logits", &logits);
+        cache.position = end;
+        Ok(ForwardOutput { logits, expert_counts })
+    }
+
+    /// Builds the model from `source` (HF tensor names), checking every tensor's presence and shape and
+    /// that no tensor is left unused.
+    pub fn load(config: &V4Config, source: &dyn WeightSource, device: &B::Device) -> Result<Self, LoadError> {
+        config.validate().map_err(|error| LoadError::Config { path: source.describe(), error })?;
+        let mut loader = Loader { source, device, used: HashSet::new() };
+        let model = Self::build(config, &mut loader)?;
+        let unexpected: Vec<String> = source
+            .names()
+            .into_iter()
+            // HF does not instantiate the MTP block; its tensors may ride along in a checkpoint.
+            .filter(|n| !loader.used.contains(n) && !n.starts_with("mtp.") && !n.contains(".mtp."))
+            .collect();
+        if !unexpected.is_empty() {
+            return Err(LoadError::Unexpected { source: source.describe(), names: unexpected });
+        }
+        Ok(model)
+    }
+
+    fn build(cfg: &V4Config, w: &mut Loader<'_, B>) -> Result<Self, LoadError> {
+        let (v, d, c) = (cfg.vocab_size, cfg.hidden_size, cfg.hc_mult);
+        let eps = cfg.rms_norm_eps;
+        let mut layers = Vec::with_capacity(cfg.num_layers());
+        for (i, (&kind, &routing)) in cfg.attention.iter().zip(&cfg.routing).enumerate() {
+            let p = format!("model.layers.{i}");
+            let hc = |w: &mut Loader<'_, B>, site: &str| -> Result<HyperConnection<B>, LoadError> {
+                let n = (2 + c) * c;
+                Ok(HyperConnection {
+                    fn_: Param::from_tensor(w.f32(&format!("{p}.{site}.fn"), [n, c * d])?),
+                    base: Param::from_tensor(w.f32(&format!("{p}.{site}.base"), [n])?),
+                    scale: Param::from_tensor(w.f32(&format!("{p}.{site}.scale"), [3])?),
+                    hc_mult: c,
+                    sinkhorn_iters: cfg.hc_sinkhorn_iters,
+                    hc_eps: cfg.hc_eps,
+                    norm_eps: eps,
+                })
+            };
+            layers.push(Block {
+                attn_hc: hc(w, "attn_hc")?,
+                attn_norm: w.norm(&format!("{p}.input_layernorm.weight"), d, eps)?,
+                attn: Self::build_attention(cfg, w, &format!("{p}.self_attn"), kind)?,
+                ffn_hc: hc(w, "ffn_hc")?,
+                ffn_norm: w.norm(&format!("{p}.post_attention_layernorm.weight"), d, eps)?,
+                ffn: Self::build_moe(cfg, w, &format!("{p}.mlp"), routing)?,
+                index: i,
+            });
+        }
+        Ok(Self {
+            embed: Param::from_tensor(w.f32("model.embed_tokens.weight", [v, d])?),
+            layers,
+            hc_head: HcHead {
+                fn_: Param::from_tensor(w.f32("model.hc_head.hc_fn", [c, c * d])?),
+                base: Param::from_tensor(w.f32("model.hc_head.hc_base", [c])?),
+                scale: Param::from_tensor(w.f32("model.hc_head.hc_scale", [1])?),
+                hc_eps: cfg.hc_eps,
+                norm_eps: eps,
+            },
+            norm: w.norm("model.norm.weight", d, eps)?,
+            head: w.linear("lm_head.weight", v, d)?,
+            config: cfg.clone(),
+        })
+    }
+
+    fn build_compressor(
+        cfg: &V4Config,
+        w: &mut Loader<'_, B>,
+        p: &str,
+        width: usize,
+        rate: usize,
+        overlap: bool,
+    ) -> Result<Compressor<B>, LoadError> {
+        let d = cfg.hidden_size;
+        let channels = if overlap { 2 * width } else { width };
+        Ok(Compressor {
+            wkv: w.linear(&format!("{p}.kv_proj.weight"), channels, d)?,
+            wgate: w.linear(&format!("{p}.gate_proj.weight"), channels, d)?,
+            ape: Param::from_tensor(w.f32(&format!("{p}.position_bias"), [rate, channels])?),
+            norm: w.norm(&format!("{p}.kv_norm.weight"), width, cfg.rms_norm_eps)?,
+            rate,
+            width,
+            overlap,
+            rope: Rope::for_layer(cfg, AttentionKind::Csa { rate }),
+        })
+    }
+
+    fn build_attention(
+        cfg: &V4Config,
+        w: &mut Loader<'_, B>,
+        p: &str,
+        kind: AttentionKind,
+    ) -> Result<Attention<B>, LoadError> {
+        let (d, h, hd, q) = (cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.q_lora_rank);
+        let (g, r) = (cfg.o_groups, cfg.o_lora_rank);
+        let eps = cfg.rms_norm_eps;
+        let (compressor, indexer) = match kind {
+            AttentionKind::Sliding => (None, None),
+            AttentionKind::Hca { rate } => (
+                Some(Self::build_compressor(cfg, w, &format!("{p}.compressor"), hd, rate, false)?),
+                None,
+            ),
+            AttentionKind::Csa { rate } => {
+                let ip = format!("{p}.compressor.indexer");
+                let (hi, di) = (cfg.index_heads, cfg.index_head_dim);
+                let indexer = Indexer {
+                    wq_b: w.linear(&format!("{ip}.q_b_proj.weight"), hi * di, q)?,
+                    weights_proj: w.linear(&format!("{ip}.scorer.weights_proj.weight"), hi, d)?,
+                    compressor: Self::build_compressor(cfg, w, &ip, di, rate, true)?,
+                    heads: hi,
+                    head_dim: di,
+                    topk: cfg.index_topk,
+                };
+                (
+                    Some(Self::build_compressor(cfg, w, &format!("{p}.compressor"), hd, rate, true)?),
+                    Some(indexer),
+                )
+            }
+        };
+        let group_in = h * hd / g;
+        Ok(Attention {
+            wq_a: w.linear(&format!("{p}.q_a_proj.weight"), q, d)?,
+            q_norm: w.norm(&format!("{p}.q_a_norm.weight"), q, eps)?,
+            wq_b: w.linear(&format!("{p}.q_b_proj.weight"), h * hd, q)?,
+            wkv: w.linear(&format!("{p}.kv_proj.weight"), hd, d)?,
+            kv_norm: w.norm(&format!("{p}.kv_norm.weight"), hd, eps)?,
+            wo_a: Param::from_tensor(
+                w.f32(&format!("{p}.o_a_proj.weight"), [g * r, group_in])?
+                    .reshape([g, r, group_in]),
+            ),
+            wo_b: w.linear(&format!("{p}.o_b_proj.weight"), d, g * r)?,
+            sinks: Param::from_tensor(w.f32(&format!("{p}.sinks"), [h])?),
+            compressor,
+            indexer,
+            kind,
+            rope: Rope::for_layer(cfg, kind),
+            num_heads: h,
+            head_dim: hd,
+            window: cfg.sliding_window,
+            norm_eps: eps,
+        })
+    }
+
+    fn build_moe(
+        cfg: &V4Config,
+        w: &mut Loader<'_, B>,
+        p: &str,
+        routing: RoutingKind,
+    ) -> Result<Moe<B>, LoadError> {
+        let (d, e, i, k) = (cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.experts_per_token);
+        let (bias, tid2eid) = match routing {
+            RoutingKind::TopK => (w.host_f32(&format!("{p}.gate.e_score_correction_bias"), [e])?, Vec::new()),
+            RoutingKind::Hash => {
+                let name = format!("{p}.gate.tid2eid");
+                let table = w.host_i64(&name, [cfg.vocab_size, k])?;
+                let table = table
+                    .into_iter()
+                    .map(|x| {
+                        u32::try_from(x).ok().filter(|&x| (x as usize) < e).ok_or_else(|| LoadError::Value {
+                            source: w.source.describe(),
+                            name: name.clone(),
+                            message: format!("expert id {x} outside 0..{e}"),
+                        })
+                    })
+                    .collect::<Result<Vec<u32>, _>>()?;
+                (vec![0.0; e], table)
+            }
+        };
+        Ok(Moe {
+            gate: w.linear(&format!("{p}.gate.weight"), e, d)?,
+            bias,
+            tid2eid,
+            experts: Experts {
+                w13: Param::from_tensor(w.f32(&format!("{p}.experts.gate_up_proj"), [e, 2 * i, d])?),
+                w2: Param::from_tensor(w.f32(&format!("{p}.experts.down_proj"), [e, d, i])?),
+                limit: cfg.swiglu_limit,
+            },
+            shared: SharedExpert {
+                w1: w.linear(&format!("{p}.shared_experts.gate_proj.weight"), i, d)?,
+                w2: w.linear(&format!("{p}.shared_experts.down_proj.weight"), d, i)?,
+                w3: w.linear(&format!("{p}.shared_experts.up_proj.weight"), i, d)?,
+            },
+            routing,
+            score_func: cfg.score_func,
+            top_k: k,
+            route_scale: cfg.route_scale,
+        })
+    }
+}
+
+/// Reads tensors by name from a source, checking shapes and remembering what was used.
+struct Loader<'a, B: Backend> {
+    source: &'a dyn WeightSource,
+    device: &'a B::Device,
+    used: HashSet<String>,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn read(&mut self, name: &str, shape: &[usize]) -> Result<HostData, LoadError> {
+        let tensor = self.source.read(name, shape)?;
+        if tensor.shape != shape {
+            return Err(LoadError::Shape {
+                source: self.source.describe(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: tensor.shape,
+            });
+        }
+        self.used.insert(name.to_string());
+        Ok(tensor.data)
+    }
+
+    fn host_f32<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Result<Vec<f32>, LoadError> {
+        match self.read(name, &shape)? {
+            HostData::F32(v) => {
+                if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
+                    return Err(LoadError::Value {
+                        source: self.source.describe(),
+                        name: name.to_string(),
+                        message: format!("contains the non-finite value {bad}"),
+                    });
+                }
+                Ok(v)
+            }
+            HostData::I64(_) => Err(LoadError::Dtype {
+                source: self.source.describe(),
+                name: name.to_string(),
+                dtype: "an integer type".into(),
+                hint: "expected floating-point weights".into(),
+            }),
+        }
+    }
+
+    fn host_i64<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Result<Vec<i64>, LoadError> {
+        match self.read(name, &shape)? {
+            HostData::I64(v) => Ok(v),
+            HostData::F32(_) => Err(LoadError::Dtype {
+                source: self.source.describe(),
+                name: name.to_string(),
+                dtype: "a floating-point type".into(),
+                hint: "expected integer ids".into(),
+            }),
+        }
+    }
+
+    fn f32<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>, LoadError> {
+        let data = self.host_f32(name, shape)?;
+        Ok(Tensor::from_data(TensorData::new(data, shape), self.device))
+    }
+
+    fn linear(&mut self, name: &str, out: usize, input: usize) -> Result<Linear<B>, LoadError> {
+        Ok(Linear::new(self.f32(name, [out, input])?))
+    }
+
+    fn norm(&mut self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm<B>, LoadError> {
+        Ok(RmsNorm::new(self.f32(name, [dim])?, eps))
+    }
+}

@@ -1,0 +1,233 @@
+//! V4's mixture of experts (§2.1): a router picks `K` of `E` routed experts per token, plus one shared
+//! expert for every token. No dense FFN layers, no expert groups.
+//!
+//! ```text
+//! s   = score(x Wg^T)                      sqrt(softplus(.)) in V4
+//! idx = tid2eid[token]  (hash layers)  |  topK(s + bias)  (bias chooses, it does not weight)
+//! w   = s[idx] / sum(s[idx]) * route_scale
+//! y   = sum_e w_e * W2_e(silu(min(W1_e x, L)) * clamp(W3_e x, -L, L)) + W2_s(silu(W1_s x) * W3_s x)
+//! ```
+//! Experts run batched: the rows routed to each expert are gathered and multiplied once per expert. The
+//! "run these experts on these rows" step goes through [`ExpertRunner`], so expert parallelism can send
+//! the rows to other processes without touching the model.
+
+use crate::config::{RoutingKind, ScoreFunc};
+use crate::norm::Linear;
+use crate::probe::{tap, Probe};
+use burn::module::{Module, Param};
+use burn::tensor::{activation, backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
+
+/// The routed experts of one layer, stacked.
+#[derive(Module, Debug)]
+pub struct Experts<B: Backend> {
+    /// Gate (w1) rows then up (w3) rows: `[E, 2I, D]` (HF's `gate_up_proj`).
+    pub w13: Param<Tensor<B, 3>>,
+    /// Down projections: `[E, D, I]`.
+    pub w2: Param<Tensor<B, 3>>,
+    /// SwiGLU clamp `L`.
+    pub limit: f64,
+}
+
+impl<B: Backend> Experts<B> {
+    /// Number of experts.
+    pub fn len(&self) -> usize {
+        self.w13.dims()[0]
+    }
+
+    /// Whether there are no experts.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Expert `e` on `rows: [n, D]`: `W2(silu(min(W1 x, L)) * clamp(W3 x, -L, L))`.
+    pub fn forward_expert(&self, e: usize, rows: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [_, two_i, d] = self.w13.dims();
+        let i = two_i / 2;
+        let w13 = self.w13.val().narrow(0, e, 1).reshape([two_i, d]);
+        let w2 = self.w2.val().narrow(0, e, 1).reshape([d, i]);
+        let h = rows.matmul(w13.transpose());
+        let gate = h.clone().narrow(1, 0, i).clamp_max(self.limit);
+        let up = h.narrow(1, i, i).clamp(-self.limit, self.limit);
+        (activation::silu(gate) * up).matmul(w2.transpose())
+    }
+
+    /// Runs `rows: [R, D]`, grouped by expert (`counts[e]` consecutive rows for expert `e`), and returns
+    /// the outputs in the same order.
+    pub fn forward_grouped(&self, rows: Tensor<B, 2>, counts: &[usize]) -> Tensor<B, 2> {
+        let mut outputs = Vec::new();
+        let mut offset = 0;
+        for (e, &n) in counts.iter().enumerate() {
+            if n > 0 {
+                outputs.push(self.forward_expert(e, rows.clone().narrow(0, offset, n)));
+                offset += n;
+            }
+        }
+        Tensor::cat(outputs, 0)
+    }
+}
+
+/// Executes routed experts on grouped rows. The local runner computes them in place; an expert-parallel
+/// runner exchanges the rows with the ranks that own the experts.
+pub trait ExpertRunner<B: Backend> {
+    /// `rows: [R, D]` grouped by expert as in [`Experts::forward_grouped`]; returns `[R, D]`.
+    fn run(&self, layer: usize, experts: &Experts<B>, rows: Tensor<B, 2>, counts: &[usize]) -> Tensor<B, 2>;
+}
+
+/// Runs every expert in this process.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LocalExperts;
+
+impl<B: Backend> ExpertRunner<B> for LocalExperts {
+    fn run(&self, _layer: usize, experts: &Experts<B>, rows: Tensor<B, 2>, counts: &[usize]) -> Tensor<B, 2> {
+        experts.forward_grouped(rows, counts)
+    }
+}
+
+/// The shared expert: a plain (unclamped) SwiGLU MLP.
+#[derive(Module, Debug)]
+pub struct SharedExpert<B: Backend> {
+    /// `[I, D]`
+    pub w1: Linear<B>,
+    /// `[D, I]`
+    pub w2: Linear<B>,
+    /// `[I, D]`
+    pub w3: Linear<B>,
+}
+
+impl<B: Backend> SharedExpert<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.w2
+            .forward(activation::silu(self.w1.forward(x.clone())) * self.w3.forward(x))
+    }
+}
+
+/// One MoE layer.
+#[derive(Module, Debug)]
+pub struct Moe<B: Backend> {
+    /// Router projection `[E, D]`.
+    pub gate: Linear<B>,
+    /// Selection-only bias of top-k layers, `[E]` (updated by load balancing, never by gradients).
+    pub bias: Vec<f32>,
+    /// Token id -> expert ids of hash layers, `[vocab * K]`.
+    pub tid2eid: Vec<u32>,
+    pub experts: Experts<B>,
+    pub shared: SharedExpert<B>,
+    pub routing: RoutingKind,
+    pub score_func: ScoreFunc,
+    pub top_k: usize,
+    pub route_scale: f64,
+}
+
+/// `sqrt(softplus(x))` with softplus computed without overflow.
+fn sqrt_softplus<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let softplus = x.clone().clamp_min(0.0) + x.abs().neg().exp().log1p();
+    softplus.sqrt()
+}
+
+impl<B: Backend> Moe<B> {
+    /// Routes and runs `x: [B, S, D]` for the tokens `ids` (`[B * S]`, for hash routing). Returns the
+    /// output and the number of rows each expert received.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        ids: &[u32],
+        layer: usize,
+        runner: &dyn ExpertRunner<B>,
+        probe: &mut dyn Probe,
+        name: &str,
+    ) -> (Tensor<B, 3>, Vec<usize>) {
+        let [batch, seq, d] = x.dims();
+        let n = batch * seq;
+        let k = self.top_k;
+        let device = x.device();
+        let flat = x.reshape([n, d]);
+        let logits = self.gate.forward(flat.clone());
+        let scores = match self.score_func {
+            ScoreFunc::SqrtSoftplus => sqrt_softplus(logits),
+            ScoreFunc::Sigmoid => activation::sigmoid(logits),
+            ScoreFunc::Softmax => activation::softmax(logits, 1),
+        };
+        tap(probe, &format!("{name}.router.scores"), &scores);
+
+        let experts = self.experts.len();
+        let chosen: Vec<usize> = match self.routing {
+            RoutingKind::Hash => ids
+                .iter()
+                .flat_map(|&t| self.tid2eid[t as usize * k..][..k].iter().map(|&e| e as usize))
+                .collect(),
+            RoutingKind::TopK => {
+                let host = scores
+                    .clone()
+                    .into_data()
+                    .convert::<f32>()
+                    .into_vec::<f32>()
+                    .expect("router scores are f32");
+                let mut chosen = Vec::with_capacity(n * k);
+                let mut order: Vec<usize> = Vec::with_capacity(experts);
+                for row in host.chunks_exact(experts) {
+                    let biased = |e: usize| row[e] + self.bias[e];
+                    let by_rank = |a: &usize, b: &usize| biased(*b).total_cmp(&biased(*a)).then(a.cmp(b));
+                    order.clear();
+                    order.extend(0..experts);
+                    if k < experts {
+                        order.select_nth_unstable_by(k - 1, by_rank);
+                    }
+                    order.truncate(k);
+                    order.sort_unstable_by(by_rank);
+                    chosen.extend_from_slice(&order);
+                }
+                chosen
+            }
+        };
+        if probe.wants(&format!("{name}.router.indices")) {
+            let ids: Vec<i64> = chosen.iter().map(|&e| e as i64).collect();
+            probe.record(&format!("{name}.router.indices"), TensorData::new(ids, [n, k]));
+        }
+
+        let index = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(chosen.iter().map(|&e| e as i64).collect::<Vec<_>>(), [n, k]),
+            &device,
+        );
+        let mut weights = scores.gather(1, index);
+        if self.score_func != ScoreFunc::Softmax {
+            weights = weights.clone() / weights.sum_dim(1).add_scalar(1e-20);
+        }
+        let weights = weights.mul_scalar(self.route_scale);
+        tap(probe, &format!("{name}.router.weights"), &weights);
+
+        // Group the (token, slot) pairs by expert: a counting sort keeps tokens in order within an expert.
+        let mut counts = vec![0usize; experts];
+        for &e in &chosen {
+            counts[e] += 1;
+        }
+        let mut next: Vec<usize> = counts
+            .iter()
+            .scan(0, |acc, &c| {
+                let start = *acc;
+                *acc += c;
+                Some(start)
+            })
+            .collect();
+        let mut pair_order = vec![0i64; n * k];
+        for (pair, &e) in chosen.iter().enumerate() {
+            pair_order[next[e]] = pair as i64;
+            next[e] += 1;
+        }
+        let token_order: Vec<i64> = pair_order.iter().map(|&p| p / k as i64).collect();
+        let tokens = Tensor::<B, 1, Int>::from_data(TensorData::new(token_order, [n * k]), &device);
+        let pairs = Tensor::<B, 1, Int>::from_data(TensorData::new(pair_order, [n * k]), &device);
+
+        let rows = flat.clone().select(0, tokens.clone());
+        let outputs = runner.run(layer, &self.experts, rows, &counts);
+        let pair_weights = weights.reshape([n * k]).select(0, pairs).reshape([n * k, 1]);
+        let routed = Tensor::zeros([n, d], &device).select_assign(
+            0,
+            tokens,
+            outputs * pair_weights,
+            IndexingUpdateOp::Add,
+        );
+        let out = (routed + self.shared.forward(flat)).reshape([batch, seq, d]);
+        tap(probe, &format!("{name}.output"), &out);
+        (out, counts)
+    }
+}
