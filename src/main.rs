@@ -1,1 +1,51 @@
-fn main(){}
+//! `v4`: port, train and serve DeepSeek-V4 across accelerators.
+//!
+//! The binary is thin: each subcommand parses its flags and calls into the library crates.
+
+mod commands;
+mod device;
+mod io;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "v4",
+    version,
+    about = "Port, train and serve DeepSeek-V4 across accelerators",
+    long_about = "v4 runs the DeepSeek-V4 architecture (mHC streams, CSA/HCA compressed attention, \
+                  lightning indexer, hash + top-k MoE) on burn backends: ndarray (CPU, the default), \
+                  and the accelerator backends compiled in with cargo features.\n\n\
+                  Start with:  v4 info tests/fixtures/v4-tiny-a/hf"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Summarise a model directory: config, layer schedule, parameter counts, tensor dtypes.
+    Info(commands::info::Args),
+    /// Run a full-sequence forward pass and write logits and per-layer streams to a safetensors file.
+    Forward(commands::forward::Args),
+    /// Time the full-sequence forward pass on random weights for a config.
+    Bench(commands::bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(args) => commands::info::run(args),
+        Command::Forward(args) => commands::forward::run(args),
+        Command::Bench(args) => commands::bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -53,7 +53,10 @@ enum CompressedKeys<'a, B: Backend> {
     /// HCA: every complete entry (`i < floor((t + 1) / m)`).
     All { entries: &'a Tensor<B, 3>, rate: usize },
     /// CSA: the indexer's picks.
-    Selected { entries: &'a Tensor<B, 3>, selection: &'a Selection },
+    Selected {
+        entries: &'a Tensor<B, 3>,
+        selection: &'a Selection,
+    },
 }
 
 impl<B: Backend> Attention<B> {
@@ -121,9 +124,7 @@ impl<B: Backend> Attention<B> {
             (Some(entries), Some(selection), AttentionKind::Csa { .. }) => {
                 Some(CompressedKeys::Selected { entries, selection })
             }
-            (Some(entries), _, AttentionKind::Hca { rate }) => {
-                Some(CompressedKeys::All { entries, rate })
-            }
+            (Some(entries), _, AttentionKind::Hca { rate }) => Some(CompressedKeys::All { entries, rate }),
             _ => None,
         };
 
@@ -197,7 +198,11 @@ impl<B: Backend> Attention<B> {
                         let mut mask = Vec::with_capacity(len * visible);
                         for t in first..=last {
                             for i in 0..visible {
-                                mask.push(if i < (t + 1) / rate { 0.0f32 } else { f32::NEG_INFINITY });
+                                mask.push(if i < (t + 1) / rate {
+                                    0.0f32
+                                } else {
+                                    f32::NEG_INFINITY
+                                });
                             }
                         }
                         let mask =
@@ -225,7 +230,8 @@ impl<B: Backend> Attention<B> {
                             }
                         }
                     }
-                    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [batch * len * k]), &device);
+                    let rows =
+                        Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [batch * len * k]), &device);
                     let mask = Tensor::<B, 4>::from_data(TensorData::new(mask, [batch, len, 1, k]), &device);
                     let sel = (*entries)
                         .clone()
@@ -247,7 +253,10 @@ impl<B: Backend> Attention<B> {
             let widths: Vec<usize> = parts.iter().map(|p| p.dims()[3]).collect();
             let probs = activation::softmax(Tensor::cat(parts, 3), 3);
 
-            let pw = probs.clone().narrow(3, 0, widths[0]).reshape([batch, len * h, widths[0]]);
+            let pw = probs
+                .clone()
+                .narrow(3, 0, widths[0])
+                .reshape([batch, len * h, widths[0]]);
             let mut o = pw.matmul(kw).reshape([batch, len, h, d]);
             if let Some(ec) = values {
                 let p = probs

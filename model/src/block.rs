@@ -42,26 +42,17 @@ impl<B: Backend> Block<B> {
         let (input, mix) = self.attn_hc.pre(&x);
         let input = self.attn_norm.forward(input);
         tap(probe, &format!("{name}.attn.input"), &input);
-        let attn = self.attn.forward(
-            input,
-            start,
-            cache,
-            probe,
-            &format!("{name}.attn"),
-        );
+        let attn = self
+            .attn
+            .forward(input, start, cache, probe, &format!("{name}.attn"));
         let x = mix.post(attn, x);
 
         let (input, mix) = self.ffn_hc.pre(&x);
         let input = self.ffn_norm.forward(input);
         tap(probe, &format!("{name}.ffn.input"), &input);
-        let (ffn, counts) = self.ffn.forward(
-            input,
-            ids,
-            self.index,
-            runner,
-            probe,
-            &format!("{name}.ffn"),
-        );
+        let (ffn, counts) = self
+            .ffn
+            .forward(input, ids, self.index, runner, probe, &format!("{name}.ffn"));
         (mix.post(ffn, x), counts)
     }
 }

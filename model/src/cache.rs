@@ -9,7 +9,7 @@ use burn::tensor::{backend::Backend, Tensor};
 #[derive(Debug, Clone)]
 pub struct LayerCache<B: Backend> {
     /// The last `W - 1` keys (= values), RoPE applied: `[B, <= W-1, d]`.
-    pub(crate) window: Option<Tensor<B, 3>>,
+    pub window: Option<Tensor<B, 3>>,
     /// The attention compressor (CSA, HCA).
     pub(crate) compressor: CompressorState<B>,
     /// The indexer's compressor (CSA).

@@ -53,8 +53,8 @@ impl SafetensorsDir {
     pub fn open(dir: &Path) -> Result<Self, LoadError> {
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|e| file_error(&index_path, e.to_string()))?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| file_error(&index_path, e.to_string()))?;
             let value: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| file_error(&index_path, format!("not valid JSON: {e}")))?;
             let map = value
@@ -63,9 +63,9 @@ impl SafetensorsDir {
                 .ok_or_else(|| file_error(&index_path, "no `weight_map` object"))?;
             let mut files: Vec<PathBuf> = Vec::new();
             for (name, file) in map {
-                let file = file
-                    .as_str()
-                    .ok_or_else(|| file_error(&index_path, format!("`{name}` maps to {file}, not a file name")))?;
+                let file = file.as_str().ok_or_else(|| {
+                    file_error(&index_path, format!("`{name}` maps to {file}, not a file name"))
+                })?;
                 let path = dir.join(file);
                 if !files.contains(&path) {
                     files.push(path);
@@ -93,7 +93,10 @@ impl SafetensorsDir {
             // as with every memory-mapped reader (PyTorch's included).
             let map = unsafe { Mmap::map(&file) }.map_err(|e| file_error(&path, e.to_string()))?;
             let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
-                file_error(&path, format!("not a valid safetensors file (truncated or corrupt?): {e}"))
+                file_error(
+                    &path,
+                    format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+                )
             })?;
             for name in metadata.tensors().keys() {
                 if let Some(previous) = index.insert(name.clone(), shards.len()) {
@@ -104,7 +107,12 @@ impl SafetensorsDir {
                     ));
                 }
             }
-            shards.push(Shard { path, map, header_len, metadata });
+            shards.push(Shard {
+                path,
+                map,
+                header_len,
+                metadata,
+            });
         }
         Ok(Self {
             dir: dir.to_path_buf(),

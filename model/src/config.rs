@@ -155,8 +155,7 @@ impl<'a> Keys<'a> {
     }
 
     fn usize(&self, key: &str) -> Result<usize, ConfigError> {
-        self.usize_opt(key)?
-            .ok_or_else(|| err(key, "missing (required)"))
+        self.usize_opt(key)?.ok_or_else(|| err(key, "missing (required)"))
     }
 
     fn usize_or(&self, key: &str, default: usize) -> Result<usize, ConfigError> {
@@ -239,8 +238,8 @@ fn kinds_from_ratios(key: &str, ratios: &[Value]) -> Result<Vec<AttentionKind>, 
 impl V4Config {
     /// Parses either form of the configuration (detected by its keys).
     pub fn from_json_str(text: &str) -> Result<Self, ConfigError> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| err("<document>", format!("not valid JSON: {e}")))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| err("<document>", format!("not valid JSON: {e}")))?;
         let map = value
             .as_object()
             .ok_or_else(|| err("<document>", "expected a JSON object"))?;
@@ -273,17 +272,15 @@ impl V4Config {
                 .ok_or_else(|| err("compress_rates", "expected an object"))?;
             for (name, v) in rates {
                 let rate = v.as_u64().ok_or_else(|| {
-                    err("compress_rates", format!("`{name}` must be an integer, found {v}"))
+                    err(
+                        "compress_rates",
+                        format!("`{name}` must be an integer, found {v}"),
+                    )
                 })? as usize;
                 match name.as_str() {
                     "compressed_sparse_attention" => csa_rate = rate,
                     "heavily_compressed_attention" => hca_rate = rate,
-                    other => {
-                        return Err(err(
-                            "compress_rates",
-                            format!("unknown layer type `{other}`"),
-                        ))
-                    }
+                    other => return Err(err("compress_rates", format!("unknown layer type `{other}`"))),
                 }
             }
         }
@@ -344,11 +341,20 @@ impl V4Config {
         } else {
             let n_hash = k.usize_or("num_hash_layers", 3)?;
             (0..num_layers)
-                .map(|i| if i < n_hash { RoutingKind::Hash } else { RoutingKind::TopK })
+                .map(|i| {
+                    if i < n_hash {
+                        RoutingKind::Hash
+                    } else {
+                        RoutingKind::TopK
+                    }
+                })
                 .collect()
         };
 
-        let rope_head_dim = match (k.f64_opt("partial_rotary_factor")?, k.usize_opt("qk_rope_head_dim")?) {
+        let rope_head_dim = match (
+            k.f64_opt("partial_rotary_factor")?,
+            k.usize_opt("qk_rope_head_dim")?,
+        ) {
             (Some(f), _) => (head_dim as f64 * f).round() as usize,
             (None, Some(r)) => r,
             (None, None) => head_dim / 8,
@@ -356,7 +362,8 @@ impl V4Config {
 
         let rope_theta = k.f64_or("rope_theta", 10000.0)?;
         let compress_rope_theta = k.f64_or("compress_rope_theta", 160000.0)?;
-        let (rope_theta, compress_rope_theta, yarn) = Self::parse_hf_rope(&k, rope_theta, compress_rope_theta)?;
+        let (rope_theta, compress_rope_theta, yarn) =
+            Self::parse_hf_rope(&k, rope_theta, compress_rope_theta)?;
 
         let n_shared = k.usize_or("n_shared_experts", 1)?;
         if n_shared != 1 {
@@ -423,7 +430,10 @@ impl V4Config {
         if config.routing.len() != num_layers {
             return Err(err(
                 "mlp_layer_types",
-                format!("{} entries for num_hidden_layers = {num_layers}", config.routing.len()),
+                format!(
+                    "{} entries for num_hidden_layers = {num_layers}",
+                    config.routing.len()
+                ),
             ));
         }
         config.validate()?;
@@ -442,9 +452,7 @@ impl V4Config {
             (None, Some(p)) => ("rope_scaling", p),
             (None, None) => return Ok((rope_theta, compress_rope_theta, None)),
         };
-        let params = params
-            .as_object()
-            .ok_or_else(|| err(key, "expected an object"))?;
+        let params = params.as_object().ok_or_else(|| err(key, "expected an object"))?;
         let (main_theta, compress) = match (params.get("main"), params.get("compress")) {
             (Some(main), Some(compress)) => {
                 let main = main
@@ -503,13 +511,45 @@ impl V4Config {
     /// Parses DeepSeek's `inference/config.json` (the `ModelArgs` of `inference/model.py`).
     pub fn from_inference_json(map: &Map<String, Value>) -> Result<Self, ConfigError> {
         const KNOWN: &[&str] = &[
-            "max_batch_size", "max_seq_len", "dtype", "scale_fmt", "expert_dtype", "scale_dtype",
-            "vocab_size", "dim", "moe_inter_dim", "n_layers", "n_hash_layers", "n_mtp_layers",
-            "n_heads", "n_routed_experts", "n_shared_experts", "n_activated_experts", "score_func",
-            "route_scale", "swiglu_limit", "q_lora_rank", "head_dim", "rope_head_dim", "norm_eps",
-            "o_groups", "o_lora_rank", "window_size", "compress_ratios", "compress_rope_theta",
-            "original_seq_len", "rope_theta", "rope_factor", "beta_fast", "beta_slow",
-            "index_n_heads", "index_head_dim", "index_topk", "hc_mult", "hc_sinkhorn_iters", "hc_eps",
+            "max_batch_size",
+            "max_seq_len",
+            "dtype",
+            "scale_fmt",
+            "expert_dtype",
+            "scale_dtype",
+            "vocab_size",
+            "dim",
+            "moe_inter_dim",
+            "n_layers",
+            "n_hash_layers",
+            "n_mtp_layers",
+            "n_heads",
+            "n_routed_experts",
+            "n_shared_experts",
+            "n_activated_experts",
+            "score_func",
+            "route_scale",
+            "swiglu_limit",
+            "q_lora_rank",
+            "head_dim",
+            "rope_head_dim",
+            "norm_eps",
+            "o_groups",
+            "o_lora_rank",
+            "window_size",
+            "compress_ratios",
+            "compress_rope_theta",
+            "original_seq_len",
+            "rope_theta",
+            "rope_factor",
+            "beta_fast",
+            "beta_slow",
+            "index_n_heads",
+            "index_head_dim",
+            "index_topk",
+            "hc_mult",
+            "hc_sinkhorn_iters",
+            "hc_eps",
         ];
         if let Some(unknown) = map.keys().find(|key| !KNOWN.contains(&key.as_str())) {
             return Err(err(unknown, "unknown key in DeepSeek's inference config"));
@@ -532,7 +572,13 @@ impl V4Config {
         let attention = kinds_from_ratios("compress_ratios", &ratios[..num_layers])?;
         let n_hash = k.usize_or("n_hash_layers", 0)?;
         let routing = (0..num_layers)
-            .map(|i| if i < n_hash { RoutingKind::Hash } else { RoutingKind::TopK })
+            .map(|i| {
+                if i < n_hash {
+                    RoutingKind::Hash
+                } else {
+                    RoutingKind::TopK
+                }
+            })
             .collect();
         let n_shared = k.usize_or("n_shared_experts", 1)?;
         if n_shared != 1 {
@@ -613,7 +659,10 @@ impl V4Config {
                 return Err(err(key, "must be positive"));
             }
         }
-        if self.rope_head_dim == 0 || self.rope_head_dim % 2 != 0 || self.rope_head_dim > self.head_dim {
+        if self.rope_head_dim == 0
+            || !self.rope_head_dim.is_multiple_of(2)
+            || self.rope_head_dim > self.head_dim
+        {
             return Err(err(
                 "qk_rope_head_dim",
                 format!(
@@ -622,7 +671,7 @@ impl V4Config {
                 ),
             ));
         }
-        if (self.num_heads * self.head_dim) % self.o_groups != 0 {
+        if !(self.num_heads * self.head_dim).is_multiple_of(self.o_groups) {
             return Err(err(
                 "o_groups",
                 format!(
@@ -641,7 +690,10 @@ impl V4Config {
                 ),
             ));
         }
-        let has_csa = self.attention.iter().any(|a| matches!(a, AttentionKind::Csa { .. }));
+        let has_csa = self
+            .attention
+            .iter()
+            .any(|a| matches!(a, AttentionKind::Csa { .. }));
         if has_csa {
             for (key, value) in [
                 ("index_n_heads", self.index_heads),
@@ -672,18 +724,26 @@ impl V4Config {
                 }
             }
         }
-        if !(self.swiglu_limit > 0.0) {
-            return Err(err("swiglu_limit", format!("{}: must be positive", self.swiglu_limit)));
+        if self.swiglu_limit.is_nan() || self.swiglu_limit <= 0.0 {
+            return Err(err(
+                "swiglu_limit",
+                format!("{}: must be positive", self.swiglu_limit),
+            ));
         }
         if let Some(y) = self.yarn {
-            if !(y.factor >= 1.0) || y.original_max_position == 0 || y.beta_fast <= y.beta_slow {
+            if y.factor.is_nan()
+                || y.factor < 1.0
+                || y.original_max_position == 0
+                || y.beta_fast <= y.beta_slow
+            {
                 return Err(err(
                     "rope_scaling",
                     format!("invalid YaRN settings {y:?} (factor >= 1, beta_fast > beta_slow)"),
                 ));
             }
         }
-        if !(self.rms_norm_eps > 0.0) || !(self.hc_eps >= 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 || self.hc_eps.is_nan() || self.hc_eps < 0.0
+        {
             return Err(err("rms_norm_eps", "epsilons must be positive"));
         }
         Ok(())
@@ -761,4 +821,35 @@ pub struct ParamCounts {
     pub active: u64,
     /// Parameters of the multi-token-prediction layers (sharing embedding and head).
     pub mtp: u64,
+}
+
+impl V4Config {
+    /// Multiply-add FLOPs (2 per MAC) of a full-sequence forward of `seq` tokens, batch 1: every linear
+    /// (router, active experts, shared expert, mHC projections, head), attention scores and values over
+    /// the keys each query sees (window, indexer picks or all complete HCA entries), and indexer scoring.
+    pub fn forward_flops(&self, seq: usize) -> f64 {
+        let p = self.param_counts();
+        let d = self.hidden_size as f64;
+        let embedding = (self.vocab_size as f64) * d;
+        // Every active parameter but the embedding table is one MAC per token.
+        let mut flops = 2.0 * (p.active as f64 - embedding) * seq as f64;
+        let (h, hd) = (self.num_heads as f64, self.head_dim as f64);
+        let w = self.sliding_window;
+        for kind in &self.attention {
+            for t in 0..seq {
+                let window = (t + 1).min(w) as f64;
+                let compressed = match kind {
+                    AttentionKind::Sliding => 0.0,
+                    AttentionKind::Hca { rate } => ((t + 1) / rate) as f64,
+                    AttentionKind::Csa { rate } => {
+                        let entries = (t + 1) / rate;
+                        flops += 2.0 * (self.index_heads * self.index_head_dim * entries) as f64;
+                        entries.min(self.index_topk) as f64
+                    }
+                };
+                flops += 4.0 * h * hd * (window + compressed);
+            }
+        }
+        flops
+    }
 }

@@ -49,7 +49,12 @@ pub enum InputError {
     /// `ids.len() != batch * seq`, or an empty batch.
     Shape { len: usize, batch: usize, seq: usize },
     /// A token id at or beyond the vocabulary size.
-    OutOfVocabulary { batch: usize, position: usize, id: i64, vocab: usize },
+    OutOfVocabulary {
+        batch: usize,
+        position: usize,
+        id: i64,
+        vocab: usize,
+    },
     /// The context would exceed the model's maximum position.
     TooLong { positions: usize, max: usize },
 }
@@ -58,9 +63,17 @@ impl fmt::Display for InputError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             InputError::Shape { len, batch, seq } => {
-                write!(f, "{len} token ids do not form a non-empty [{batch}, {seq}] batch")
+                write!(
+                    f,
+                    "{len} token ids do not form a non-empty [{batch}, {seq}] batch"
+                )
             }
-            InputError::OutOfVocabulary { batch, position, id, vocab } => write!(
+            InputError::OutOfVocabulary {
+                batch,
+                position,
+                id,
+                vocab,
+            } => write!(
                 f,
                 "token id {id} at [{batch}, {position}] is outside the vocabulary (size {vocab})"
             ),
@@ -78,7 +91,11 @@ impl Tokens {
     /// Checks `ids: [batch, seq]` (any integer type) against a vocabulary size.
     pub fn new(ids: &[i64], batch: usize, seq: usize, vocab: usize) -> Result<Self, InputError> {
         if batch == 0 || seq == 0 || ids.len() != batch * seq {
-            return Err(InputError::Shape { len: ids.len(), batch, seq });
+            return Err(InputError::Shape {
+                len: ids.len(),
+                batch,
+                seq,
+            });
         }
         let mut out = Vec::with_capacity(ids.len());
         for (i, &id) in ids.iter().enumerate() {
@@ -125,7 +142,11 @@ impl<B: Backend> V4Model<B> {
     ) -> Result<ForwardOutput<B>, InputError> {
         let vocab = self.config.vocab_size;
         if tokens.batch == 0 || tokens.seq == 0 || tokens.ids.len() != tokens.batch * tokens.seq {
-            return Err(InputError::Shape { len: tokens.ids.len(), batch: tokens.batch, seq: tokens.seq });
+            return Err(InputError::Shape {
+                len: tokens.ids.len(),
+                batch: tokens.batch,
+                seq: tokens.seq,
+            });
         }
         if let Some(i) = tokens.ids.iter().position(|&id| id as usize >= vocab) {
             return Err(InputError::OutOfVocabulary {
@@ -138,7 +159,10 @@ impl<B: Backend> V4Model<B> {
         let start = cache.position;
         let end = start + tokens.seq;
         if end > self.config.max_position_embeddings {
-            return Err(InputError::TooLong { positions: end, max: self.config.max_position_embeddings });
+            return Err(InputError::TooLong {
+                positions: end,
+                max: self.config.max_position_embeddings,
+            });
         }
         let (b, s) = (tokens.batch, tokens.seq);
         let d = self.config.hidden_size;
@@ -163,14 +187,24 @@ impl<B: Backend> V4Model<B> {
         let logits = self.head.forward(hidden);
         tap(probe, "logits", &logits);
         cache.position = end;
-        Ok(ForwardOutput { logits, expert_counts })
+        Ok(ForwardOutput {
+            logits,
+            expert_counts,
+        })
     }
 
     /// Builds the model from `source` (HF tensor names), checking every tensor's presence and shape and
     /// that no tensor is left unused.
     pub fn load(config: &V4Config, source: &dyn WeightSource, device: &B::Device) -> Result<Self, LoadError> {
-        config.validate().map_err(|error| LoadError::Config { path: source.describe(), error })?;
-        let mut loader = Loader { source, device, used: HashSet::new() };
+        config.validate().map_err(|error| LoadError::Config {
+            path: source.describe(),
+            error,
+        })?;
+        let mut loader = Loader {
+            source,
+            device,
+            used: HashSet::new(),
+        };
         let model = Self::build(config, &mut loader)?;
         let unexpected: Vec<String> = source
             .names()
@@ -179,7 +213,10 @@ impl<B: Backend> V4Model<B> {
             .filter(|n| !loader.used.contains(n) && !n.starts_with("mtp.") && !n.contains(".mtp."))
             .collect();
         if !unexpected.is_empty() {
-            return Err(LoadError::Unexpected { source: source.describe(), names: unexpected });
+            return Err(LoadError::Unexpected {
+                source: source.describe(),
+                names: unexpected,
+            });
         }
         Ok(model)
     }
@@ -262,7 +299,14 @@ impl<B: Backend> V4Model<B> {
         let (compressor, indexer) = match kind {
             AttentionKind::Sliding => (None, None),
             AttentionKind::Hca { rate } => (
-                Some(Self::build_compressor(cfg, w, &format!("{p}.compressor"), hd, rate, false)?),
+                Some(Self::build_compressor(
+                    cfg,
+                    w,
+                    &format!("{p}.compressor"),
+                    hd,
+                    rate,
+                    false,
+                )?),
                 None,
             ),
             AttentionKind::Csa { rate } => {
@@ -277,7 +321,14 @@ impl<B: Backend> V4Model<B> {
                     topk: cfg.index_topk,
                 };
                 (
-                    Some(Self::build_compressor(cfg, w, &format!("{p}.compressor"), hd, rate, true)?),
+                    Some(Self::build_compressor(
+                        cfg,
+                        w,
+                        &format!("{p}.compressor"),
+                        hd,
+                        rate,
+                        true,
+                    )?),
                     Some(indexer),
                 )
             }
@@ -312,20 +363,31 @@ impl<B: Backend> V4Model<B> {
         p: &str,
         routing: RoutingKind,
     ) -> Result<Moe<B>, LoadError> {
-        let (d, e, i, k) = (cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.experts_per_token);
+        let (d, e, i, k) = (
+            cfg.hidden_size,
+            cfg.n_routed_experts,
+            cfg.moe_intermediate_size,
+            cfg.experts_per_token,
+        );
         let (bias, tid2eid) = match routing {
-            RoutingKind::TopK => (w.host_f32(&format!("{p}.gate.e_score_correction_bias"), [e])?, Vec::new()),
+            RoutingKind::TopK => (
+                w.host_f32(&format!("{p}.gate.e_score_correction_bias"), [e])?,
+                Vec::new(),
+            ),
             RoutingKind::Hash => {
                 let name = format!("{p}.gate.tid2eid");
                 let table = w.host_i64(&name, [cfg.vocab_size, k])?;
                 let table = table
                     .into_iter()
                     .map(|x| {
-                        u32::try_from(x).ok().filter(|&x| (x as usize) < e).ok_or_else(|| LoadError::Value {
-                            source: w.source.describe(),
-                            name: name.clone(),
-                            message: format!("expert id {x} outside 0..{e}"),
-                        })
+                        u32::try_from(x)
+                            .ok()
+                            .filter(|&x| (x as usize) < e)
+                            .ok_or_else(|| LoadError::Value {
+                                source: w.source.describe(),
+                                name: name.clone(),
+                                message: format!("expert id {x} outside 0..{e}"),
+                            })
                     })
                     .collect::<Result<Vec<u32>, _>>()?;
                 (vec![0.0; e], table)

@@ -59,9 +59,7 @@ impl<B: Backend> Linear<B> {
         let dims = x.dims();
         let [out, input] = self.weight.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
-        let y = x
-            .reshape([rows, input])
-            .matmul(self.weight.val().transpose());
+        let y = x.reshape([rows, input]).matmul(self.weight.val().transpose());
         let mut out_dims = dims;
         out_dims[D - 1] = out;
         y.reshape(out_dims)

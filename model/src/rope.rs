@@ -31,9 +31,7 @@ impl Rope {
     pub fn new(rope_dim: usize, base: f64, yarn: Option<Yarn>) -> Self {
         let half = rope_dim / 2;
         let r = rope_dim as f64;
-        let mut inv_freq: Vec<f64> = (0..half)
-            .map(|i| 1.0 / base.powf(2.0 * i as f64 / r))
-            .collect();
+        let mut inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / base.powf(2.0 * i as f64 / r)).collect();
         let mut scale = 1.0;
         if let Some(y) = yarn {
             // The pair index at which the wavelength completes `n` turns over the original context.
@@ -116,8 +114,7 @@ impl<B: Backend> RopeTables<B> {
     /// [`apply`](Self::apply) for a single-head `[B, P, dh]` tensor.
     pub fn apply3(&self, x: Tensor<B, 3>, inverse: bool) -> Tensor<B, 3> {
         let [b, p, dh] = x.dims();
-        self.apply(x.reshape([b, p, 1, dh]), inverse)
-            .reshape([b, p, dh])
+        self.apply(x.reshape([b, p, 1, dh]), inverse).reshape([b, p, dh])
     }
 }
 

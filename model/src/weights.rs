@@ -31,13 +31,27 @@ pub enum LoadError {
     /// A tensor the model needs is absent.
     Missing { source: String, name: String },
     /// A tensor has another shape than the configuration implies.
-    Shape { source: String, name: String, expected: Vec<usize>, found: Vec<usize> },
+    Shape {
+        source: String,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
     /// Tensors that the model does not use (usually a config / checkpoint mismatch).
     Unexpected { source: String, names: Vec<String> },
     /// A tensor stored in a dtype this reader does not decode.
-    Dtype { source: String, name: String, dtype: String, hint: String },
+    Dtype {
+        source: String,
+        name: String,
+        dtype: String,
+        hint: String,
+    },
     /// A tensor whose values are invalid (NaN, ids out of range, ...).
-    Value { source: String, name: String, message: String },
+    Value {
+        source: String,
+        name: String,
+        message: String,
+    },
 }
 
 impl fmt::Display for LoadError {
@@ -46,23 +60,42 @@ impl fmt::Display for LoadError {
             LoadError::Config { path, error } => write!(f, "{path}: {error}"),
             LoadError::File { path, message } => write!(f, "{path}: {message}"),
             LoadError::Missing { source, name } => write!(f, "{source}: missing tensor `{name}`"),
-            LoadError::Shape { source, name, expected, found } => write!(
+            LoadError::Shape {
+                source,
+                name,
+                expected,
+                found,
+            } => write!(
                 f,
                 "{source}: tensor `{name}` has shape {found:?}, the config implies {expected:?}"
             ),
             LoadError::Unexpected { source, names } => {
                 let shown: Vec<&str> = names.iter().take(8).map(String::as_str).collect();
                 let more = names.len().saturating_sub(shown.len());
-                write!(f, "{source}: {} unexpected tensor(s): {}", names.len(), shown.join(", "))?;
+                write!(
+                    f,
+                    "{source}: {} unexpected tensor(s): {}",
+                    names.len(),
+                    shown.join(", ")
+                )?;
                 if more > 0 {
                     write!(f, " and {more} more")?;
                 }
                 Ok(())
             }
-            LoadError::Dtype { source, name, dtype, hint } => {
+            LoadError::Dtype {
+                source,
+                name,
+                dtype,
+                hint,
+            } => {
                 write!(f, "{source}: tensor `{name}` has dtype {dtype}; {hint}")
             }
-            LoadError::Value { source, name, message } => {
+            LoadError::Value {
+                source,
+                name,
+                message,
+            } => {
                 write!(f, "{source}: tensor `{name}`: {message}")
             }
         }
@@ -109,8 +142,9 @@ impl SplitMix {
 }
 
 fn name_hash(name: &str) -> u64 {
-    name.bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl WeightSource for RandomWeights {
@@ -150,7 +184,10 @@ impl WeightSource for RandomWeights {
             };
             HostData::F32((0..len).map(|_| center + spread * rng.uniform()).collect())
         };
-        Ok(HostTensor { shape: expected.to_vec(), data })
+        Ok(HostTensor {
+            shape: expected.to_vec(),
+            data,
+        })
     }
 
     fn names(&self) -> Vec<String> {

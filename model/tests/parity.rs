@@ -5,7 +5,7 @@ use burn::tensor::TensorData;
 use burn_ndarray::NdArray;
 use safetensors::SafeTensors;
 use std::path::PathBuf;
-use v4_model::{read_config, ModelCache, Recorder, SafetensorsDir, Tokens, V4Model, LocalExperts};
+use v4_model::{read_config, LocalExperts, ModelCache, Recorder, SafetensorsDir, Tokens, V4Model};
 
 type B = NdArray<f32>;
 
@@ -23,7 +23,12 @@ fn io_tensor(name: &str) -> (Vec<usize>, Vec<u8>, safetensors::Dtype) {
 
 fn io_f32(name: &str) -> (Vec<usize>, Vec<f32>) {
     let (shape, data, _) = io_tensor(name);
-    (shape, data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    (
+        shape,
+        data.chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+    )
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -44,7 +49,10 @@ fn full_forward_matches_hf_logits_and_streams() {
     let model = V4Model::<B>::load(&config, &source, &device).unwrap();
 
     let (shape, ids, _) = io_tensor("input_ids");
-    let ids: Vec<i64> = ids.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+    let ids: Vec<i64> = ids
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     let tokens = Tokens::new(&ids, shape[0], shape[1], config.vocab_size).unwrap();
 
     // `layers.N.input` (streams entering layer N) and the final normed hidden state.
@@ -52,7 +60,9 @@ fn full_forward_matches_hf_logits_and_streams() {
         (name.ends_with(".input") && name.split('.').count() == 3) || name == "final.hidden"
     });
     let mut cache = ModelCache::new(config.num_layers());
-    let out = model.forward_with(&tokens, &mut cache, &LocalExperts, &mut recorder).unwrap();
+    let out = model
+        .forward_with(&tokens, &mut cache, &LocalExperts, &mut recorder)
+        .unwrap();
 
     let (expected_shape, expected) = io_f32("logits");
     assert_eq!(out.logits.dims().to_vec(), expected_shape);
@@ -63,7 +73,10 @@ fn full_forward_matches_hf_logits_and_streams() {
     for (name, data) in &recorder.records {
         let fixture_name = match name.as_str() {
             "final.hidden" => format!("hidden.{}", config.num_layers()),
-            other => format!("hidden.{}", other.trim_start_matches("layers.").trim_end_matches(".input")),
+            other => format!(
+                "hidden.{}",
+                other.trim_start_matches("layers.").trim_end_matches(".input")
+            ),
         };
         let (shape, expected) = io_f32(&fixture_name);
         assert_eq!(data.shape.to_vec(), shape, "{fixture_name}");

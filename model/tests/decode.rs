@@ -1,0 +1,98 @@
+//! Incremental decoding with the cache reproduces the fixture's `decode_logits` (HF's prefill of 45
+//! tokens, then one token per call), and any chunking of the same tokens gives the same logits.
+
+use burn_ndarray::NdArray;
+use safetensors::SafeTensors;
+use std::path::PathBuf;
+use v4_model::{read_config, LocalExperts, ModelCache, NoProbe, SafetensorsDir, Tokens, V4Model};
+
+type B = NdArray<f32>;
+
+struct Fixture {
+    model: V4Model<B>,
+    ids: Vec<i64>,
+    decode_logits: Vec<f32>,
+}
+
+fn fixture() -> Fixture {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/v4-tiny-a");
+    let config = read_config(&dir.join("hf")).unwrap();
+    let model = V4Model::load(
+        &config,
+        &SafetensorsDir::open(&dir.join("hf")).unwrap(),
+        &Default::default(),
+    )
+    .unwrap();
+    let bytes = std::fs::read(dir.join("io.safetensors")).unwrap();
+    let io = SafeTensors::deserialize(&bytes).unwrap();
+    let ids = io
+        .tensor("input_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let decode_logits = io
+        .tensor("decode_logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    Fixture {
+        model,
+        ids,
+        decode_logits,
+    }
+}
+
+/// Runs sequence `b` of the fixture through the cache in chunks of the given sizes; returns the logits of
+/// every position, `[80 * vocab]`.
+fn run_chunks(f: &Fixture, b: usize, chunks: &[usize]) -> Vec<f32> {
+    let mut cache = ModelCache::<B>::new(f.model.layers.len());
+    let mut out = Vec::new();
+    let mut start = 0;
+    for &len in chunks {
+        let ids = &f.ids[b * 80 + start..b * 80 + start + len];
+        let tokens = Tokens::new(ids, 1, len, 1024).unwrap();
+        let logits = f
+            .model
+            .forward_with(&tokens, &mut cache, &LocalExperts, &mut NoProbe)
+            .unwrap()
+            .logits;
+        out.extend(logits.into_data().into_vec::<f32>().unwrap());
+        start += len;
+    }
+    assert_eq!(start, 80);
+    out
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn prefill_then_single_token_decode_matches_hf() {
+    let f = fixture();
+    let vocab = 1024;
+    let mut chunks = vec![45];
+    chunks.extend(std::iter::repeat_n(1, 35));
+    for b in 0..2 {
+        let logits = run_chunks(&f, b, &chunks);
+        let decoded = &logits[45 * vocab..];
+        let expected = &f.decode_logits[b * 35 * vocab..][..35 * vocab];
+        let d = max_abs_diff(decoded, expected);
+        assert!(d <= 1e-4, "sequence {b}: decode logits differ by {d}");
+    }
+}
+
+#[test]
+fn chunks_of_seven_give_the_same_logits_as_one_pass() {
+    let f = fixture();
+    let whole = run_chunks(&f, 1, &[80]);
+    let mut chunks = vec![7; 11];
+    chunks.push(3);
+    let chunked = run_chunks(&f, 1, &chunks);
+    let d = max_abs_diff(&whole, &chunked);
+    assert!(d <= 1e-4, "chunked prefill differs by {d}");
+}

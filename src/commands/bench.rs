@@ -1,0 +1,111 @@
+//! `v4 bench --config CONFIG`: full-sequence forward throughput on random weights.
+
+use crate::device::{with_backend, Device};
+use crate::io::Result;
+use burn::tensor::{backend::Backend, Distribution, Tensor};
+use std::path::PathBuf;
+use std::time::Instant;
+use v4_model::{RandomWeights, Tokens, V4Config, V4Model};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model config (HF config.json or DeepSeek inference config), e.g.
+    /// tests/fixtures/bench/v4-small.hf-config.json.
+    #[arg(long)]
+    config: PathBuf,
+    /// Sequences per forward.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    seq: usize,
+    /// Timed forward passes (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Seed of the random weights and tokens.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value = "ndarray")]
+    device: Device,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    with_backend!(args.device, |B, device| bench::<B>(&args, &device))
+}
+
+/// Best-of-3 f32 GFLOP/s of a square matmul of size `n`: the machine's practical matmul peak on this backend.
+fn matmul_peak<B: Backend>(n: usize, device: &B::Device) -> f64 {
+    let a = Tensor::<B, 2>::random([n, n], Distribution::Default, device);
+    let b = Tensor::<B, 2>::random([n, n], Distribution::Default, device);
+    let _ = a.clone().matmul(b.clone()).into_data();
+    (0..3)
+        .map(|_| {
+            let started = Instant::now();
+            let _ = a.clone().matmul(b.clone()).into_data();
+            2.0 * (n as f64).powi(3) / started.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
+fn bench<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
+    let text =
+        std::fs::read_to_string(&args.config).map_err(|e| format!("{}: {e}", args.config.display()))?;
+    let config = V4Config::from_json_str(&text).map_err(|e| format!("{}: {e}", args.config.display()))?;
+    let source = RandomWeights {
+        seed: args.seed,
+        experts: config.n_routed_experts,
+    };
+    let model = V4Model::<B>::load(&config, &source, device)?;
+    let n = args.batch * args.seq;
+    let mut state = args
+        .seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let ids: Vec<i64> = (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) % config.vocab_size as u64) as i64
+        })
+        .collect();
+    let tokens = Tokens::new(&ids, args.batch, args.seq, config.vocab_size)?;
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into());
+    println!(
+        "v4 bench: {} ({} params, {} active), batch {} x {} tokens, {:?}, threads: {threads}",
+        args.config.display(),
+        config.param_counts().total,
+        config.param_counts().active,
+        args.batch,
+        args.seq,
+        args.device
+    );
+    let _ = model.forward(&tokens)?.into_data();
+    let mut times = Vec::with_capacity(args.iters);
+    for _ in 0..args.iters.max(1) {
+        let started = Instant::now();
+        let _ = model.forward(&tokens)?.into_data();
+        times.push(started.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let flops = config.forward_flops(args.seq) * args.batch as f64;
+    let achieved = flops / median / 1e9;
+    let peak = matmul_peak::<B>(1024, device);
+    println!(
+        "forward: median {:.3}s over {} runs (min {:.3}s) -> {:.1} tokens/s",
+        median,
+        times.len(),
+        times[0],
+        n as f64 / median
+    );
+    println!(
+        "compute: {:.2} GFLOP per forward, {:.1} GFLOP/s achieved; f32 matmul peak (1024^3) {:.1} GFLOP/s ({:.0}% of it)",
+        flops / 1e9,
+        achieved,
+        peak,
+        100.0 * achieved / peak
+    );
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! `v4 forward --model DIR --input IDS.safetensors --output OUT.safetensors`
+
+use crate::device::{with_backend, Device};
+use crate::io::{read_input_ids, write_safetensors, Output, Result};
+use burn::tensor::backend::Backend;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use v4_model::{read_config, LocalExperts, ModelCache, Recorder, SafetensorsDir, Tokens, V4Model};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory: config.json + safetensors (HF layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// Safetensors file holding `input_ids` (i64 or i32, [batch, seq]).
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write `logits` [B,S,vocab] and `hidden.N`: the streams entering layer N [B,S,c,D], and
+    /// `hidden.L` the final normed hidden state [B,S,D] (the layout of HF's hidden_states).
+    #[arg(long)]
+    output: PathBuf,
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value = "ndarray")]
+    device: Device,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    with_backend!(args.device, |B, device| forward::<B>(&args, &device))
+}
+
+fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
+    let config = read_config(&args.model)?;
+    let (ids, batch, seq) = read_input_ids(&args.input)?;
+    let tokens = Tokens::new(&ids, batch, seq, config.vocab_size)
+        .map_err(|e| format!("{}: {e}", args.input.display()))?;
+    let started = Instant::now();
+    let source = SafetensorsDir::open(&args.model)?;
+    let model = V4Model::<B>::load(&config, &source, device)?;
+    let loaded = started.elapsed();
+
+    let layers = config.num_layers();
+    let mut recorder = Recorder::new(|name: &str| {
+        (name.starts_with("layers.") && name.ends_with(".input") && name.split('.').count() == 3)
+            || name == "final.hidden"
+            || name == "logits"
+    });
+    let mut cache = ModelCache::new(layers);
+    let started = Instant::now();
+    model.forward_with(&tokens, &mut cache, &LocalExperts, &mut recorder)?;
+    let elapsed = started.elapsed();
+
+    let outputs = recorder
+        .records
+        .into_iter()
+        .map(|(name, data)| {
+            let name = match name.as_str() {
+                "logits" => name,
+                "final.hidden" => format!("hidden.{layers}"),
+                other => format!(
+                    "hidden.{}",
+                    other.trim_start_matches("layers.").trim_end_matches(".input")
+                ),
+            };
+            Ok(Output {
+                name,
+                shape: data.shape.to_vec(),
+                data: data
+                    .convert::<f32>()
+                    .into_vec::<f32>()
+                    .map_err(|e| format!("{e:?}"))?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    write_safetensors(&args.output, &outputs, Path::new(&args.input))?;
+    println!(
+        "forward [{batch}, {seq}] on {:?}: loaded in {:.2}s, ran in {:.3}s ({:.0} tokens/s); wrote logits and {} hidden states to {}",
+        args.device,
+        loaded.as_secs_f64(),
+        elapsed.as_secs_f64(),
+        (batch * seq) as f64 / elapsed.as_secs_f64(),
+        layers + 1,
+        args.output.display()
+    );
+    Ok(())
+}

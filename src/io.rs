@@ -1,0 +1,83 @@
+//! Reading inputs and writing outputs of the CLI: safetensors files written atomically.
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::error::Error;
+use std::path::{Path, PathBuf};
+
+pub type Result<T> = std::result::Result<T, Box<dyn Error>>;
+
+/// Reads `input_ids` (i64 or i32, `[B, S]`) from a safetensors file.
+pub fn read_input_ids(path: &Path) -> Result<(Vec<i64>, usize, usize)> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        format!(
+            "{}: not a valid safetensors file (truncated or corrupt?): {e}",
+            path.display()
+        )
+    })?;
+    let t = st
+        .tensor("input_ids")
+        .map_err(|_| format!("{}: no tensor `input_ids`", path.display()))?;
+    let shape = t.shape();
+    if shape.len() != 2 {
+        return Err(format!(
+            "{}: `input_ids` has shape {shape:?}, expected [batch, seq]",
+            path.display()
+        )
+        .into());
+    }
+    let ids: Vec<i64> = match t.dtype() {
+        Dtype::I64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8")))
+            .collect(),
+        Dtype::I32 => t
+            .data()
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().expect("4")) as i64)
+            .collect(),
+        other => {
+            return Err(format!(
+                "{}: `input_ids` has dtype {other:?}, expected I64 or I32",
+                path.display()
+            )
+            .into())
+        }
+    };
+    Ok((ids, shape[0], shape[1]))
+}
+
+/// An f32 tensor to write.
+pub struct Output {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Writes `tensors` to `path` through a temporary file renamed at the end, so a reader never sees a
+/// partial file and an interrupted run leaves the previous output intact. Refuses to write over `input`.
+pub fn write_safetensors(path: &Path, tensors: &[Output], input: &Path) -> Result<()> {
+    if let (Ok(a), Ok(b)) = (path.canonicalize(), input.canonicalize()) {
+        if a == b {
+            return Err(format!("{}: refusing to overwrite the input file", path.display()).into());
+        }
+    }
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|t| t.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| Ok((t.name.clone(), TensorView::new(Dtype::F32, t.shape.clone(), b)?)))
+        .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let tmp: PathBuf = {
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".tmp-{}", std::process::id()));
+        path.with_file_name(name)
+    };
+    safetensors::serialize_to_file(views, None, &tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! The `v4` binary end to end, as a user runs it.
+
+use safetensors::SafeTensors;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v4-tiny-a")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("v4-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn v4(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_v4"))
+        .args(args)
+        .output()
+        .expect("run v4")
+}
+
+fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
+    st.tensor(name)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn forward_writes_logits_and_hidden_states_matching_hf() {
+    let out = scratch("forward.safetensors");
+    let model = fixtures().join("hf");
+    let input = fixtures().join("io.safetensors");
+    let run = v4(&[
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+
+    let expected_bytes = std::fs::read(&input).unwrap();
+    let expected = SafeTensors::deserialize(&expected_bytes).unwrap();
+    let got_bytes = std::fs::read(&out).unwrap();
+    let got = SafeTensors::deserialize(&got_bytes).unwrap();
+    for name in [
+        "logits", "hidden.0", "hidden.1", "hidden.2", "hidden.3", "hidden.4",
+    ] {
+        assert_eq!(
+            got.tensor(name).unwrap().shape(),
+            expected.tensor(name).unwrap().shape(),
+            "{name}"
+        );
+        let d = f32s(&got, name)
+            .iter()
+            .zip(f32s(&expected, name))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(d <= 1e-4, "{name}: max |diff| {d}");
+    }
+}
+
+#[test]
+fn forward_refuses_bad_input_with_a_clear_message() {
+    let model = fixtures().join("hf");
+    let model = model.to_str().unwrap();
+
+    // Token ids beyond the vocabulary.
+    let ids = scratch("oov.safetensors");
+    let data: Vec<u8> = [3i64, 5000].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 2], &data).unwrap();
+    safetensors::serialize_to_file(vec![("input_ids", view)], None, &ids).unwrap();
+    let run = v4(&[
+        "forward",
+        "--model",
+        model,
+        "--input",
+        ids.to_str().unwrap(),
+        "--output",
+        scratch("x").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        stderr.contains("5000") && stderr.contains("vocabulary"),
+        "{stderr}"
+    );
+
+    // A truncated input file.
+    let bytes = std::fs::read(fixtures().join("io.safetensors")).unwrap();
+    let cut = scratch("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let run = v4(&[
+        "forward",
+        "--model",
+        model,
+        "--input",
+        cut.to_str().unwrap(),
+        "--output",
+        scratch("y").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        stderr.contains("cut.safetensors") && stderr.contains("truncated"),
+        "{stderr}"
+    );
+
+    // Writing over the input is refused, and the input survives.
+    let copy = scratch("self.safetensors");
+    std::fs::copy(fixtures().join("io.safetensors"), &copy).unwrap();
+    let run = v4(&[
+        "forward",
+        "--model",
+        model,
+        "--input",
+        copy.to_str().unwrap(),
+        "--output",
+        copy.to_str().unwrap(),
+    ]);
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("refusing to overwrite"));
+    assert_eq!(std::fs::read(&copy).unwrap(), bytes);
+}
+
+#[test]
+fn info_reports_flash_parameter_counts() {
+    let config =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deepseek-v4-flash/config.json");
+    let run = v4(&["info", config.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        stdout.contains("284.33B total") && stdout.contains("13.80B active"),
+        "{stdout}"
+    );
+}
