@@ -32,7 +32,7 @@ pub struct Attention<B: Backend> {
     /// `[d, D]`
     pub wkv: Linear<B>,
     pub kv_norm: RmsNorm<B>,
-    /// Per-group low-rank projection: `[g, R, H * d / g]`.
+    /// Per-group low-rank projection, transposed per group: `[g, H * d / g, R]`.
     pub wo_a: Param<Tensor<B, 3>>,
     /// `[D, g * R]`
     pub wo_b: Linear<B>,
@@ -133,10 +133,10 @@ impl<B: Backend> Attention<B> {
         let o = tables.apply(o, true);
 
         // Grouped output projection: [B*S, g, H*d/g] -> [g, B*S, R] -> [B*S, g*R] -> [B, S, D].
-        let [g, r, group_in] = self.wo_a.dims();
+        let [g, group_in, r] = self.wo_a.dims();
         let grouped = o.reshape([batch * seq, g, group_in]).swap_dims(0, 1);
         let low = grouped
-            .matmul(self.wo_a.val().swap_dims(1, 2))
+            .matmul(self.wo_a.val())
             .swap_dims(0, 1)
             .reshape([batch, seq, g * r]);
         let out = self.wo_b.forward(low);

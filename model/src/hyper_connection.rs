@@ -10,10 +10,11 @@ use crate::norm::rms_normalize;
 use burn::module::{Module, Param};
 use burn::tensor::{activation, backend::Backend, Tensor};
 
-/// One mHC site. `fn: [(2+c)c, cD]`, `base: [(2+c)c]`, `scale: [3]` (pre, post, comb).
+/// One mHC site. `fn^T: [cD, (2+c)c]` (the checkpoint's `fn` transposed), `base: [(2+c)c]`, `scale: [3]`
+/// (pre, post, comb).
 #[derive(Module, Debug)]
 pub struct HyperConnection<B: Backend> {
-    pub fn_: Param<Tensor<B, 2>>,
+    pub fn_t: Param<Tensor<B, 2>>,
     pub base: Param<Tensor<B, 1>>,
     pub scale: Param<Tensor<B, 1>>,
     pub hc_mult: usize,
@@ -46,11 +47,11 @@ fn affine<B: Backend>(
 }
 
 /// `mu = unweighted_rmsnorm(flatten(X)) @ fn^T`: `[B, S, c, D] -> [B, S, n]`.
-fn project<B: Backend>(x: &Tensor<B, 4>, weight: Tensor<B, 2>, eps: f64) -> Tensor<B, 3> {
+fn project<B: Backend>(x: &Tensor<B, 4>, fn_t: Tensor<B, 2>, eps: f64) -> Tensor<B, 3> {
     let [b, s, c, d] = x.dims();
     let flat = rms_normalize(x.clone().reshape([b * s, c * d]), eps);
-    let n = weight.dims()[0];
-    flat.matmul(weight.transpose()).reshape([b, s, n])
+    let n = fn_t.dims()[1];
+    flat.matmul(fn_t).reshape([b, s, n])
 }
 
 /// `sum_j pre_j X_j`: `[B, S, c]`, `[B, S, c, D] -> [B, S, D]`.
@@ -66,7 +67,7 @@ impl<B: Backend> HyperConnection<B> {
     /// Computes the site's mixes from the streams and returns the sub-block input `[B, S, D]`.
     pub fn pre(&self, x: &Tensor<B, 4>) -> (Tensor<B, 3>, StreamMix<B>) {
         let [b, s, c, _] = x.dims();
-        let mu = project(x, self.fn_.val(), self.norm_eps);
+        let mu = project(x, self.fn_t.val(), self.norm_eps);
         let scale = self.scale.val();
         let base = self.base.val();
         let pre = activation::sigmoid(affine(&mu, &scale, &base, 0, 0, c)).add_scalar(self.hc_eps);
@@ -100,10 +101,10 @@ impl<B: Backend> StreamMix<B> {
 }
 
 /// The final collapse of the streams: `y = sum_j (sigmoid(mu_j * scale + base_j) + eps) X_j`.
-/// `fn: [c, cD]`, `base: [c]`, `scale: [1]`.
+/// `fn^T: [cD, c]`, `base: [c]`, `scale: [1]`.
 #[derive(Module, Debug)]
 pub struct HcHead<B: Backend> {
-    pub fn_: Param<Tensor<B, 2>>,
+    pub fn_t: Param<Tensor<B, 2>>,
     pub base: Param<Tensor<B, 1>>,
     pub scale: Param<Tensor<B, 1>>,
     pub hc_eps: f64,
@@ -114,7 +115,7 @@ impl<B: Backend> HcHead<B> {
     /// `[B, S, c, D] -> [B, S, D]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 3> {
         let c = x.dims()[2];
-        let mu = project(&x, self.fn_.val(), self.norm_eps);
+        let mu = project(&x, self.fn_t.val(), self.norm_eps);
         let pre = mu * self.scale.val().reshape([1, 1, 1]) + self.base.val().reshape([1, 1, c]);
         collapse(activation::sigmoid(pre).add_scalar(self.hc_eps), x)
     }

@@ -230,7 +230,7 @@ impl<B: Backend> V4Model<B> {
             let hc = |w: &mut Loader<'_, B>, site: &str| -> Result<HyperConnection<B>, LoadError> {
                 let n = (2 + c) * c;
                 Ok(HyperConnection {
-                    fn_: Param::from_tensor(w.f32(&format!("{p}.{site}.fn"), [n, c * d])?),
+                    fn_t: Param::from_tensor(w.f32_t(&format!("{p}.{site}.fn"), [n, c * d])?),
                     base: Param::from_tensor(w.f32(&format!("{p}.{site}.base"), [n])?),
                     scale: Param::from_tensor(w.f32(&format!("{p}.{site}.scale"), [3])?),
                     hc_mult: c,
@@ -253,7 +253,7 @@ impl<B: Backend> V4Model<B> {
             embed: Param::from_tensor(w.f32("model.embed_tokens.weight", [v, d])?),
             layers,
             hc_head: HcHead {
-                fn_: Param::from_tensor(w.f32("model.hc_head.hc_fn", [c, c * d])?),
+                fn_t: Param::from_tensor(w.f32_t("model.hc_head.hc_fn", [c, c * d])?),
                 base: Param::from_tensor(w.f32("model.hc_head.hc_base", [c])?),
                 scale: Param::from_tensor(w.f32("model.hc_head.hc_scale", [1])?),
                 hc_eps: cfg.hc_eps,
@@ -340,10 +340,7 @@ impl<B: Backend> V4Model<B> {
             wq_b: w.linear(&format!("{p}.q_b_proj.weight"), h * hd, q)?,
             wkv: w.linear(&format!("{p}.kv_proj.weight"), hd, d)?,
             kv_norm: w.norm(&format!("{p}.kv_norm.weight"), hd, eps)?,
-            wo_a: Param::from_tensor(
-                w.f32(&format!("{p}.o_a_proj.weight"), [g * r, group_in])?
-                    .reshape([g, r, group_in]),
-            ),
+            wo_a: Param::from_tensor(w.f32_blocks_t(&format!("{p}.o_a_proj.weight"), [g, r, group_in])?),
             wo_b: w.linear(&format!("{p}.o_b_proj.weight"), d, g * r)?,
             sinks: Param::from_tensor(w.f32(&format!("{p}.sinks"), [h])?),
             compressor,
@@ -398,8 +395,10 @@ impl<B: Backend> V4Model<B> {
             bias,
             tid2eid,
             experts: Experts {
-                w13: Param::from_tensor(w.f32(&format!("{p}.experts.gate_up_proj"), [e, 2 * i, d])?),
-                w2: Param::from_tensor(w.f32(&format!("{p}.experts.down_proj"), [e, d, i])?),
+                w13_t: Param::from_tensor(
+                    w.f32_blocks_t(&format!("{p}.experts.gate_up_proj"), [e, 2 * i, d])?,
+                ),
+                w2_t: Param::from_tensor(w.f32_blocks_t(&format!("{p}.experts.down_proj"), [e, d, i])?),
                 limit: cfg.swiglu_limit,
             },
             shared: SharedExpert {
@@ -415,6 +414,23 @@ impl<B: Backend> V4Model<B> {
     }
 }
 
+/// Transposes each of the `n` row-major `[rows, cols]` blocks of `data`.
+fn transpose_blocks(data: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    for (src, dst) in data
+        .chunks_exact(rows * cols)
+        .zip(out.chunks_exact_mut(rows * cols))
+        .take(n)
+    {
+        for r in 0..rows {
+            for c in 0..cols {
+                dst[c * rows + r] = src[r * cols + c];
+            }
+        }
+    }
+    out
+}
+
 /// Reads tensors by name from a source, checking shapes and remembering what was used.
 struct Loader<'a, B: Backend> {
     source: &'a dyn WeightSource,
@@ -424,8 +440,18 @@ struct Loader<'a, B: Backend> {
 
 impl<B: Backend> Loader<'_, B> {
     fn read(&mut self, name: &str, shape: &[usize]) -> Result<HostData, LoadError> {
+        self.read_as(name, shape, &[])
+    }
+
+    /// Reads `name`, accepting `shape` or any of the equivalent `alternatives` (same elements, same order).
+    fn read_as(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        alternatives: &[&[usize]],
+    ) -> Result<HostData, LoadError> {
         let tensor = self.source.read(name, shape)?;
-        if tensor.shape != shape {
+        if tensor.shape != shape && !alternatives.contains(&tensor.shape.as_slice()) {
             return Err(LoadError::Shape {
                 source: self.source.describe(),
                 name: name.to_string(),
@@ -438,7 +464,12 @@ impl<B: Backend> Loader<'_, B> {
     }
 
     fn host_f32<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Result<Vec<f32>, LoadError> {
-        match self.read(name, &shape)? {
+        let data = self.read(name, &shape)?;
+        self.finite_f32(name, data)
+    }
+
+    fn finite_f32(&self, name: &str, data: HostData) -> Result<Vec<f32>, LoadError> {
+        match data {
             HostData::F32(v) => {
                 if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
                     return Err(LoadError::Value {
@@ -475,8 +506,30 @@ impl<B: Backend> Loader<'_, B> {
         Ok(Tensor::from_data(TensorData::new(data, shape), self.device))
     }
 
+    /// A `[rows, cols]` checkpoint matrix, transposed to a contiguous `[cols, rows]` tensor.
+    fn f32_t(&mut self, name: &str, shape: [usize; 2]) -> Result<Tensor<B, 2>, LoadError> {
+        let [rows, cols] = shape;
+        let data = transpose_blocks(&self.host_f32(name, shape)?, 1, rows, cols);
+        Ok(Tensor::from_data(
+            TensorData::new(data, [cols, rows]),
+            self.device,
+        ))
+    }
+
+    /// A `[n, rows, cols]` checkpoint tensor (HF's flat `[n * rows, cols]` accepted too), each block
+    /// transposed: a contiguous `[n, cols, rows]` tensor.
+    fn f32_blocks_t(&mut self, name: &str, shape: [usize; 3]) -> Result<Tensor<B, 3>, LoadError> {
+        let [n, rows, cols] = shape;
+        let data = self.read_as(name, &shape, &[&[n * rows, cols]])?;
+        let data = transpose_blocks(&self.finite_f32(name, data)?, n, rows, cols);
+        Ok(Tensor::from_data(
+            TensorData::new(data, [n, cols, rows]),
+            self.device,
+        ))
+    }
+
     fn linear(&mut self, name: &str, out: usize, input: usize) -> Result<Linear<B>, LoadError> {
-        Ok(Linear::new(self.f32(name, [out, input])?))
+        Ok(Linear::from_transposed(self.f32_t(name, [out, input])?))
     }
 
     fn norm(&mut self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm<B>, LoadError> {

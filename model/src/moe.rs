@@ -20,10 +20,11 @@ use burn::tensor::{activation, backend::Backend, IndexingUpdateOp, Int, Tensor, 
 /// The routed experts of one layer, stacked.
 #[derive(Module, Debug)]
 pub struct Experts<B: Backend> {
-    /// Gate (w1) rows then up (w3) rows: `[E, 2I, D]` (HF's `gate_up_proj`).
-    pub w13: Param<Tensor<B, 3>>,
-    /// Down projections: `[E, D, I]`.
-    pub w2: Param<Tensor<B, 3>>,
+    /// Gate (w1) then up (w3) projections, transposed per expert: `[E, D, 2I]` (HF's `gate_up_proj`
+    /// is `[E, 2I, D]`).
+    pub w13_t: Param<Tensor<B, 3>>,
+    /// Down projections, transposed per expert: `[E, I, D]` (HF's `down_proj` is `[E, D, I]`).
+    pub w2_t: Param<Tensor<B, 3>>,
     /// SwiGLU clamp `L`.
     pub limit: f64,
 }
@@ -31,7 +32,7 @@ pub struct Experts<B: Backend> {
 impl<B: Backend> Experts<B> {
     /// Number of experts.
     pub fn len(&self) -> usize {
-        self.w13.dims()[0]
+        self.w13_t.dims()[0]
     }
 
     /// Whether there are no experts.
@@ -41,14 +42,14 @@ impl<B: Backend> Experts<B> {
 
     /// Expert `e` on `rows: [n, D]`: `W2(silu(min(W1 x, L)) * clamp(W3 x, -L, L))`.
     pub fn forward_expert(&self, e: usize, rows: Tensor<B, 2>) -> Tensor<B, 2> {
-        let [_, two_i, d] = self.w13.dims();
+        let [_, d, two_i] = self.w13_t.dims();
         let i = two_i / 2;
-        let w13 = self.w13.val().narrow(0, e, 1).reshape([two_i, d]);
-        let w2 = self.w2.val().narrow(0, e, 1).reshape([d, i]);
-        let h = rows.matmul(w13.transpose());
+        let w13 = self.w13_t.val().narrow(0, e, 1).reshape([d, two_i]);
+        let w2 = self.w2_t.val().narrow(0, e, 1).reshape([i, d]);
+        let h = rows.matmul(w13);
         let gate = h.clone().narrow(1, 0, i).clamp_max(self.limit);
         let up = h.narrow(1, i, i).clamp(-self.limit, self.limit);
-        (activation::silu(gate) * up).matmul(w2.transpose())
+        (activation::silu(gate) * up).matmul(w2)
     }
 
     /// Runs `rows: [R, D]`, grouped by expert (`counts[e]` consecutive rows for expert `e`), and returns

@@ -35,31 +35,33 @@ impl<B: Backend> RmsNorm<B> {
     }
 }
 
-/// `y = x W^T` with `W: [out, in]` (PyTorch's layout, as checkpoints store it).
+/// `y = x W^T` for a checkpoint weight `W: [out, in]`, kept TRANSPOSED (`[in, out]`, contiguous) so that
+/// every call multiplies by a contiguous matrix instead of copying a transposed view.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
-    /// `[out, in]`
-    pub weight: Param<Tensor<B, 2>>,
+    /// `W^T: [in, out]`
+    pub weight_t: Param<Tensor<B, 2>>,
 }
 
 impl<B: Backend> Linear<B> {
-    pub fn new(weight: Tensor<B, 2>) -> Self {
+    /// From `W^T: [in, out]` (contiguous).
+    pub fn from_transposed(weight_t: Tensor<B, 2>) -> Self {
         Self {
-            weight: Param::from_tensor(weight),
+            weight_t: Param::from_tensor(weight_t),
         }
     }
 
     /// Output features.
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight_t.dims()[1]
     }
 
     /// `[..., in] -> [..., out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dims = x.dims();
-        let [out, input] = self.weight.dims();
+        let [input, out] = self.weight_t.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
-        let y = x.reshape([rows, input]).matmul(self.weight.val().transpose());
+        let y = x.reshape([rows, input]).matmul(self.weight_t.val());
         let mut out_dims = dims;
         out_dims[D - 1] = out;
         y.reshape(out_dims)
