@@ -5,6 +5,7 @@
 mod commands;
 mod device;
 mod io;
+mod weights;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -32,6 +33,8 @@ enum Command {
     Forward(commands::forward::Args),
     /// Time the full-sequence forward pass on random weights for a config.
     Bench(commands::bench::Args),
+    /// Convert a checkpoint between precisions (BF16, FP8, MXFP4, NVFP4, F32) and layouts (DeepSeek, HF).
+    Convert(commands::convert::Args),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Command::Info(args) => commands::info::run(args),
         Command::Forward(args) => commands::forward::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Convert(args) => commands::convert::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

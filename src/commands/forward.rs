@@ -5,11 +5,12 @@ use crate::io::{read_input_ids, write_safetensors, Output, Result};
 use burn::tensor::backend::Backend;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use v4_model::{read_config, LocalExperts, ModelCache, Recorder, SafetensorsDir, Tokens, V4Model};
+use v4_model::{read_config, LocalExperts, ModelCache, Recorder, Tokens, V4Model};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model directory: config.json + safetensors (HF layout).
+    /// Model directory: config.json + safetensors, in HF layout (f32/bf16) or DeepSeek's release layout
+    /// (FP8/FP4, dequantized at load).
     #[arg(long)]
     model: PathBuf,
     /// Safetensors file holding `input_ids` (i64 or i32, [batch, seq]).
@@ -34,8 +35,8 @@ fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let tokens = Tokens::new(&ids, batch, seq, config.vocab_size)
         .map_err(|e| format!("{}: {e}", args.input.display()))?;
     let started = Instant::now();
-    let source = SafetensorsDir::open(&args.model)?;
-    let model = V4Model::<B>::load(&config, &source, device)?;
+    let source = crate::weights::open(&args.model)?;
+    let model = V4Model::<B>::load(&config, source.as_ref(), device)?;
     let loaded = started.elapsed();
 
     let layers = config.num_layers();

@@ -1,0 +1,101 @@
+//! `v4 convert --input DIR --output DIR --to {bf16,fp8,fp4-mx,fp4-nv,f32}`
+
+use crate::io::Result;
+use clap::ValueEnum;
+use std::path::PathBuf;
+use v4_convert::{convert, Calibration, ConvertOptions, Layout, Target};
+
+/// Output precision.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum To {
+    /// Every float tensor in BF16 (e.g. a 910B without FP8).
+    Bf16,
+    /// The release's plan: FP8 e4m3 + E8M0 128x128 for the big linears, BF16/F32 for the rest.
+    Fp8,
+    /// As fp8, with routed experts in MXFP4 (E2M1 + E8M0 per 32, RCEIL), as V4 ships.
+    #[value(name = "fp4-mx")]
+    Fp4Mx,
+    /// As fp8, with routed experts in NVFP4 (E2M1 + E4M3 per 16 + F32 tensor scale, ModelOpt 0.47 rules).
+    #[value(name = "fp4-nv")]
+    Fp4Nv,
+    /// Every float tensor in F32.
+    F32,
+}
+
+/// Tensor naming of the output.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OutLayout {
+    /// DeepSeek's release names (`layers.N.attn.wq_a.weight`, per-expert w1/w2/w3).
+    Deepseek,
+    /// HF transformers names (`model.layers.N.self_attn.q_a_proj.weight`, fused experts).
+    Hf,
+}
+
+/// How FP4 block scales are chosen.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Calibrate {
+    /// Round to nearest with the scheme's exact scale rule (reproduces the release bit for bit).
+    Rtn,
+    /// Per-block scale search minimising squared weight error (MXFP4 exponents e-1/e/e+1, NVFP4 scale sweep).
+    WeightSearch,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Checkpoint directory (either layout; single file or sharded with model.safetensors.index.json).
+    #[arg(long)]
+    input: PathBuf,
+    /// Directory to create (must not exist, or be empty). Written under a temporary name and renamed
+    /// at the end; an interrupted run resumes, skipping the shards it already wrote and verified.
+    #[arg(long)]
+    output: PathBuf,
+    /// Output precision.
+    #[arg(long, value_enum)]
+    to: To,
+    /// Output tensor naming.
+    #[arg(long, value_enum, default_value = "deepseek")]
+    layout: OutLayout,
+    /// FP4 scale selection.
+    #[arg(long, value_enum, default_value = "rtn")]
+    calibrate: Calibrate,
+    /// Bytes of tensor data per output shard.
+    #[arg(long, default_value_t = v4_convert::DEFAULT_SHARD_SIZE)]
+    shard_size: u64,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Also write the per-tensor conversion report as JSON to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let target = match args.to {
+        To::Bf16 => Target::Bf16,
+        To::Fp8 => Target::Fp8,
+        To::Fp4Mx => Target::Fp4Mx,
+        To::Fp4Nv => Target::Fp4Nv,
+        To::F32 => Target::F32,
+    };
+    let mut opts = ConvertOptions::new(&args.input, &args.output, target);
+    opts.layout = match args.layout {
+        OutLayout::Deepseek => Layout::DeepSeek,
+        OutLayout::Hf => Layout::Hf,
+    };
+    opts.calibration = match args.calibrate {
+        Calibrate::Rtn => Calibration::Rtn,
+        Calibrate::WeightSearch => Calibration::WeightSearch {
+            channel_importance: None,
+        },
+    };
+    opts.shard_size = args.shard_size;
+    opts.threads = args.threads;
+    let report = convert(&opts)?;
+    if let Some(path) = &args.report {
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, report.to_json()).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    println!("{}", report.summary());
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! Opening a model directory in either checkpoint layout as a [`WeightSource`] for the model.
+//!
+//! HF-layout directories (f32 / bf16) are read by the model crate's own memory-mapped reader; DeepSeek's
+//! release layout (FP8 + E8M0, FP4 experts, BF16, F32, I64) by the converter's reader, which dequantizes
+//! at load and presents HF names: a user can run a real checkpoint without converting it first.
+
+use std::path::Path;
+use v4_convert::{Checkpoint, Layout};
+use v4_model::{HostData, HostTensor, LoadError, SafetensorsDir, WeightSource};
+
+/// A DeepSeek-release-layout checkpoint, dequantized on read.
+struct ReleaseCheckpoint(Checkpoint);
+
+impl WeightSource for ReleaseCheckpoint {
+    fn describe(&self) -> String {
+        self.0.dir().display().to_string()
+    }
+
+    fn read(&self, name: &str, _expected: &[usize]) -> Result<HostTensor, LoadError> {
+        let shape = self.0.hf_shape(name).ok_or_else(|| LoadError::Missing {
+            source: self.describe(),
+            name: name.to_string(),
+        })?;
+        let failed = |e: v4_convert::ConvertError| LoadError::File {
+            path: self.describe(),
+            message: e.to_string(),
+        };
+        let data = if name.ends_with("tid2eid") {
+            HostData::I64(self.0.read_hf_i64(name).map_err(failed)?)
+        } else {
+            HostData::F32(self.0.read_hf_f32(name).map_err(failed)?)
+        };
+        Ok(HostTensor { shape, data })
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.0.hf_tensor_names()
+    }
+}
+
+/// Opens the weights of `dir`, whichever layout it uses.
+pub fn open(dir: &Path) -> Result<Box<dyn WeightSource>, LoadError> {
+    let checkpoint = Checkpoint::open(dir).map_err(|e| LoadError::File {
+        path: dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(match checkpoint.layout() {
+        Layout::DeepSeek => Box::new(ReleaseCheckpoint(checkpoint)),
+        Layout::Hf => Box::new(SafetensorsDir::open(dir)?),
+    })
+}
