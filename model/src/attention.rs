@@ -46,7 +46,14 @@ pub struct Attention<B: Backend> {
     pub head_dim: usize,
     pub window: usize,
     pub norm_eps: f64,
+    /// CSA: score all entries under a mask while they number at most this times the top-k, else gather
+    /// the picks. Both give the same result; the choice is speed only (0 forces gathering).
+    pub dense_selection_factor: usize,
 }
+
+/// CSA scores every complete entry under a mask (one matmul) while there are at most this many times
+/// `index_topk` of them, and gathers the picks beyond (the default of [`Attention::dense_selection_factor`]).
+pub const DENSE_SELECTION_FACTOR: usize = 4;
 
 /// Compressed keys a chunk of queries can read.
 enum CompressedKeys<'a, B: Backend> {
@@ -144,6 +151,11 @@ impl<B: Backend> Attention<B> {
         out
     }
 
+    /// The compression rate of this layer's compressor (1 for sliding-only layers).
+    fn compressed_rate(&self) -> usize {
+        self.kind.rate().max(1)
+    }
+
     /// Softmax attention of `q: [B, S, H, d]` (query positions from `q_start`) over the window keys
     /// `keys: [B, L, d]` (positions from `key_start`) and the compressed keys.
     fn attend(
@@ -190,64 +202,85 @@ impl<B: Backend> Attention<B> {
             // The compressed keys of this chunk and how to mix their probabilities back.
             let mut values: Option<Tensor<B, 3>> = None;
             let mut gathered: Option<Tensor<B, 3>> = None;
+            // Dense: score every complete entry under a mask (HCA; CSA while the entries are few, where one
+            // matmul beats gathering). Gathered: score only the indexer's picks (CSA on long contexts).
+            let mut dense: Option<(&Tensor<B, 3>, usize, Tensor<B, 4>)> = None;
             match extra {
                 Some(CompressedKeys::All { entries, rate }) => {
                     let visible = ((last + 1) / rate).min(entries.dims()[1]);
                     if visible > 0 {
-                        let ec = (*entries).clone().narrow(1, 0, visible);
                         let mut mask = Vec::with_capacity(len * visible);
                         for t in first..=last {
                             for i in 0..visible {
-                                mask.push(if i < (t + 1) / rate {
-                                    0.0f32
-                                } else {
-                                    f32::NEG_INFINITY
-                                });
+                                let seen = i < (t + 1) / rate;
+                                mask.push(if seen { 0.0f32 } else { f32::NEG_INFINITY });
                             }
                         }
-                        let mask =
-                            Tensor::<B, 4>::from_data(TensorData::new(mask, [1, len, 1, visible]), &device);
-                        let s = q_rows
-                            .clone()
-                            .matmul(ec.clone().swap_dims(1, 2))
-                            .reshape([batch, len, h, visible])
-                            .mul_scalar(scale)
-                            + mask;
-                        parts.push(s);
-                        values = Some(ec);
+                        let mask = TensorData::new(mask, [1, len, 1, visible]);
+                        dense = Some((*entries, visible, Tensor::from_data(mask, &device)));
                     }
                 }
                 Some(CompressedKeys::Selected { entries, selection }) => {
                     let k = selection.k;
                     let [_, count, _] = entries.dims();
-                    let mut rows = Vec::with_capacity(batch * len * k);
-                    let mut mask = Vec::with_capacity(batch * len * k);
-                    for b in 0..batch {
-                        for s in begin..begin + len {
-                            for &i in &selection.indices[((b * seq) + s) * k..][..k] {
-                                rows.push((b * count) as i64 + i.max(0));
-                                mask.push(if i >= 0 { 0.0f32 } else { f32::NEG_INFINITY });
+                    let picks = |b: usize, s: usize| &selection.indices[((b * seq) + s) * k..][..k];
+                    let visible = ((last + 1) / self.compressed_rate()).min(count);
+                    if visible <= self.dense_selection_factor * k {
+                        let mut mask = vec![f32::NEG_INFINITY; batch * len * visible];
+                        for b in 0..batch {
+                            for s in begin..begin + len {
+                                let row = &mut mask[(b * len + s - begin) * visible..][..visible];
+                                for &i in picks(b, s).iter().filter(|&&i| i >= 0) {
+                                    row[i as usize] = 0.0;
+                                }
                             }
                         }
+                        if visible > 0 {
+                            let mask = TensorData::new(mask, [batch, len, 1, visible]);
+                            dense = Some((*entries, visible, Tensor::from_data(mask, &device)));
+                        }
+                    } else {
+                        let mut rows = Vec::with_capacity(batch * len * k);
+                        let mut mask = Vec::with_capacity(batch * len * k);
+                        for b in 0..batch {
+                            for s in begin..begin + len {
+                                for &i in picks(b, s) {
+                                    rows.push((b * count) as i64 + i.max(0));
+                                    mask.push(if i >= 0 { 0.0f32 } else { f32::NEG_INFINITY });
+                                }
+                            }
+                        }
+                        let rows = TensorData::new(rows, [batch * len * k]);
+                        let rows = Tensor::<B, 1, Int>::from_data(rows, &device);
+                        let mask = TensorData::new(mask, [batch, len, 1, k]);
+                        let mask = Tensor::<B, 4>::from_data(mask, &device);
+                        let sel = (*entries)
+                            .clone()
+                            .reshape([batch * count, d])
+                            .select(0, rows)
+                            .reshape([batch * len, k, d]);
+                        let s = qc
+                            .reshape([batch * len, h, d])
+                            .matmul(sel.clone().swap_dims(1, 2))
+                            .reshape([batch, len, h, k])
+                            .mul_scalar(scale)
+                            + mask;
+                        parts.push(s);
+                        gathered = Some(sel);
                     }
-                    let rows =
-                        Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [batch * len * k]), &device);
-                    let mask = Tensor::<B, 4>::from_data(TensorData::new(mask, [batch, len, 1, k]), &device);
-                    let sel = (*entries)
-                        .clone()
-                        .reshape([batch * count, d])
-                        .select(0, rows)
-                        .reshape([batch * len, k, d]);
-                    let s = qc
-                        .reshape([batch * len, h, d])
-                        .matmul(sel.clone().swap_dims(1, 2))
-                        .reshape([batch, len, h, k])
-                        .mul_scalar(scale)
-                        + mask;
-                    parts.push(s);
-                    gathered = Some(sel);
                 }
                 None => {}
+            }
+            if let Some((entries, visible, mask)) = dense {
+                let ec = entries.clone().narrow(1, 0, visible);
+                let s = q_rows
+                    .clone()
+                    .matmul(ec.clone().swap_dims(1, 2))
+                    .reshape([batch, len, h, visible])
+                    .mul_scalar(scale)
+                    + mask;
+                parts.push(s);
+                values = Some(ec);
             }
             parts.push(sinks.clone().expand([batch, len, h, 1]));
             let widths: Vec<usize> = parts.iter().map(|p| p.dims()[3]).collect();

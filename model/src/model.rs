@@ -351,6 +351,7 @@ impl<B: Backend> V4Model<B> {
             head_dim: hd,
             window: cfg.sliding_window,
             norm_eps: eps,
+            dense_selection_factor: crate::attention::DENSE_SELECTION_FACTOR,
         })
     }
 
