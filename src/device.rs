@@ -7,20 +7,39 @@ use clap::ValueEnum;
 pub enum Device {
     /// burn-ndarray on the CPU (always available).
     Ndarray,
+    /// The Ascend-style NPU emulator (v4-npu) over burn-ndarray: 910B numerics, op coverage and cost.
+    /// Its precision policy and chip sheet come from `--npu-config FILE.toml`.
+    Npu,
     /// burn-wgpu (needs a build with `--features wgpu`).
     Wgpu,
     /// burn-cuda (needs a build with `--features cuda` and an NVIDIA GPU).
     Cuda,
 }
 
-/// Runs `job` with the backend chosen by `device`, as a generic function over the backend type.
+/// Runs `$body` with the backend chosen by `$device` bound to the type `$b` and its device value to
+/// `$dev`. On the NPU emulator, `$npu_config` (an `Option<&Path>`) is installed first and the
+/// fallback / cost report is printed after the run.
 macro_rules! with_backend {
-    ($device:expr, |$b:ident, $dev:ident| $body:expr) => {{
+    ($device:expr, |$b:ident, $dev:ident| $body:expr) => {
+        $crate::device::with_backend!($device, None::<&std::path::Path>, |$b, $dev| $body)
+    };
+    ($device:expr, $npu_config:expr, |$b:ident, $dev:ident| $body:expr) => {{
         match $device {
             $crate::device::Device::Ndarray => {
                 type $b = burn_ndarray::NdArray<f32>;
                 let $dev = burn_ndarray::NdArrayDevice::Cpu;
                 $body
+            }
+            $crate::device::Device::Npu => {
+                type $b = v4_npu::Npu;
+                let $dev = Default::default();
+                if let Some(path) = $npu_config {
+                    v4_npu::install_config_file(&$dev, path)
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                }
+                let result = $body;
+                eprintln!("{}", v4_npu::report(&$dev).summary());
+                result
             }
             other => Err(format!(
                 "--device {other:?} is not compiled into this build of v4 (rebuild with \

@@ -23,10 +23,15 @@ pub struct Args {
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "ndarray")]
     device: Device,
+    /// NPU precision policy and chip sheet (TOML), for `--device npu`.
+    #[arg(long)]
+    npu_config: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    with_backend!(args.device, |B, device| forward::<B>(&args, &device))
+    with_backend!(args.device, args.npu_config.as_deref(), |B, device| forward::<B>(
+        &args, &device
+    ))
 }
 
 fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
