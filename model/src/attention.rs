@@ -80,7 +80,7 @@ impl<B: Backend> Attention<B> {
         let (h, d) = (self.num_heads, self.head_dim);
         let device = x.device();
         let positions: Vec<usize> = (start..start + seq).collect();
-        let tables = self.rope.tables::<B>(&positions, &device);
+        let tables = self.rope.tables::<B>(&positions, d, &device);
 
         let qr = self.q_norm.forward(self.wq_a.forward(x.clone()));
         let q = self.wq_b.forward(qr.clone()).reshape([batch, seq, h, d]);

@@ -135,7 +135,7 @@ impl<B: Backend> Compressor<B> {
             .sum_dim(2)
             .reshape([batch, windows, w]);
         let positions: Vec<usize> = (state.count..state.count + windows).map(|i| i * m).collect();
-        let tables = self.rope.tables::<B>(&positions, &pooled.device());
+        let tables = self.rope.tables::<B>(&positions, w, &pooled.device());
         let entries = tables.apply3(self.norm.forward(pooled), false);
 
         state.count += windows;

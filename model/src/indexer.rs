@@ -52,7 +52,7 @@ impl<B: Backend> Indexer<B> {
         let [_, entries, _] = keys.dims();
         let (hi, di) = (self.heads, self.head_dim);
         let positions: Vec<usize> = (start..start + seq).collect();
-        let tables = self.compressor.rope.tables::<B>(&positions, &x.device());
+        let tables = self.compressor.rope.tables::<B>(&positions, di, &x.device());
         let q = tables.apply(self.wq_b.forward(qr).reshape([batch, seq, hi, di]), false);
         let weights = self
             .weights_proj

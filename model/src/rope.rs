@@ -58,63 +58,77 @@ impl Rope {
         2 * self.inv_freq.len()
     }
 
-    /// Cos and sin tables for the given absolute positions: two `[1, P, 1, r/2, 1]` tensors, shaped to
-    /// broadcast over a `[B, P, H, r/2, 2]` view of the rope channels.
-    pub fn tables<B: Backend>(&self, positions: &[usize], device: &B::Device) -> RopeTables<B> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
+    /// Rotation tables for the given absolute positions and vectors of width `width` (the rope channels
+    /// are the last `r` of them).
+    pub fn tables<B: Backend>(&self, positions: &[usize], width: usize, device: &B::Device) -> RopeTables<B> {
+        let r = self.dim();
+        let nope = width - r;
+        // Full-width tables: nope channels keep cos 1 / sin 0, rope pairs repeat their angle.
+        let mut cos = Vec::with_capacity(positions.len() * width);
+        let mut sin = Vec::with_capacity(positions.len() * width);
         for &t in positions {
+            cos.extend(std::iter::repeat_n(1.0f32, nope));
+            sin.extend(std::iter::repeat_n(0.0f32, nope));
             for &f in &self.inv_freq {
                 let angle = t as f64 * f;
-                cos.push((angle.cos() * self.scale) as f32);
-                sin.push((angle.sin() * self.scale) as f32);
+                let (c, s) = (
+                    (angle.cos() * self.scale) as f32,
+                    (angle.sin() * self.scale) as f32,
+                );
+                cos.extend([c, c]);
+                sin.extend([s, s]);
             }
         }
-        let shape = [1, positions.len(), 1, half, 1];
+        // `x @ swap` maps each rope pair (x0, x1) to (-x1, x0), and nope channels to 0.
+        let mut swap = vec![0.0f32; width * width];
+        for i in (nope..width).step_by(2) {
+            swap[(i + 1) * width + i] = -1.0;
+            swap[i * width + i + 1] = 1.0;
+        }
+        let shape = [1, positions.len(), 1, width];
         RopeTables {
             cos: Tensor::from_data(TensorData::new(cos, shape), device),
             sin: Tensor::from_data(TensorData::new(sin, shape), device),
+            swap: Tensor::from_data(TensorData::new(swap, [width, width]), device),
         }
     }
 }
 
-/// Cos/sin for a run of positions (see [`Rope::tables`]).
+/// Cos/sin for a run of positions (see [`Rope::tables`]): the rotation is
+/// `x * cos + (x @ swap) * sin`, one small matmul and three elementwise ops, with no slicing.
 #[derive(Debug, Clone)]
 pub struct RopeTables<B: Backend> {
-    cos: Tensor<B, 5>,
-    sin: Tensor<B, 5>,
+    /// `[1, P, 1, width]`
+    cos: Tensor<B, 4>,
+    /// `[1, P, 1, width]`
+    sin: Tensor<B, 4>,
+    /// `[width, width]`
+    swap: Tensor<B, 2>,
 }
 
 impl<B: Backend> RopeTables<B> {
-    /// Rotates the last `r` channels of `x` `[B, P, H, dh]` by `+angle` (or `-angle` when `inverse`).
+    /// Rotates the last `r` channels of `x` `[B, P, H, width]` by `+angle` (or `-angle` when `inverse`).
     pub fn apply(&self, x: Tensor<B, 4>, inverse: bool) -> Tensor<B, 4> {
-        let [b, p, h, dh] = x.dims();
-        let half = self.cos.dims()[3];
-        let r = 2 * half;
-        let nope = x.clone().narrow(3, 0, dh - r);
-        let pairs = x.narrow(3, dh - r, r).reshape([b, p, h, half, 2]);
-        let even = pairs.clone().narrow(4, 0, 1);
-        let odd = pairs.narrow(4, 1, 1);
-        let sin = if inverse {
-            self.sin.clone().neg()
+        let [b, p, h, width] = x.dims();
+        let swapped = x
+            .clone()
+            .reshape([b * p * h, width])
+            .matmul(self.swap.clone())
+            .reshape([b, p, h, width]);
+        let turned = swapped * self.sin.clone();
+        let kept = x * self.cos.clone();
+        if inverse {
+            kept - turned
         } else {
-            self.sin.clone()
-        };
-        let rot_even = even.clone() * self.cos.clone() - odd.clone() * sin.clone();
-        let rot_odd = even * sin + odd * self.cos.clone();
-        let rotated = Tensor::cat(vec![rot_even, rot_odd], 4).reshape([b, p, h, r]);
-        if dh == r {
-            rotated
-        } else {
-            Tensor::cat(vec![nope, rotated], 3)
+            kept + turned
         }
     }
 
-    /// [`apply`](Self::apply) for a single-head `[B, P, dh]` tensor.
+    /// [`apply`](Self::apply) for a single-head `[B, P, width]` tensor.
     pub fn apply3(&self, x: Tensor<B, 3>, inverse: bool) -> Tensor<B, 3> {
-        let [b, p, dh] = x.dims();
-        self.apply(x.reshape([b, p, 1, dh]), inverse).reshape([b, p, dh])
+        let [b, p, width] = x.dims();
+        self.apply(x.reshape([b, p, 1, width]), inverse)
+            .reshape([b, p, width])
     }
 }
 
