@@ -35,6 +35,12 @@ enum Command {
     Bench(commands::bench::Args),
     /// Convert a checkpoint between precisions (BF16, FP8, MXFP4, NVFP4, F32) and layouts (DeepSeek, HF).
     Convert(commands::convert::Args),
+    /// Fine-tune or train from scratch from a TOML config (AdamW, schedule, resumable HF-layout checkpoints).
+    Train(commands::train::Args),
+    /// Record the model's probe points (stats, full tensors or checksums) into a self-describing trace file.
+    Trace(commands::trace::Args),
+    /// Compare a candidate backend against a reference trace: metrics, pass/fail, first divergence, reports.
+    Validate(commands::validate::Args),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +50,9 @@ fn main() -> ExitCode {
         Command::Forward(args) => commands::forward::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Convert(args) => commands::convert::run(args),
+        Command::Train(args) => commands::train::run(args),
+        Command::Trace(args) => commands::trace::run(args),
+        Command::Validate(args) => commands::validate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,202 @@
+//! Running a model with probes: traces, propagated and isolated candidate runs, and [`validate`].
+
+use crate::report::{compare, policy_diff, Report, RoutingInfo};
+use crate::rules::{Dtype, Tolerances};
+use crate::trace::{config_hash, Trace, TraceInfo, TraceMode};
+use crate::{filter::ProbeFilter, Result};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use v4_model::cache::LayerCache;
+use v4_model::probe::{tap, Probe};
+use v4_model::{LocalExperts, ModelCache, Recorder, RoutingKind, Tokens, V4Model};
+
+/// Probe records in forward order.
+pub type Records = Vec<(String, TensorData)>;
+
+/// How the candidate is fed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunMode {
+    /// End to end on the reference's input ids: shows how errors accumulate (drift).
+    Propagated,
+    /// Each layer fed the reference's `layers.N.input` streams: errors do not accumulate, so the first
+    /// failing layer is the faulty one.
+    Isolated,
+    /// Both, propagated first.
+    Both,
+}
+
+impl std::str::FromStr for RunMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "propagated" => Ok(Self::Propagated),
+            "isolated" => Ok(Self::Isolated),
+            "both" => Ok(Self::Both),
+            _ => Err(format!("unknown mode `{s}` (propagated, isolated, both)")),
+        }
+    }
+}
+
+/// Records every probe point `wants` accepts during a full-sequence forward of `tokens`.
+pub fn record<B: Backend>(
+    model: &V4Model<B>,
+    tokens: &Tokens,
+    wants: &dyn Fn(&str) -> bool,
+) -> Result<Vec<(String, TensorData)>> {
+    let mut recorder = Recorder::new(|n: &str| wants(n));
+    let mut cache = ModelCache::new(model.layers.len());
+    model.forward_with(tokens, &mut cache, &LocalExperts, &mut recorder)?;
+    Ok(recorder.records)
+}
+
+/// Records a trace of `model` on `tokens`.
+pub fn trace<B: Backend>(
+    model: &V4Model<B>,
+    tokens: &Tokens,
+    mode: TraceMode,
+    filter: &ProbeFilter,
+    info: TraceInfo,
+    describe: (Option<String>, Option<String>),
+) -> Result<Trace> {
+    let records = record(model, tokens, &|n| filter.wants(n))?;
+    Ok(Trace::from_records(
+        records,
+        mode,
+        info,
+        config_hash(&model.config),
+        tokens.ids.iter().map(|&x| x as i64).collect(),
+        [tokens.batch, tokens.seq],
+        describe.0,
+        describe.1,
+    )?)
+}
+
+/// Isolated mode: runs every layer whose input streams the reference holds on those streams (empty
+/// cache, positions from 0), recording its probes and its output as `layers.N.output`; then the head on
+/// the reference's `final.streams` (or `final.hidden`). Returns the records and the layers skipped.
+pub fn run_isolated<B: Backend>(
+    model: &V4Model<B>,
+    reference: &Trace,
+    tokens: &Tokens,
+    wants: &dyn Fn(&str) -> bool,
+) -> Result<(Records, Vec<usize>)> {
+    let device = model.embed.device();
+    let mut records = Vec::new();
+    let mut skipped = Vec::new();
+    let tensor4 = |shape: &[usize], v: &[f32]| -> Result<Tensor<B, 4>> {
+        let s: [usize; 4] = shape
+            .try_into()
+            .map_err(|_| format!("reference streams have shape {shape:?}, expected [B, S, c, D]"))?;
+        Ok(Tensor::from_data(TensorData::new(v.to_vec(), s), &device))
+    };
+    for block in &model.layers {
+        let i = block.index;
+        let Some((shape, values)) = reference.f32(&format!("layers.{i}.input")) else {
+            skipped.push(i);
+            continue;
+        };
+        let x = tensor4(shape, values)?;
+        let mut recorder = Recorder::new(|n: &str| wants(n));
+        let mut cache = LayerCache::default();
+        let (out, _) = block.forward(x, &tokens.ids, 0, &mut cache, &LocalExperts, &mut recorder);
+        records.extend(recorder.records);
+        records.push((format!("layers.{i}.output"), out.into_data()));
+    }
+    let mut probe = Recorder::new(|n: &str| wants(n));
+    if let Some((shape, values)) = reference.f32("final.streams") {
+        let hidden = model.norm.forward(model.hc_head.forward(tensor4(shape, values)?));
+        tap(&mut probe as &mut dyn Probe, "final.hidden", &hidden);
+        tap(
+            &mut probe as &mut dyn Probe,
+            "logits",
+            &model.head.forward(hidden),
+        );
+    } else if let Some((shape, values)) = reference.f32("final.hidden") {
+        let s: [usize; 3] = shape
+            .try_into()
+            .map_err(|_| format!("reference final.hidden has shape {shape:?}, expected [B, S, D]"))?;
+        let hidden = Tensor::<B, 3>::from_data(TensorData::new(values.to_vec(), s), &device);
+        tap(
+            &mut probe as &mut dyn Probe,
+            "logits",
+            &model.head.forward(hidden),
+        );
+    }
+    records.extend(probe.records);
+    Ok((records, skipped))
+}
+
+/// What [`validate`] needs besides the model and the reference.
+#[derive(Debug, Clone)]
+pub struct ValidateOptions {
+    pub mode: RunMode,
+    /// The candidate's compute dtype (picks the default tolerances).
+    pub dtype: Dtype,
+    pub tolerances: Tolerances,
+    /// A high-precision golden trace (full mode) for the reference-relative gate; None: the reference.
+    pub golden: Option<Trace>,
+    /// The candidate's backend and precision policy (diffed against the reference's).
+    pub candidate: TraceInfo,
+}
+
+/// Runs `model` (the candidate) on the reference's inputs and compares every probe.
+pub fn validate<B: Backend>(model: &V4Model<B>, reference: &Trace, opts: &ValidateOptions) -> Result<Report> {
+    let meta = &reference.meta;
+    if !meta.config_hash.is_empty() && meta.config_hash != config_hash(&model.config) {
+        return Err(format!(
+            "{}: the reference was traced with another model config (hash {} vs {})",
+            reference.path.display(),
+            meta.config_hash,
+            config_hash(&model.config)
+        )
+        .into());
+    }
+    let [batch, seq] = meta.input_shape;
+    let tokens = Tokens::new(&meta.input_ids, batch, seq, model.config.vocab_size)?;
+    let routing: Vec<RoutingInfo> = model
+        .layers
+        .iter()
+        .map(|b| RoutingInfo {
+            hash: b.ffn.routing == RoutingKind::Hash,
+            bias: b.ffn.bias.clone(),
+        })
+        .collect();
+    // The candidate records what the reference holds, plus the scores that judge top-k flips.
+    let wants = |n: &str| reference.get(n).is_some() || n.ends_with(".scores");
+    let mut report = Report::new(reference, opts, policy_diff(&meta.info, &opts.candidate));
+    let modes: &[RunMode] = match opts.mode {
+        RunMode::Both => &[RunMode::Propagated, RunMode::Isolated],
+        RunMode::Propagated => &[RunMode::Propagated],
+        RunMode::Isolated => &[RunMode::Isolated],
+    };
+    for &mode in modes {
+        let records = match mode {
+            RunMode::Isolated => {
+                if meta.mode != TraceMode::Full {
+                    report
+                        .notes
+                        .push("isolated mode skipped: the reference holds no full tensors".into());
+                    continue;
+                }
+                let (records, skipped) = run_isolated(model, reference, &tokens, &wants)?;
+                if !skipped.is_empty() {
+                    report.notes.push(format!(
+                        "isolated mode: the reference lacks the input streams of layers {skipped:?} (not run)"
+                    ));
+                }
+                records
+            }
+            _ => record(model, &tokens, &wants)?,
+        };
+        report.results.extend(compare(
+            reference,
+            opts.golden.as_ref(),
+            records,
+            mode,
+            opts,
+            &routing,
+        )?);
+    }
+    report.finish(model.layers.len());
+    Ok(report)
+}

@@ -1,0 +1,237 @@
+//! Data: JSONL records (`text` or chat `messages`) tokenized into one stream of (token, loss mask), cut into
+//! windows of `seq_len + 1`, shuffled per epoch by a seeded generator. The loader's state is just
+//! `(epoch, cursor)`: the order of an epoch is a pure function of the seed and the epoch.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Token = byte value (vocabulary 256), for models without a tokenizer.
+#[derive(Debug, Clone)]
+pub enum Tokenizer {
+    Bytes,
+}
+
+impl Tokenizer {
+    pub fn from_spec(spec: &str) -> Result<Self, String> {
+        match spec {
+            "bytes" => Ok(Tokenizer::Bytes),
+            other => Err(format!(
+                "[data] tokenizer = \"{other}\": only \"bytes\" is supported by this build of the trainer \
+                 (tokenizer.json support is not wired in yet)"
+            )),
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        256
+    }
+
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        match self {
+            Tokenizer::Bytes => text.bytes().map(u32::from).collect(),
+        }
+    }
+}
+
+/// One training window: `seq_len + 1` tokens and, per token, whether it is a loss target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    pub tokens: Vec<u32>,
+    pub mask: Vec<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    role: String,
+    content: String,
+}
+
+/// Other fields (source, play, ...) are metadata and ignored.
+#[derive(Debug, Deserialize)]
+struct Record {
+    text: Option<String>,
+    messages: Option<Vec<Message>>,
+}
+
+/// Reads `path` (JSONL) into windows of `seq_len + 1` tokens. `text` records are all targets; chat records
+/// are rendered `<|role|>\ncontent\n` with only the assistant contents as targets.
+pub fn load_windows(
+    path: &Path,
+    tokenizer: &Tokenizer,
+    seq_len: usize,
+    max_records: usize,
+) -> Result<Vec<Window>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (mut tokens, mut mask) = (Vec::new(), Vec::new());
+    let push = |s: &str, target: bool, tokens: &mut Vec<u32>, mask: &mut Vec<bool>| {
+        let ids = tokenizer.encode(s);
+        mask.extend(std::iter::repeat(target).take(ids.len()));
+        tokens.extend(ids);
+    };
+    let mut records = 0;
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if max_records > 0 && records == max_records {
+            break;
+        }
+        records += 1;
+        let record: Record =
+            serde_json::from_str(line).map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
+        match (record.text, record.messages) {
+            (Some(t), None) => {
+                push(&t, true, &mut tokens, &mut mask);
+                push("\n\n", true, &mut tokens, &mut mask);
+            }
+            (None, Some(messages)) => {
+                for m in messages {
+                    push(&format!("<|{}|>\n", m.role), false, &mut tokens, &mut mask);
+                    let target = m.role == "assistant";
+                    push(&m.content, target, &mut tokens, &mut mask);
+                    push("\n", target, &mut tokens, &mut mask);
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "{}:{}: a record needs exactly one of `text` or `messages`",
+                    path.display(),
+                    n + 1
+                ))
+            }
+        }
+    }
+    let w = seq_len + 1;
+    let windows: Vec<Window> = tokens
+        .chunks_exact(w)
+        .zip(mask.chunks_exact(w))
+        .map(|(t, m)| Window {
+            tokens: t.to_vec(),
+            mask: m.to_vec(),
+        })
+        // A window whose targets are all masked teaches nothing.
+        .filter(|win| win.mask[1..].iter().any(|&m| m))
+        .collect();
+    if windows.is_empty() {
+        return Err(format!(
+            "{}: fewer than {w} tokens with loss targets (seq_len {seq_len})",
+            path.display()
+        ));
+    }
+    Ok(windows)
+}
+
+/// SplitMix64.
+#[derive(Debug, Clone)]
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// The resumable position of the loader.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoaderState {
+    pub epoch: u64,
+    pub cursor: usize,
+}
+
+/// Shuffled batches of windows.
+#[derive(Debug, Clone)]
+pub struct Loader {
+    pub windows: Vec<Window>,
+    pub seed: u64,
+    pub state: LoaderState,
+    order: Vec<usize>,
+}
+
+impl Loader {
+    pub fn new(windows: Vec<Window>, seed: u64, state: LoaderState) -> Self {
+        let mut loader = Self {
+            windows,
+            seed,
+            state,
+            order: Vec::new(),
+        };
+        loader.order = loader.epoch_order(state.epoch);
+        loader
+    }
+
+    fn epoch_order(&self, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.windows.len()).collect();
+        let mut rng = SplitMix(self.seed ^ epoch.wrapping_mul(0xA076_1D64_78BD_642F));
+        for i in (1..order.len()).rev() {
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+            order.swap(i, j);
+        }
+        order
+    }
+
+    /// The next `batch` windows (crossing into the next epoch when one ends).
+    pub fn next_batch(&mut self, batch: usize) -> Vec<&Window> {
+        let mut picked = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            if self.state.cursor == self.order.len() {
+                self.state.epoch += 1;
+                self.state.cursor = 0;
+                self.order = self.epoch_order(self.state.epoch);
+            }
+            picked.push(self.order[self.state.cursor]);
+            self.state.cursor += 1;
+        }
+        picked.into_iter().map(|i| &self.windows[i]).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_masks_only_assistant_contents() {
+        let dir = std::env::temp_dir().join(format!("v4-train-chat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.jsonl");
+        let line =
+            r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}"#;
+        std::fs::write(&path, line).unwrap();
+        // "<|user|>\nhi\n<|assistant|>\nyo\n" = 9 + 3 + 14 + 3 = 29 tokens: one window of 29.
+        let w = load_windows(&path, &Tokenizer::Bytes, 28, 0).unwrap();
+        assert_eq!(w.len(), 1);
+        let text: String = w[0].tokens.iter().map(|&t| t as u8 as char).collect();
+        let targets: String = w[0]
+            .tokens
+            .iter()
+            .zip(&w[0].mask)
+            .filter(|(_, &m)| m)
+            .map(|(&t, _)| t as u8 as char)
+            .collect();
+        assert_eq!(text, "<|user|>\nhi\n<|assistant|>\nyo\n");
+        assert_eq!(targets, "yo\n");
+    }
+
+    #[test]
+    fn loader_order_depends_only_on_seed_and_position() {
+        let windows: Vec<Window> = (0..5)
+            .map(|i| Window {
+                tokens: vec![i, i],
+                mask: vec![true, true],
+            })
+            .collect();
+        let mut a = Loader::new(windows.clone(), 3, LoaderState::default());
+        let first: Vec<u32> = (0..7).map(|_| a.next_batch(1)[0].tokens[0]).collect();
+        let mut b = Loader::new(windows.clone(), 3, LoaderState::default());
+        for _ in 0..4 {
+            b.next_batch(1);
+        }
+        let mut c = Loader::new(windows, 3, b.state);
+        let rest: Vec<u32> = (0..3).map(|_| c.next_batch(1)[0].tokens[0]).collect();
+        assert_eq!(&first[4..], &rest[..]);
+    }
+}

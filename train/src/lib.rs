@@ -1,0 +1,15 @@
+//! Training DeepSeek-V4 (fine-tuning or from scratch) on any burn autodiff backend: configuration,
+//! data, AdamW with schedule / clipping / accumulation, aux-loss-free MoE balancing, atomic resumable
+//! checkpoints in HF layout.
+
+pub mod checkpoint;
+pub mod collective;
+pub mod config;
+pub mod data;
+pub mod metrics;
+pub mod params;
+pub mod trainer;
+
+pub use burn_autodiff::Autodiff;
+pub use config::TrainConfig;
+pub use trainer::{evaluate, train, RunOptions, RunReport, StepLog};

@@ -1,0 +1,525 @@
+//! The training loop, generic over burn's [`AutodiffBackend`].
+
+use crate::checkpoint::{self, CheckpointData, MomentState, TrainerState};
+use crate::config::TrainConfig;
+use crate::data::{load_windows, Loader, Tokenizer, Window};
+use crate::metrics::MetricsWriter;
+use crate::params::{host_params, named_params, routing_state, to_checkpoint, HostF32, NamedParam};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, SimpleOptimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{activation, Int, Tensor, TensorData};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::Instant;
+use v4_model::config::RoutingKind;
+use v4_model::{
+    read_config, LocalExperts, ModelCache, NoProbe, RandomWeights, SafetensorsDir, Tokens, V4Model,
+};
+
+/// How a run ends early (for tests and `--stop-after`).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stop (without a final checkpoint, as if interrupted) once this many optimizer steps are done.
+    pub stop_after: Option<usize>,
+    /// Print nothing.
+    pub quiet: bool,
+}
+
+/// One optimizer step's numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepLog {
+    /// 1-based step number.
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct RunReport {
+    /// The step the run started from (0, or the resumed checkpoint's).
+    pub start_step: usize,
+    pub steps: Vec<StepLog>,
+    /// `(step, validation loss)`, the first at the starting step.
+    pub validations: Vec<(usize, f64)>,
+    pub checkpoints: Vec<PathBuf>,
+    /// Per top-k layer, the final selection bias.
+    pub final_biases: Vec<Vec<f32>>,
+}
+
+type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+/// Masked next-token cross-entropy summed over targets and divided by `denom`.
+fn masked_loss<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Vec<i64>,
+    mask: Vec<f32>,
+    denom: f64,
+) -> Tensor<B, 1> {
+    let [b, s, _] = logits.dims();
+    let device = logits.device();
+    let logp = activation::log_softmax(logits, 2);
+    let t = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [b, s, 1]), &device);
+    let picked = logp.gather(2, t).reshape([b, s]);
+    let m = Tensor::<B, 2>::from_data(TensorData::new(mask, [b, s]), &device);
+    (picked * m).sum().neg().div_scalar(denom)
+}
+
+/// Inputs, targets and target mask of some windows.
+fn batch_tensors(windows: &[&Window]) -> (Tokens, Vec<i64>, Vec<f32>) {
+    let s = windows[0].tokens.len() - 1;
+    let mut ids = Vec::with_capacity(windows.len() * s);
+    let mut targets = Vec::with_capacity(windows.len() * s);
+    let mut mask = Vec::with_capacity(windows.len() * s);
+    for w in windows {
+        ids.extend_from_slice(&w.tokens[..s]);
+        targets.extend(w.tokens[1..].iter().map(|&t| t as i64));
+        mask.extend(w.mask[1..].iter().map(|&m| if m { 1.0f32 } else { 0.0 }));
+    }
+    (
+        Tokens {
+            ids,
+            batch: windows.len(),
+            seq: s,
+        },
+        targets,
+        mask,
+    )
+}
+
+fn targets_in(windows: &[&Window]) -> usize {
+    windows
+        .iter()
+        .map(|w| w.mask[1..].iter().filter(|&&m| m).count())
+        .sum()
+}
+
+/// Mean loss per target token of `model` over `windows` (in batches of `batch`).
+pub fn evaluate<B: Backend>(model: &V4Model<B>, windows: &[Window], batch: usize) -> Result<f64, String> {
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for chunk in windows.chunks(batch) {
+        let refs: Vec<&Window> = chunk.iter().collect();
+        let n = targets_in(&refs);
+        let (tokens, targets, mask) = batch_tensors(&refs);
+        let mut cache = ModelCache::new(model.layers.len());
+        let out = model
+            .forward_with(&tokens, &mut cache, &LocalExperts, &mut NoProbe)
+            .map_err(|e| e.to_string())?;
+        let loss: f64 = masked_loss(out.logits, targets, mask, 1.0)
+            .into_scalar()
+            .elem_f64();
+        sum += loss;
+        count += n;
+    }
+    Ok(sum / count.max(1) as f64)
+}
+
+trait ElemF64 {
+    fn elem_f64(self) -> f64;
+}
+impl<E: burn::tensor::ElementConversion> ElemF64 for E {
+    fn elem_f64(self) -> f64 {
+        self.elem::<f64>()
+    }
+}
+
+/// Adds each parameter's gradient (flattened) into `acc`.
+struct GradCollect<'a, B: AutodiffBackend> {
+    grads: &'a B::Gradients,
+    acc: &'a mut HashMap<ParamId, Tensor<Inner<B>, 1>>,
+    trainable: &'a HashSet<ParamId>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollect<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if !self.trainable.contains(&param.id) {
+            return;
+        }
+        if let Some(g) = param.val().grad(self.grads) {
+            let n = g.shape().num_elements();
+            let g = g.reshape([n]);
+            let sum = match self.acc.remove(&param.id) {
+                Some(prev) => prev + g,
+                None => g,
+            };
+            self.acc.insert(param.id, sum);
+        }
+    }
+}
+
+/// Applies AdamW (burn-optim's, on flattened parameters) to every parameter with a gradient.
+struct Update<'a, B: AutodiffBackend> {
+    optim: &'a AdamW,
+    lr: f64,
+    grads: &'a mut HashMap<ParamId, Tensor<Inner<B>, 1>>,
+    states: &'a mut HashMap<ParamId, AdamWState<Inner<B>, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_, B> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(grad) = self.grads.remove(&id) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let shape = tensor.shape();
+        let n = shape.num_elements();
+        let inner = tensor.inner().reshape([n]);
+        let state = self.states.remove(&id);
+        let (updated, state) = SimpleOptimizer::<Inner<B>>::step(self.optim, self.lr, inner, grad, state);
+        if let Some(state) = state {
+            self.states.insert(id, state);
+        }
+        let value = Tensor::<B, D>::from_inner(updated.reshape(shape)).require_grad();
+        Param::from_mapped_value(id, value, mapper)
+    }
+}
+
+fn host1<B: Backend>(t: Tensor<B, 1>) -> HostF32 {
+    HostF32 {
+        shape: t.dims().to_vec(),
+        data: t.into_data().convert::<f32>().into_vec::<f32>().expect("f32"),
+    }
+}
+
+/// Loads the initial model (or the resumed one) and says where its `config.json` text came from.
+fn load_model<B: Backend>(
+    cfg: &TrainConfig,
+    resume: Option<&PathBuf>,
+    device: &B::Device,
+) -> Result<(V4Model<B>, String), String> {
+    let from_dir = |dir: &PathBuf| -> Result<(V4Model<B>, String), String> {
+        let config = read_config(dir).map_err(|e| e.to_string())?;
+        let text = std::fs::read_to_string(dir.join("config.json"))
+            .map_err(|e| format!("{}: {e}", dir.join("config.json").display()))?;
+        let source = SafetensorsDir::open(dir).map_err(|e| e.to_string())?;
+        let model = V4Model::load(&config, &source, device).map_err(|e| e.to_string())?;
+        Ok((model, text))
+    };
+    if let Some(dir) = resume {
+        return from_dir(dir);
+    }
+    if let Some(dir) = &cfg.model.checkpoint {
+        return from_dir(dir);
+    }
+    let path = cfg
+        .model
+        .config
+        .as_ref()
+        .expect("validated: checkpoint or config");
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let config = v4_model::V4Config::from_json_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let source = RandomWeights {
+        seed: cfg.model.seed,
+        experts: config.n_routed_experts,
+    };
+    let model = V4Model::load(&config, &source, device).map_err(|e| e.to_string())?;
+    Ok((model, text))
+}
+
+/// Runs the training described by `cfg` on `device`.
+pub fn train<B: AutodiffBackend>(
+    cfg: &TrainConfig,
+    device: &B::Device,
+    opts: &RunOptions,
+) -> Result<RunReport, String> {
+    let say = |s: String| {
+        if !opts.quiet {
+            println!("{s}");
+        }
+    };
+    let tokenizer = Tokenizer::from_spec(&cfg.data.tokenizer)?;
+    let train_windows = load_windows(
+        &cfg.data.train,
+        &tokenizer,
+        cfg.data.seq_len,
+        cfg.data.max_records,
+    )?;
+    let mut valid_windows = match &cfg.data.validation {
+        Some(p) => load_windows(p, &tokenizer, cfg.data.seq_len, cfg.data.max_validation_records)?,
+        None => Vec::new(),
+    };
+    let micro = cfg.training.batch;
+    if cfg.data.validation_batches > 0 {
+        valid_windows.truncate(cfg.data.validation_batches * micro);
+    }
+
+    // Resume?
+    let resume_dir: Option<PathBuf> = match cfg.checkpoint.resume.as_deref() {
+        None => None,
+        Some("latest") => checkpoint::latest(cfg.checkpoint.dir.as_ref().expect("validated"))?,
+        Some(path) => Some(PathBuf::from(path)),
+    };
+    let (state, moments) = match &resume_dir {
+        Some(dir) => {
+            checkpoint::verify(dir)?;
+            let (s, m) = checkpoint::read_training_state(dir)?;
+            (s, m)
+        }
+        None => (TrainerState::default(), HashMap::new()),
+    };
+    let (mut model, config_json) = load_model::<B>(cfg, resume_dir.as_ref(), device)?;
+    let vocab = model.config.vocab_size;
+    if tokenizer.vocab_size() > vocab {
+        return Err(format!(
+            "the tokenizer's vocabulary ({}) exceeds the model's ({vocab})",
+            tokenizer.vocab_size()
+        ));
+    }
+
+    let named: Vec<NamedParam> = named_params(&model);
+    let trainable: HashSet<ParamId> = named
+        .iter()
+        .filter(|p| !cfg.training.freeze.iter().any(|f| p.name.contains(f.as_str())))
+        .map(|p| p.id)
+        .collect();
+    let by_name: HashMap<&str, ParamId> = named.iter().map(|p| (p.name.as_str(), p.id)).collect();
+    let mut states: HashMap<ParamId, AdamWState<Inner<B>, 1>> = HashMap::new();
+    for (name, m) in &moments {
+        let id = by_name
+            .get(name.as_str())
+            .ok_or_else(|| format!("optimizer state names `{name}`, which the model does not have"))?;
+        let t = |h: &HostF32| {
+            Tensor::<Inner<B>, 1>::from_data(TensorData::new(h.data.clone(), [h.data.len()]), device)
+        };
+        states.insert(
+            *id,
+            AdamWState::new(AdaptiveMomentumState::new(m.time, t(&m.m), t(&m.v))),
+        );
+    }
+    let optim = AdamWConfig::new()
+        .with_beta_1(cfg.optimizer.betas[0])
+        .with_beta_2(cfg.optimizer.betas[1])
+        .with_epsilon(cfg.optimizer.eps)
+        .with_weight_decay(cfg.optimizer.weight_decay)
+        .build();
+
+    let mut loader = Loader::new(train_windows, cfg.training.seed, state.loader);
+    let mut tokens_seen = state.tokens_seen;
+    let mut report = RunReport {
+        start_step: state.step,
+        ..Default::default()
+    };
+    let mut metrics = match &cfg.logging.tensorboard {
+        Some(dir) => Some(MetricsWriter::create(dir)?),
+        None => None,
+    };
+    if let Some(dir) = &resume_dir {
+        say(format!("resumed from {} at step {}", dir.display(), state.step));
+    }
+    say(format!(
+        "training {} of {} parameter tensors, {} train windows of {} tokens, {} validation windows",
+        trainable.len(),
+        named.len(),
+        loader.windows.len(),
+        cfg.data.seq_len,
+        valid_windows.len()
+    ));
+    if !valid_windows.is_empty() {
+        let v = evaluate(&model, &valid_windows, micro)?;
+        say(format!("step {:>6}  validation loss {v:.4}", state.step));
+        report.validations.push((state.step, v));
+        if let Some(m) = metrics.as_mut() {
+            m.scalar("valid/loss", state.step, v)?;
+        }
+    }
+
+    let total_steps = cfg.schedule.steps;
+    let mut step = state.step;
+    while step < total_steps {
+        if opts.stop_after.is_some_and(|s| step >= s) {
+            return Ok(report);
+        }
+        let started = Instant::now();
+        let lr = cfg.lr_at(step);
+        let micro_batches: Vec<Vec<Window>> = (0..cfg.training.grad_accum)
+            .map(|_| loader.next_batch(micro).into_iter().cloned().collect())
+            .collect();
+        let denom: usize = micro_batches
+            .iter()
+            .map(|mb| targets_in(&mb.iter().collect::<Vec<_>>()))
+            .sum();
+        let mut acc: HashMap<ParamId, Tensor<Inner<B>, 1>> = HashMap::new();
+        let mut loss_sum = 0.0f64;
+        let mut loads: Vec<Vec<usize>> = vec![Vec::new(); model.layers.len()];
+        for mb in &micro_batches {
+            let refs: Vec<&Window> = mb.iter().collect();
+            let (tokens, targets, mask) = batch_tensors(&refs);
+            let mut cache = ModelCache::new(model.layers.len());
+            let out = model
+                .forward_with(&tokens, &mut cache, &LocalExperts, &mut NoProbe)
+                .map_err(|e| e.to_string())?;
+            for (l, counts) in out.expert_counts.iter().enumerate() {
+                if loads[l].is_empty() {
+                    loads[l] = vec![0; counts.len()];
+                }
+                for (a, c) in loads[l].iter_mut().zip(counts) {
+                    *a += c;
+                }
+            }
+            let loss = masked_loss(out.logits, targets, mask, denom.max(1) as f64);
+            loss_sum += loss.clone().into_scalar().elem_f64();
+            let grads = loss.backward();
+            model.visit(&mut GradCollect::<B> {
+                grads: &grads,
+                acc: &mut acc,
+                trainable: &trainable,
+            });
+            tokens_seen += (tokens.batch * tokens.seq) as u64;
+        }
+        // Global gradient norm and clipping.
+        let mut sq = 0.0f64;
+        // In parameter order (not the map's), so that the sum is the same in every process.
+        for p in &named {
+            if let Some(g) = acc.get(&p.id) {
+                sq += g.clone().square().sum().into_scalar().elem_f64();
+            }
+        }
+        let grad_norm = sq.sqrt();
+        if cfg.training.grad_clip > 0.0 && grad_norm > cfg.training.grad_clip {
+            let scale = cfg.training.grad_clip / (grad_norm + 1e-6);
+            for g in acc.values_mut() {
+                *g = g.clone().mul_scalar(scale);
+            }
+        }
+        model = model.map(&mut Update::<B> {
+            optim: &optim,
+            lr,
+            grads: &mut acc,
+            states: &mut states,
+        });
+        // Aux-loss-free balancing of the top-k layers' selection bias.
+        if cfg.moe.gamma != 0.0 {
+            for (block, load) in model.layers.iter_mut().zip(&loads) {
+                if block.ffn.routing != RoutingKind::TopK || load.is_empty() {
+                    continue;
+                }
+                let mean = load.iter().sum::<usize>() as f64 / load.len() as f64;
+                for (b, &l) in block.ffn.bias.iter_mut().zip(load) {
+                    let diff = mean - l as f64;
+                    if diff != 0.0 {
+                        *b += cfg.moe.gamma * diff.signum() as f32;
+                    }
+                }
+            }
+        }
+        step += 1;
+        let elapsed = started.elapsed().as_secs_f64();
+        let n_tokens = cfg.training.grad_accum * micro * cfg.data.seq_len;
+        let log = StepLog {
+            step,
+            loss: loss_sum,
+            lr,
+            grad_norm,
+            tokens_per_s: n_tokens as f64 / elapsed.max(1e-9),
+        };
+        if step % cfg.logging.interval.max(1) == 0 || step == total_steps {
+            let max_vio: f64 = loads
+                .iter()
+                .zip(&model.layers)
+                .filter(|(l, b)| !l.is_empty() && b.ffn.routing == RoutingKind::TopK)
+                .map(|(l, _)| {
+                    let mean = l.iter().sum::<usize>() as f64 / l.len() as f64;
+                    (*l.iter().max().unwrap() as f64 - mean) / mean.max(1e-9)
+                })
+                .fold(0.0, f64::max);
+            say(format!(
+                "step {step:>6}/{total_steps}  loss {:.4}  lr {:.3e}  grad-norm {:.3}  max-vio {max_vio:.2}  {:.0} tokens/s",
+                log.loss, log.lr, log.grad_norm, log.tokens_per_s
+            ));
+            if let Some(m) = metrics.as_mut() {
+                m.scalar("train/loss", step, log.loss)?;
+                m.scalar("train/lr", step, log.lr)?;
+                m.scalar("train/grad_norm", step, log.grad_norm)?;
+                m.scalar("train/tokens_per_s", step, log.tokens_per_s)?;
+                m.scalar("moe/max_vio", step, max_vio)?;
+            }
+        }
+        report.steps.push(log);
+        let eval_now = cfg.training.eval_interval > 0 && step % cfg.training.eval_interval == 0;
+        if !valid_windows.is_empty() && (eval_now || step == total_steps) {
+            let v = evaluate(&model, &valid_windows, micro)?;
+            say(format!("step {step:>6}  validation loss {v:.4}"));
+            report.validations.push((step, v));
+            if let Some(m) = metrics.as_mut() {
+                m.scalar("valid/loss", step, v)?;
+            }
+        }
+        let save_now = cfg.checkpoint.interval > 0 && step % cfg.checkpoint.interval == 0;
+        if let (Some(root), true) = (&cfg.checkpoint.dir, save_now || step == total_steps) {
+            let path = save_checkpoint(
+                &model,
+                &named,
+                &states,
+                &config_json,
+                TrainerState {
+                    step,
+                    loader: loader.state,
+                    tokens_seen,
+                },
+                root,
+                cfg.checkpoint.keep_last,
+            )?;
+            say(format!("step {step:>6}  saved {}", path.display()));
+            report.checkpoints.push(path);
+        }
+    }
+    report.final_biases = model
+        .layers
+        .iter()
+        .filter(|b| b.ffn.routing == RoutingKind::TopK)
+        .map(|b| b.ffn.bias.clone())
+        .collect();
+    Ok(report)
+}
+
+fn save_checkpoint<B: AutodiffBackend>(
+    model: &V4Model<B>,
+    named: &[NamedParam],
+    states: &HashMap<ParamId, AdamWState<Inner<B>, 1>>,
+    config_json: &str,
+    state: TrainerState,
+    root: &std::path::Path,
+    keep_last: usize,
+) -> Result<PathBuf, String> {
+    let host = host_params(model);
+    let params = named
+        .iter()
+        .map(|p| {
+            let t = host
+                .get(&p.id)
+                .ok_or_else(|| format!("parameter {} not found", p.name))?;
+            Ok((p.name.clone(), to_checkpoint(t, p.layout)))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let (biases, tables) = routing_state(model);
+    let optimizer = named
+        .iter()
+        .filter_map(|p| {
+            states.get(&p.id).map(|s| {
+                (
+                    p.name.clone(),
+                    MomentState {
+                        time: s.momentum.time,
+                        m: host1(s.momentum.moment_1.clone()),
+                        v: host1(s.momentum.moment_2.clone()),
+                    },
+                )
+            })
+        })
+        .collect();
+    checkpoint::save(
+        root,
+        &CheckpointData {
+            config_json,
+            params,
+            biases,
+            tables,
+            optimizer,
+            state,
+        },
+        keep_last,
+    )
+}
