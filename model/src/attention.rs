@@ -110,8 +110,9 @@ impl<B: Backend> Attention<B> {
         if let Some(entries) = &compressed {
             tap(probe, &format!("{name}.compressor.entries"), entries);
         }
-        let selection = match (&self.indexer, &compressed) {
-            (Some(indexer), Some(_)) => {
+        // The indexer's compressor must see every token, even before the first complete window.
+        let selection = match &self.indexer {
+            Some(indexer) => {
                 let picked = indexer.forward(x, qr, start, &mut cache.indexer);
                 if let Some((selection, scores)) = &picked {
                     tap(probe, &format!("{name}.indexer.scores"), scores);
@@ -125,7 +126,7 @@ impl<B: Backend> Attention<B> {
                 }
                 picked.map(|(s, _)| s)
             }
-            _ => None,
+            None => None,
         };
         let extra = match (&compressed, &selection, self.kind) {
             (Some(entries), Some(selection), AttentionKind::Csa { .. }) => {

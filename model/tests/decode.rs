@@ -96,3 +96,16 @@ fn chunks_of_seven_give_the_same_logits_as_one_pass() {
     let d = max_abs_diff(&whole, &chunked);
     assert!(d <= 1e-4, "chunked prefill differs by {d}");
 }
+
+#[test]
+fn decoding_from_a_prompt_shorter_than_a_window_matches_one_pass() {
+    // Two tokens, then one per call: the indexer's compressor must see the tokens of calls that end
+    // before the first complete window (a regression found by the inference runner).
+    let f = fixture();
+    let whole = run_chunks(&f, 0, &[80]);
+    let mut chunks = vec![2];
+    chunks.extend(std::iter::repeat_n(1, 78));
+    let stepped = run_chunks(&f, 0, &chunks);
+    let d = max_abs_diff(&whole, &stepped);
+    assert!(d <= 1e-4, "short-prompt decode differs by {d}");
+}
