@@ -35,6 +35,12 @@ enum Command {
     Bench(commands::bench::Args),
     /// Convert a checkpoint between precisions (BF16, FP8, MXFP4, NVFP4, F32) and layouts (DeepSeek, HF).
     Convert(commands::convert::Args),
+    /// Generate text (or token ids) from a prompt with the incremental cache, streaming to stdout.
+    Generate(commands::generate::Args),
+    /// Chat interactively in V4's chat format (one message per stdin line).
+    Chat(commands::chat::Args),
+    /// Time prefill and decode of the inference runner on random weights for a config.
+    BenchInfer(commands::bench_infer::Args),
     /// Fine-tune or train from scratch from a TOML config (AdamW, schedule, resumable HF-layout checkpoints).
     Train(commands::train::Args),
     /// Record the model's probe points (stats, full tensors or checksums) into a self-describing trace file.
@@ -50,6 +56,9 @@ fn main() -> ExitCode {
         Command::Forward(args) => commands::forward::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Convert(args) => commands::convert::run(args),
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Chat(args) => commands::chat::run(args),
+        Command::BenchInfer(args) => commands::bench_infer::run(args),
         Command::Train(args) => commands::train::run(args),
         Command::Trace(args) => commands::trace::run(args),
         Command::Validate(args) => commands::validate::run(args),

@@ -1,0 +1,249 @@
+//! Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty, with a
+//! seeded deterministic PRNG.
+//!
+//! The order is HF transformers': repetition penalty, then temperature, then top-k, then top-p, then a
+//! draw from the renormalised distribution. Greedy (`temperature == 0`) takes the argmax after the
+//! repetition penalty; ties go to the lowest id.
+
+/// How to pick tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Keep the `top_k` most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p` (1.0: all).
+    pub top_p: f32,
+    /// HF's repetition penalty over the prompt and generated tokens: positive logits are divided by it,
+    /// negative ones multiplied (1.0: off).
+    pub repetition_penalty: f32,
+    /// Seed of the PRNG.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self::greedy()
+    }
+}
+
+impl SamplingParams {
+    /// Argmax decoding.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
+    }
+
+    /// Whether tokens are picked by argmax.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
+    /// Rejects values that have no meaning.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(format!("temperature {} must be >= 0", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top-p {} must be in (0, 1]", self.top_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(format!(
+                "repetition penalty {} must be > 0",
+                self.repetition_penalty
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// SplitMix64: a small, fast, well-mixed deterministic generator (the same seed gives the same stream on
+/// every platform).
+#[derive(Debug, Clone)]
+pub struct Rng {
+    state: u64,
+}
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self { state: seed }
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Picks tokens for one sequence: the parameters plus the PRNG's state.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    pub params: SamplingParams,
+    rng: Rng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = Rng::new(params.seed);
+        Self { params, rng }
+    }
+
+    /// The next token given the logits of the last position and the tokens seen so far (for the
+    /// repetition penalty).
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let mut logits = logits.to_vec();
+        apply_repetition_penalty(&mut logits, history, self.params.repetition_penalty);
+        if self.params.is_greedy() {
+            return argmax(&logits);
+        }
+        let probs = filtered_probs(
+            &logits,
+            self.params.temperature,
+            self.params.top_k,
+            self.params.top_p,
+        );
+        let u = self.rng.next_f64();
+        let mut acc = 0.0f64;
+        for &(id, p) in &probs {
+            acc += p;
+            if u < acc {
+                return id;
+            }
+        }
+        probs.last().map_or(0, |&(id, _)| id)
+    }
+}
+
+/// HF's repetition penalty, once per distinct token of `history`.
+pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
+    if penalty == 1.0 {
+        return;
+    }
+    let mut seen = vec![false; logits.len()];
+    for &id in history {
+        let i = id as usize;
+        if i < logits.len() && !seen[i] {
+            seen[i] = true;
+            let x = logits[i];
+            logits[i] = if x > 0.0 { x / penalty } else { x * penalty };
+        }
+    }
+}
+
+/// Index of the largest logit (the lowest index among equals; NaN never wins).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] || logits[best].is_nan() {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The candidate tokens and their renormalised probabilities after temperature, top-k and top-p, most
+/// likely first (ties by lowest id).
+pub fn filtered_probs(logits: &[f32], temperature: f32, top_k: usize, top_p: f32) -> Vec<(u32, f64)> {
+    let t = temperature as f64;
+    let mut order: Vec<u32> = (0..logits.len() as u32)
+        .filter(|&i| !logits[i as usize].is_nan())
+        .collect();
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    if top_k > 0 && top_k < order.len() {
+        order.select_nth_unstable_by(top_k - 1, by_logit);
+        order.truncate(top_k);
+    }
+    order.sort_unstable_by(by_logit);
+    let Some(&first) = order.first() else {
+        return Vec::new();
+    };
+    let max = logits[first as usize] as f64 / t;
+    let weights: Vec<f64> = order
+        .iter()
+        .map(|&i| (logits[i as usize] as f64 / t - max).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut out = Vec::with_capacity(order.len());
+    let mut acc = 0.0;
+    for (&id, w) in order.iter().zip(weights) {
+        let p = w / total;
+        out.push((id, p));
+        acc += p;
+        // HF keeps the token that crosses top_p (and always at least one).
+        if acc >= top_p as f64 {
+            break;
+        }
+    }
+    let kept: f64 = out.iter().map(|&(_, p)| p).sum();
+    for (_, p) in &mut out {
+        *p /= kept;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_prefers_lowest_index_on_ties() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative() {
+        let mut l = vec![2.0, -2.0, 1.0];
+        apply_repetition_penalty(&mut l, &[0, 1, 1], 2.0);
+        assert_eq!(l, vec![1.0, -4.0, 1.0]);
+    }
+
+    #[test]
+    fn top_k_and_top_p_keep_the_expected_sets() {
+        // probabilities ~ [0.5, 0.25, 0.125, 0.125] at temperature 1
+        let l: Vec<f32> = [0.5f32, 0.25, 0.125, 0.125].iter().map(|p| p.ln()).collect();
+        let k2 = filtered_probs(&l, 1.0, 2, 1.0);
+        assert_eq!(k2.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 1]);
+        assert!((k2[0].1 - 2.0 / 3.0).abs() < 1e-9);
+        let p = filtered_probs(&l, 1.0, 0, 0.7);
+        assert_eq!(p.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 1]);
+        let all = filtered_probs(&l, 1.0, 0, 1.0);
+        assert_eq!(all.len(), 4);
+        assert!((all[3].1 - 0.125).abs() < 1e-9);
+    }
+
+    #[test]
+    fn low_temperature_concentrates_mass() {
+        let l = vec![1.0f32, 0.9, 0.0];
+        let p = filtered_probs(&l, 0.01, 0, 1.0);
+        assert!(p[0].1 > 0.99);
+    }
+
+    #[test]
+    fn seeded_sampler_is_reproducible() {
+        let l: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: 7,
+            ..SamplingParams::greedy()
+        };
+        let draw = |params: SamplingParams| {
+            let mut s = Sampler::new(params);
+            (0..64).map(|_| s.sample(&l, &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(params.clone()), draw(params.clone()));
+        assert_ne!(draw(params.clone()), draw(SamplingParams { seed: 8, ..params }));
+    }
+}

@@ -1,0 +1,315 @@
+//! `v4 bench-infer --config CONFIG`: prefill and decode throughput of the inference runner on random
+//! weights, the memory-bandwidth bound of decode, and (`--contexts`) how prefill, decode and the cache scale
+//! with the context length.
+
+use crate::device::{with_backend, Device};
+use crate::io::Result;
+use burn::tensor::backend::Backend;
+use std::path::PathBuf;
+use std::time::Instant;
+use v4_infer::sampling::argmax;
+use v4_infer::{cache_footprint, human_bytes, scalars_per_token, Generator};
+use v4_model::{RandomWeights, V4Config, V4Model};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model config (HF config.json or DeepSeek inference config), e.g.
+    /// tests/fixtures/bench/v4-small.hf-config.json.
+    #[arg(long)]
+    config: PathBuf,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    prompt: usize,
+    /// Tokens generated per sequence (greedy, EOS ignored).
+    #[arg(long, default_value_t = 128)]
+    generate: usize,
+    /// Scaling table instead: total context lengths, e.g. 1024,4096,16384,65536 (prompt = context -
+    /// --generate, then --generate decode steps).
+    #[arg(long, value_delimiter = ',')]
+    contexts: Vec<usize>,
+    /// Prefill in calls of at most N tokens (0: one call; --contexts defaults to 2048).
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
+    /// Only print the decoding state's size per context length (analytic, from the config; no weights are
+    /// built), e.g. for tests/fixtures/deepseek-v4-flash/config.json.
+    #[arg(long)]
+    cache_only: bool,
+    /// Seed of the random weights and prompt.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value = "ndarray")]
+    device: Device,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    with_backend!(args.device, None::<&std::path::Path>, |B, device| bench::<B>(
+        &args, &device
+    ))
+}
+
+fn random_ids(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Best-of-5 read bandwidth (bytes/s) of summing 256 MiB of f32 with `threads` threads.
+fn memory_bandwidth(threads: usize) -> f64 {
+    let data = vec![1.0f32; 64 << 20];
+    let chunk = data.len().div_ceil(threads);
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let total: f32 = std::thread::scope(|s| {
+            let handles: Vec<_> = data
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        let mut acc = [0.0f32; 16];
+                        let mut blocks = part.chunks_exact(16);
+                        for block in &mut blocks {
+                            for (a, x) in acc.iter_mut().zip(block) {
+                                *a += x;
+                            }
+                        }
+                        acc.iter().sum::<f32>() + blocks.remainder().iter().sum::<f32>()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        });
+        let s = started.elapsed().as_secs_f64();
+        std::hint::black_box(total);
+        best = best.max((data.len() * 4) as f64 / s);
+    }
+    best
+}
+
+/// f32 weight bytes one decode step of `batch` tokens reads: everything but the routed experts and the
+/// embedding table, the embedding rows, and the experts the batch is expected to touch per layer.
+fn weight_bytes_per_step(config: &V4Config, batch: usize) -> f64 {
+    let p = config.param_counts();
+    let (d, e, k) = (
+        config.hidden_size as f64,
+        config.n_routed_experts as f64,
+        config.experts_per_token as f64,
+    );
+    let expert = 3.0 * config.moe_intermediate_size as f64 * d;
+    let layers = config.num_layers() as f64;
+    let embedding = config.vocab_size as f64 * d;
+    let dense = p.total as f64 - layers * e * expert - embedding;
+    let touched = e * (1.0 - (1.0 - k / e).powi(batch as i32));
+    4.0 * (dense + batch as f64 * d + layers * touched * expert)
+}
+
+/// Greedy decode of `steps` tokens for every sequence of `batch`; returns the seconds taken.
+fn decode<B: Backend>(
+    generator: &Generator<'_, B>,
+    batch: &mut v4_infer::Batch<B>,
+    mut logits: Vec<Vec<f32>>,
+    steps: usize,
+) -> Result<f64> {
+    let started = Instant::now();
+    for _ in 0..steps {
+        let next: Vec<Vec<u32>> = logits.iter().map(|l| vec![argmax(l)]).collect();
+        let refs: Vec<&[u32]> = next.iter().map(Vec::as_slice).collect();
+        logits = generator.feed_batch(batch, &refs, None, false)?;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn bench<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
+    let text =
+        std::fs::read_to_string(&args.config).map_err(|e| format!("{}: {e}", args.config.display()))?;
+    let config = V4Config::from_json_str(&text).map_err(|e| format!("{}: {e}", args.config.display()))?;
+    if args.batch == 0 || args.prompt == 0 {
+        return Err("--batch and --prompt must be at least 1".into());
+    }
+    if args.cache_only {
+        cache_table(args, &config);
+        return Ok(());
+    }
+    let source = RandomWeights {
+        seed: args.seed,
+        experts: config.n_routed_experts,
+    };
+    let model = V4Model::<B>::load(&config, &source, device)?;
+    let generator = Generator::new(&model);
+    let threads = threads();
+    println!(
+        "v4 bench-infer: {} ({} params, {} active), {:?}, threads: {threads}",
+        args.config.display(),
+        config.param_counts().total,
+        config.param_counts().active,
+        args.device
+    );
+    // Warm-up: allocations and thread pools.
+    let warm = random_ids(args.seed ^ 1, 16, config.vocab_size);
+    let (mut batch, logits) = generator.prefill_batch(&[&warm], None)?;
+    decode(&generator, &mut batch, logits, 2)?;
+
+    if !args.contexts.is_empty() {
+        return contexts(args, &config, &generator);
+    }
+
+    let ids = random_ids(args.seed, args.batch * args.prompt, config.vocab_size);
+    let prompts: Vec<&[u32]> = ids.chunks_exact(args.prompt).collect();
+    let chunk = args.prefill_chunk.filter(|&c| c > 0);
+    let started = Instant::now();
+    let (mut batch, logits) = generator.prefill_batch(&prompts, chunk)?;
+    let prefill_s = started.elapsed().as_secs_f64();
+    let steps = args.generate.saturating_sub(1);
+    let decode_s = decode(&generator, &mut batch, logits, steps)?;
+    let context = args.prompt + steps;
+    let prefill_tps = (args.batch * args.prompt) as f64 / prefill_s;
+    let decode_tps = (args.batch * steps) as f64 / decode_s.max(1e-12);
+    println!(
+        "prefill: batch {} x {} tokens in {:.3}s -> {:.1} tok/s",
+        args.batch, args.prompt, prefill_s, prefill_tps
+    );
+    println!(
+        "decode: {} steps x batch {} in {:.3}s -> {:.2} tok/s ({:.1} ms/step), greedy, {} generated per sequence",
+        steps,
+        args.batch,
+        decode_s,
+        decode_tps,
+        1e3 * decode_s / steps.max(1) as f64,
+        args.generate
+    );
+    let bandwidth = memory_bandwidth(threads);
+    let weights = weight_bytes_per_step(&config, args.batch);
+    let mid = args.prompt + steps / 2;
+    let cache = (args.batch * cache_footprint(&config, mid).total() * 4) as f64;
+    let bound = args.batch as f64 * bandwidth / (weights + cache);
+    println!(
+        "memory bound: read bandwidth {:.1} GB/s ({threads} threads); a decode step reads {} of f32 weights + {} of cache \
+         -> at most {:.1} tok/s; measured decode is {:.1}% of it",
+        bandwidth / 1e9,
+        human_bytes(weights),
+        human_bytes(cache),
+        bound,
+        100.0 * decode_tps / bound
+    );
+    let held = batch.cache_elements();
+    println!(
+        "cache: {} (f32) for {} x {} tokens = {:.0} bytes/token; long-context growth {:.0} bytes/token f32, {:.0} bf16",
+        human_bytes(held as f64 * 4.0),
+        args.batch,
+        context,
+        4.0 * batch.cache_elements_per_token(),
+        4.0 * scalars_per_token(&config),
+        2.0 * scalars_per_token(&config)
+    );
+    Ok(())
+}
+
+fn contexts<B: Backend>(args: &Args, config: &V4Config, generator: &Generator<'_, B>) -> Result<()> {
+    let chunk = match args.prefill_chunk {
+        Some(0) => None,
+        Some(c) => Some(c),
+        None => Some(2048),
+    };
+    println!(
+        "scaling: batch 1, prefill in chunks of {}, then {} greedy decode steps; cache measured in f32",
+        chunk.map_or("all".to_string(), |c| c.to_string()),
+        args.generate
+    );
+    println!(
+        "{:>8} {:>8} {:>11} {:>11} {:>14} {:>12} {:>12} {:>12}",
+        "context",
+        "prompt",
+        "prefill s",
+        "prefill t/s",
+        "decode ms/tok",
+        "cache f32",
+        "bytes/token",
+        "cache bf16"
+    );
+    for &context in &args.contexts {
+        if context > config.max_position_embeddings {
+            println!(
+                "{context:>8} skipped: beyond max_position_embeddings ({})",
+                config.max_position_embeddings
+            );
+            continue;
+        }
+        let prompt_len = context.saturating_sub(args.generate).max(1);
+        let steps = context - prompt_len;
+        let ids = random_ids(
+            args.seed.wrapping_add(context as u64),
+            prompt_len,
+            config.vocab_size,
+        );
+        let started = Instant::now();
+        let (mut batch, logits) = generator.prefill_batch(&[&ids], chunk)?;
+        let prefill_s = started.elapsed().as_secs_f64();
+        let decode_s = decode(generator, &mut batch, logits, steps)?;
+        let held = batch.cache_elements();
+        println!(
+            "{:>8} {:>8} {:>11.2} {:>11.1} {:>14.1} {:>12} {:>12.0} {:>12}",
+            context,
+            prompt_len,
+            prefill_s,
+            prompt_len as f64 / prefill_s,
+            1e3 * decode_s / steps.max(1) as f64,
+            human_bytes(held as f64 * 4.0),
+            4.0 * held as f64 / batch.position(0) as f64,
+            human_bytes(held as f64 * 2.0)
+        );
+    }
+    Ok(())
+}
+
+/// The analytic size of the decoding state (batch 1) per context length.
+fn cache_table(args: &Args, config: &V4Config) {
+    let per_token = scalars_per_token(config);
+    println!(
+        "decoding state of {} (batch 1): grows by {:.0} scalars/token = {} f32, {} bf16 per token",
+        args.config.display(),
+        per_token,
+        human_bytes(4.0 * per_token),
+        human_bytes(2.0 * per_token)
+    );
+    println!(
+        "{:>9} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14}",
+        "context", "window", "entries", "index keys", "pending", "total bf16", "bf16 bytes/tok"
+    );
+    let contexts = if args.contexts.is_empty() {
+        vec![args.prompt + args.generate]
+    } else {
+        args.contexts.clone()
+    };
+    for n in contexts {
+        let f = cache_footprint(config, n);
+        let b = |x: usize| human_bytes(2.0 * x as f64);
+        println!(
+            "{:>9} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14.0}",
+            n,
+            b(f.window),
+            b(f.entries),
+            b(f.index_keys),
+            b(f.pending),
+            b(f.total()),
+            2.0 * f.total() as f64 / n.max(1) as f64
+        );
+    }
+}
