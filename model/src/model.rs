@@ -415,8 +415,9 @@ impl<B: Backend> V4Model<B> {
     }
 }
 
-/// Transposes each of the `n` row-major `[rows, cols]` blocks of `data`.
-fn transpose_blocks(data: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f32> {
+/// Transposes each of the `n` row-major `[rows, cols]` blocks of `data` (checkpoint order <-> the
+/// transposed order the model keeps its projections in).
+pub fn transpose_blocks(data: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; data.len()];
     for (src, dst) in data
         .chunks_exact(rows * cols)

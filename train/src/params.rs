@@ -146,22 +146,6 @@ pub fn host_params<B: Backend, M: Module<B>>(module: &M) -> HashMap<ParamId, Hos
     c.0
 }
 
-fn transpose(data: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; data.len()];
-    for (src, dst) in data
-        .chunks_exact(rows * cols)
-        .zip(out.chunks_exact_mut(rows * cols))
-        .take(n)
-    {
-        for r in 0..rows {
-            for c in 0..cols {
-                dst[c * rows + r] = src[r * cols + c];
-            }
-        }
-    }
-    out
-}
-
 /// A stored parameter converted to its checkpoint shape and element order.
 pub fn to_checkpoint(t: &HostF32, layout: Layout) -> HostF32 {
     match layout {
@@ -170,14 +154,14 @@ pub fn to_checkpoint(t: &HostF32, layout: Layout) -> HostF32 {
             let (a, b) = (t.shape[0], t.shape[1]);
             HostF32 {
                 shape: vec![b, a],
-                data: transpose(&t.data, 1, a, b),
+                data: v4_model::model::transpose_blocks(&t.data, 1, a, b),
             }
         }
         Layout::BlocksTransposed { flat } => {
             let (n, a, b) = (t.shape[0], t.shape[1], t.shape[2]);
             HostF32 {
                 shape: if flat { vec![n * b, a] } else { vec![n, b, a] },
-                data: transpose(&t.data, n, a, b),
+                data: v4_model::model::transpose_blocks(&t.data, n, a, b),
             }
         }
     }
