@@ -17,7 +17,8 @@ use std::process::ExitCode;
     about = "Port, train and serve DeepSeek-V4 across accelerators",
     long_about = "v4 runs the DeepSeek-V4 architecture (mHC streams, CSA/HCA compressed attention, \
                   lightning indexer, hash + top-k MoE) on burn backends: ndarray (CPU, the default), \
-                  and the accelerator backends compiled in with cargo features.\n\n\
+                  npu (an Ascend 910B-style emulator: --device npu --npu-config FILE.toml), and the \
+                  accelerator backends compiled in with cargo features.\n\n\
                   Start with:  v4 info tests/fixtures/v4-tiny-a/hf"
 )]
 struct Cli {
