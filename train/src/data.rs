@@ -65,7 +65,7 @@ pub fn load_windows(
     let (mut tokens, mut mask) = (Vec::new(), Vec::new());
     let push = |s: &str, target: bool, tokens: &mut Vec<u32>, mask: &mut Vec<bool>| {
         let ids = tokenizer.encode(s);
-        mask.extend(std::iter::repeat(target).take(ids.len()));
+        mask.extend(std::iter::repeat_n(target, ids.len()));
         tokens.extend(ids);
     };
     let mut records = 0;

@@ -167,11 +167,12 @@ pub fn to_checkpoint(t: &HostF32, layout: Layout) -> HostF32 {
     }
 }
 
+/// An integer checkpoint tensor: name, shape, values.
+pub type HostI64 = (String, Vec<usize>, Vec<i64>);
+
 /// The non-trainable routing state of the model as checkpoint tensors: `e_score_correction_bias` of
 /// top-k layers (f32) and `tid2eid` of hash layers (i64, `[vocab, K]`).
-pub fn routing_state<B: Backend>(
-    model: &V4Model<B>,
-) -> (Vec<(String, HostF32)>, Vec<(String, Vec<usize>, Vec<i64>)>) {
+pub fn routing_state<B: Backend>(model: &V4Model<B>) -> (Vec<(String, HostF32)>, Vec<HostI64>) {
     let (mut biases, mut tables) = (Vec::new(), Vec::new());
     for (i, block) in model.layers.iter().enumerate() {
         let m = &block.ffn;
