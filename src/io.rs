@@ -81,3 +81,22 @@ pub fn write_safetensors(path: &Path, tensors: &[Output], input: &Path) -> Resul
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(())
 }
+
+/// Reads a model configuration file (HF `config.json` or DeepSeek's inference config).
+pub fn read_config_file(path: &Path) -> Result<v4_model::V4Config> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(v4_model::V4Config::from_json_str(&text).map_err(|e| format!("{}: {e}", path.display()))?)
+}
+
+/// `n` pseudo-random token ids below `vocab` from `seed` (a 64-bit LCG): benchmark inputs.
+pub fn random_ids(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
+    const A: u64 = 6364136223846793005;
+    const C: u64 = 1442695040888963407;
+    let mut state = seed.wrapping_mul(A).wrapping_add(C);
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(A).wrapping_add(C);
+            ((state >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}

@@ -1,11 +1,11 @@
 //! `v4 bench --config CONFIG`: full-sequence forward throughput on random weights.
 
 use crate::device::{with_backend, Device};
-use crate::io::Result;
+use crate::io::{random_ids, read_config_file, Result};
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 use std::path::PathBuf;
 use std::time::Instant;
-use v4_model::{RandomWeights, Tokens, V4Config, V4Model};
+use v4_model::{RandomWeights, Tokens, V4Model};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -54,26 +54,16 @@ fn matmul_peak<B: Backend>(n: usize, device: &B::Device) -> f64 {
 }
 
 fn bench<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
-    let text =
-        std::fs::read_to_string(&args.config).map_err(|e| format!("{}: {e}", args.config.display()))?;
-    let config = V4Config::from_json_str(&text).map_err(|e| format!("{}: {e}", args.config.display()))?;
+    let config = read_config_file(&args.config)?;
     let source = RandomWeights {
         seed: args.seed,
         experts: config.n_routed_experts,
     };
     let model = V4Model::<B>::load(&config, &source, device)?;
     let n = args.batch * args.seq;
-    let mut state = args
-        .seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let ids: Vec<i64> = (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 33) % config.vocab_size as u64) as i64
-        })
+    let ids: Vec<i64> = random_ids(args.seed, n, config.vocab_size)
+        .into_iter()
+        .map(i64::from)
         .collect();
     let tokens = Tokens::new(&ids, args.batch, args.seq, config.vocab_size)?;
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into());

@@ -3,7 +3,7 @@
 //! with the context length.
 
 use crate::device::{with_backend, Device};
-use crate::io::Result;
+use crate::io::{random_ids, read_config_file, Result};
 use burn::tensor::backend::Backend;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -49,20 +49,6 @@ pub fn run(args: Args) -> Result<()> {
     with_backend!(args.device, None::<&std::path::Path>, |B, device| bench::<B>(
         &args, &device
     ))
-}
-
-fn random_ids(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 33) % vocab as u64) as u32
-        })
-        .collect()
 }
 
 fn threads() -> usize {
@@ -138,9 +124,7 @@ fn decode<B: Backend>(
 }
 
 fn bench<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
-    let text =
-        std::fs::read_to_string(&args.config).map_err(|e| format!("{}: {e}", args.config.display()))?;
-    let config = V4Config::from_json_str(&text).map_err(|e| format!("{}: {e}", args.config.display()))?;
+    let config = read_config_file(&args.config)?;
     if args.batch == 0 || args.prompt == 0 {
         return Err("--batch and --prompt must be at least 1".into());
     }

@@ -1,6 +1,6 @@
 //! `v4 info MODEL_DIR`
 
-use crate::io::Result;
+use crate::io::{read_config_file, Result};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use v4_model::{read_config, AttentionKind, RoutingKind, SafetensorsDir};
@@ -22,11 +22,7 @@ fn human(n: u64) -> String {
 
 pub fn run(args: Args) -> Result<()> {
     let (config, dir) = if args.model.is_file() {
-        let text =
-            std::fs::read_to_string(&args.model).map_err(|e| format!("{}: {e}", args.model.display()))?;
-        let config =
-            v4_model::V4Config::from_json_str(&text).map_err(|e| format!("{}: {e}", args.model.display()))?;
-        (config, None)
+        (read_config_file(&args.model)?, None)
     } else {
         (read_config(&args.model)?, Some(&args.model))
     };
