@@ -34,8 +34,8 @@ macro_rules! with_backend {
                 type $b = v4_npu::Npu;
                 let $dev = Default::default();
                 if let Some(path) = $npu_config {
-                    v4_npu::install_config_file(&$dev, path)
-                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    // The error names the file itself.
+                    v4_npu::install_config_file(&$dev, path).map_err(|e| e.to_string())?;
                 }
                 let result = $body;
                 eprintln!("{}", v4_npu::report(&$dev).summary());

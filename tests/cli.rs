@@ -202,3 +202,32 @@ fn forward_on_the_npu_emulator_matches_in_f32_and_drifts_boundedly_in_bf16() {
         }
     }
 }
+
+#[test]
+fn a_misspelled_npu_config_key_is_refused_by_name() {
+    let config = scratch("typo.toml");
+    std::fs::write(&config, "[policy]\nprecison_mode = \"force_fp16\"\n").unwrap();
+    let model = fixtures().join("hf");
+    let input = fixtures().join("io.safetensors");
+    let out = scratch("typo-out.safetensors");
+    let run = v4(&[
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--device",
+        "npu",
+        "--npu-config",
+        config.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("precison_mode") && stderr.contains("typo.toml"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "no output may be written for a refused config");
+}

@@ -71,7 +71,7 @@ pub enum KOrder {
 
 /// The precision policy: the knobs a port must record (see the module docs of the crate).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct PrecisionPolicy {
     pub precision_mode: PrecisionMode,
     pub cube_math_type: CubeMathType,
@@ -193,7 +193,7 @@ impl PrecisionPolicy {
 /// The chip parameter sheet used by the cost model and the memory accounting. Every number is a
 /// parameter: HBM bandwidth in particular has no first-party figure.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ChipSheet {
     pub name: String,
     pub cube_cores: usize,
@@ -318,7 +318,7 @@ impl ChipSheet {
 /// hbm_gbps = 1600.0
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct NpuConfig {
     pub policy: PrecisionPolicy,
     pub chip: ChipSheet,
