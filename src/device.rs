@@ -5,7 +5,10 @@ use clap::ValueEnum;
 /// The backends a command can run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Device {
-    /// burn-ndarray on the CPU (always available).
+    /// The CPU (the default): burn-ndarray with v4's own kernels (v4-cpu: strided GEMM for every
+    /// matmul, no operand copies, a fast path for the few-row products of decode).
+    Cpu,
+    /// Plain burn-ndarray on the CPU, as burn ships it (the baseline `cpu` is measured against).
     Ndarray,
     /// The Ascend-style NPU emulator (v4-npu) over burn-ndarray: 910B numerics, op coverage and cost.
     /// Its precision policy and chip sheet come from `--npu-config FILE.toml`.
@@ -25,6 +28,11 @@ macro_rules! with_backend {
     };
     ($device:expr, $npu_config:expr, |$b:ident, $dev:ident| $body:expr) => {{
         match $device {
+            $crate::device::Device::Cpu => {
+                type $b = v4_cpu::Cpu;
+                let $dev = burn_ndarray::NdArrayDevice::Cpu;
+                $body
+            }
             $crate::device::Device::Ndarray => {
                 type $b = burn_ndarray::NdArray<f32>;
                 let $dev = burn_ndarray::NdArrayDevice::Cpu;

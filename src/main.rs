@@ -10,6 +10,11 @@ mod weights;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+/// mimalloc keeps freed pages for reuse: the model allocates a fresh tensor per op, and with the
+/// system allocator every large one was a new mapping whose pages fault in on first write.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "v4",

@@ -28,7 +28,7 @@ pub struct Args {
     #[command(flatten)]
     sampling: SamplingArgs,
     /// Backend to run on.
-    #[arg(long, value_enum, default_value = "ndarray")]
+    #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
 }
 

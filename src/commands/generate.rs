@@ -107,7 +107,7 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// Backend to run on.
-    #[arg(long, value_enum, default_value = "ndarray")]
+    #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
 }
 

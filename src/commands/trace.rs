@@ -32,7 +32,7 @@ pub struct Args {
     #[arg(long)]
     output: PathBuf,
     /// Backend to run on.
-    #[arg(long, value_enum, default_value = "ndarray")]
+    #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
     /// NPU precision policy and chip sheet (TOML), for `--device npu`.
     #[arg(long)]

@@ -29,6 +29,7 @@ pub fn run(args: Args) -> Result<()> {
         quiet: false,
     };
     let report = match cfg.model.device.as_str() {
+        "cpu" => train::<Autodiff<v4_cpu::Cpu>>(&cfg, &burn_ndarray::NdArrayDevice::Cpu, &opts)?,
         "ndarray" => {
             train::<Autodiff<burn_ndarray::NdArray<f32>>>(&cfg, &burn_ndarray::NdArrayDevice::Cpu, &opts)?
         }

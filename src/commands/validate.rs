@@ -39,7 +39,7 @@ pub struct Args {
     #[arg(long)]
     model: PathBuf,
     /// The candidate backend.
-    #[arg(long, value_enum, default_value = "ndarray")]
+    #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
     /// NPU precision policy and chip sheet (TOML), for `--device npu`.
     #[arg(long)]

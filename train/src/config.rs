@@ -31,7 +31,8 @@ pub struct ModelSection {
     pub config: Option<PathBuf>,
     #[serde(default)]
     pub seed: u64,
-    /// `ndarray` (CPU) or `npu` (the emulator).
+    /// `cpu` (burn-ndarray with v4's kernels, the default), `ndarray` (plain burn-ndarray) or `npu`
+    /// (the emulator).
     #[serde(default = "default_device")]
     pub device: String,
     /// NPU precision policy / chip sheet (TOML) for `device = "npu"`.
@@ -150,7 +151,7 @@ pub struct LoggingSection {
 }
 
 fn default_device() -> String {
-    "ndarray".into()
+    "cpu".into()
 }
 fn default_tokenizer() -> String {
     "bytes".into()
@@ -320,9 +321,9 @@ impl TrainConfig {
             }
             _ => {}
         }
-        if !matches!(self.model.device.as_str(), "ndarray" | "npu") {
+        if !matches!(self.model.device.as_str(), "cpu" | "ndarray" | "npu") {
             return Err(format!(
-                "[model] device = \"{}\": the trainer runs on \"ndarray\" or \"npu\"",
+                "[model] device = \"{}\": the trainer runs on \"cpu\", \"ndarray\" or \"npu\"",
                 self.model.device
             ));
         }
