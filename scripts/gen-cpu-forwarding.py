@@ -42,6 +42,7 @@ OWN = {
     "float_slice": "crate::kernels::float_slice",
     "int_slice": "crate::kernels::int_slice",
     "float_exp": "crate::kernels::float_exp",
+    "float_cat": "crate::kernels::float_cat",
     "float_max_dim": "crate::kernels::float_max_dim",
     "float_add": "crate::kernels::float_add",
     "float_sub": "crate::kernels::float_sub",

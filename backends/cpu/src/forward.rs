@@ -398,7 +398,7 @@ impl FloatTensorOps<Self> for Cpu {
     }
 
     fn float_cat(tensors: Vec<FloatTensor<Self>>, dim: usize) -> FloatTensor<Self> {
-        Inner::float_cat(tensors, dim)
+        crate::kernels::float_cat(tensors, dim)
     }
 
     fn float_argmax(tensor: FloatTensor<Self>, dim: usize, out_dtype: IntDType) -> IntTensor<Self> {

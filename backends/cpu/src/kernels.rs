@@ -482,6 +482,52 @@ pub(crate) fn float_max_dim(tensor: NdArrayTensor, dim: usize) -> NdArrayTensor 
     )
 }
 
+/// Concatenation along `dim` into one fresh standard-layout tensor, each part copied once, in
+/// parallel (burn-ndarray concatenates, then copies the result again in its reshape).
+pub(crate) fn float_cat(tensors: Vec<NdArrayTensor>, dim: usize) -> NdArrayTensor {
+    if !tensors.iter().all(|t| matches!(t, NdArrayTensor::F32(_))) {
+        return Inner::float_cat(tensors, dim);
+    }
+    let parts: Vec<ArcArray<f32, IxDyn>> = tensors
+        .into_iter()
+        .map(|t| match t {
+            NdArrayTensor::F32(s) => standard(s.into_shared()),
+            _ => unreachable!("checked above"),
+        })
+        .collect();
+    let mut shape = parts[0].shape().to_vec();
+    shape[dim] = parts.iter().map(|p| p.shape()[dim]).sum();
+    let outer: usize = shape[..dim].iter().product();
+    let inner: usize = shape[dim + 1..].iter().product();
+    // Each outer index takes, from every part in turn, a contiguous run of `width * inner` values.
+    let runs: Vec<(&[f32], usize)> = parts
+        .iter()
+        .map(|p| (p.as_slice().expect("standard layout"), p.shape()[dim] * inner))
+        .collect();
+    let row = shape[dim] * inner;
+    let mut out = vec![0f32; outer * row];
+    if row > 0 {
+        let rows_per_task = (CHUNK / row).max(1);
+        out.par_chunks_mut(rows_per_task * row)
+            .enumerate()
+            .for_each(|(task, dst)| {
+                for (i, dst_row) in dst.chunks_mut(row).enumerate() {
+                    let o = task * rows_per_task + i;
+                    let mut at = 0;
+                    for &(src, run) in &runs {
+                        dst_row[at..at + run].copy_from_slice(&src[o * run..][..run]);
+                        at += run;
+                    }
+                }
+            });
+    }
+    NdArrayTensor::from(
+        ArrayD::from_shape_vec(IxDyn(&shape), out)
+            .expect("shape matches")
+            .into_shared(),
+    )
+}
+
 /// `e^x` in f32 without libm, in a form the compiler vectorizes: Cody-Waite reduction by ln 2 and
 /// Cephes' degree-6 polynomial (max relative error ~2 ulp over the whole range); 0 below the
 /// smallest normal, inf above `f32::MAX`, NaN kept.

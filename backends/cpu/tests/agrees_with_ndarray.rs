@@ -138,6 +138,23 @@ fn elementwise_ops_and_their_broadcasts() {
 }
 
 #[test]
+fn cat_along_every_axis() {
+    let (a, an) = pair([3, 4, 5], 13);
+    let (b, bn) = pair([3, 4, 5], 14);
+    for dim in 0..3 {
+        let (x, xn) = (a.clone().narrow(dim, 1, 2), an.clone().narrow(dim, 1, 2));
+        let (y, yn) = (b.clone().swap_dims(0, 1).swap_dims(0, 1), bn.clone());
+        assert_close(
+            Tensor::cat(vec![x, y, a.clone()], dim),
+            Tensor::cat(vec![xn, yn, an.clone()], dim),
+            0.0,
+            0.0,
+            &format!("cat({dim})"),
+        );
+    }
+}
+
+#[test]
 fn max_dim_on_every_axis() {
     let (a, an) = pair([5, 37, 19], 11);
     for dim in 0..3 {
