@@ -10,12 +10,6 @@
 //! lengths run one after the other. No padding token ever enters a cache, so each sequence's logits are
 //! exactly those of the sequence run alone. A sequence that has finished while the rest of its group goes
 //! on is fed its last token again and its outputs are ignored.
-//!
-//! A [`Batch`] keeps the ids of a group until its cache holds `m` tokens and re-runs them from an empty cache
-//! when a call continues a cache holding `0 < n < m` tokens. This worked around a model bug (the indexer's
-//! compressor skipped tokens of calls ending before the first complete CSA window), since fixed in
-//! `v4_model` and covered by its test `decoding_from_a_prompt_shorter_than_a_window_matches_one_pass`; the
-//! re-run is now redundant (exact either way) and is to be removed.
 
 use crate::error::InferError;
 use crate::sampling::{Sampler, SamplingParams};
@@ -136,9 +130,6 @@ struct Group<B: Backend> {
     cache: ModelCache<B>,
     /// Sequence indices, in row order.
     members: Vec<usize>,
-    /// The ids each row has consumed, kept while the cache holds fewer than the first CSA rate (see the
-    /// module doc).
-    prefix: Vec<Vec<u32>>,
 }
 
 impl<B: Backend> Batch<B> {
@@ -238,19 +229,6 @@ impl<'a, B: Backend> Generator<'a, B> {
         &self.model.config
     }
 
-    /// Tokens before which a cache cannot be continued exactly (the smallest CSA rate; 0 without CSA).
-    fn restart_below(&self) -> usize {
-        self.config()
-            .attention
-            .iter()
-            .filter_map(|k| match k {
-                v4_model::AttentionKind::Csa { rate } => Some(*rate),
-                _ => None,
-            })
-            .min()
-            .unwrap_or(0)
-    }
-
     /// An empty decoding state.
     pub fn new_cache(&self) -> ModelCache<B> {
         ModelCache::new(self.model.layers.len())
@@ -305,14 +283,9 @@ impl<'a, B: Backend> Generator<'a, B> {
         let step = chunk.filter(|&c| c > 0).unwrap_or(seq);
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); rows.len()];
         let mut last = Vec::new();
-        let restart_below = self.restart_below();
         let mut begin = 0;
         while begin < seq {
-            let mut len = step.min(seq - begin);
-            let position = cache.position();
-            if position < restart_below {
-                len = len.max(restart_below - position).min(seq - begin);
-            }
+            let len = step.min(seq - begin);
             let part: Vec<&[u32]> = rows.iter().map(|r| &r[begin..begin + len]).collect();
             let logits = self.forward(cache, &part)?;
             if all_positions {
@@ -369,16 +342,7 @@ impl<'a, B: Backend> Generator<'a, B> {
                 batch.slots[i] = (g, row);
                 last[i] = l;
             }
-            let prefix = if cache.position() < self.restart_below() {
-                rows.iter().map(|r| r.to_vec()).collect()
-            } else {
-                Vec::new()
-            };
-            batch.groups.push(Group {
-                cache,
-                members,
-                prefix,
-            });
+            batch.groups.push(Group { cache, members });
         }
         Ok((batch, last))
     }
@@ -417,42 +381,7 @@ impl<'a, B: Backend> Generator<'a, B> {
             if end > max {
                 return Err(InferError::PromptTooLong { tokens: end, max });
             }
-            let restart_below = self.restart_below();
-            let position = group.cache.position();
-            let logits = if position > 0 && position < restart_below {
-                // Re-run the few ids the cache holds together with the new ones (see the module doc).
-                let full: Vec<Vec<u32>> = group
-                    .prefix
-                    .iter()
-                    .zip(&rows)
-                    .map(|(p, r)| p.iter().chain(r.iter()).copied().collect())
-                    .collect();
-                let refs: Vec<&[u32]> = full.iter().map(Vec::as_slice).collect();
-                let mut cache = self.new_cache();
-                let logits = self.feed(&mut cache, &refs, chunk, all_positions)?;
-                group.cache = cache;
-                group.prefix = full;
-                if all_positions {
-                    let vocab = self.config().vocab_size;
-                    logits
-                        .into_iter()
-                        .map(|l| l[position * vocab..].to_vec())
-                        .collect()
-                } else {
-                    logits
-                }
-            } else {
-                let logits = self.feed(&mut group.cache, &rows, chunk, all_positions)?;
-                if group.cache.position() < restart_below {
-                    for (p, r) in group.prefix.iter_mut().zip(&rows) {
-                        p.extend_from_slice(r);
-                    }
-                }
-                logits
-            };
-            if group.cache.position() >= restart_below {
-                group.prefix.clear();
-            }
+            let logits = self.feed(&mut group.cache, &rows, chunk, all_positions)?;
             for (&i, l) in group.members.iter().zip(logits) {
                 out[i] = l;
             }

@@ -506,8 +506,7 @@ pub(crate) fn float_cat(tensors: Vec<NdArrayTensor>, dim: usize) -> NdArrayTenso
         .collect();
     let row = shape[dim] * inner;
     let mut out = vec![0f32; outer * row];
-    if row > 0 {
-        let rows_per_task = (CHUNK / row).max(1);
+    if let Some(rows_per_task) = CHUNK.checked_div(row).map(|r| r.max(1)) {
         out.par_chunks_mut(rows_per_task * row)
             .enumerate()
             .for_each(|(task, dst)| {
