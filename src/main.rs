@@ -2,6 +2,7 @@
 //!
 //! The binary is thin: each subcommand parses its flags and calls into the library crates.
 
+mod calibration;
 mod commands;
 mod device;
 mod io;
@@ -31,7 +32,7 @@ fn keep_freed_memory() {
     version,
     about = "Port, train and serve DeepSeek-V4 across accelerators",
     long_about = "v4 runs the DeepSeek-V4 architecture (mHC streams, CSA/HCA compressed attention, \
-                  lightning indexer, hash + top-k MoE) on burn backends: ndarray (CPU, the default), \
+                  lightning indexer, hash + top-k MoE) on burn backends: cpu (the default: burn-ndarray with v4's kernels), ndarray, \
                   npu (an Ascend 910B-style emulator: --device npu --npu-config FILE.toml), and the \
                   accelerator backends compiled in with cargo features.\n\n\
                   Start with:  v4 info tests/fixtures/v4-tiny-a/hf"

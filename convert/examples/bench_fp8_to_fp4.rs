@@ -11,6 +11,9 @@
 //! shows the converter's compute without the disk. Throughput is GB/s of FP8 input (codes +
 //! scales). Run with
 //! `cargo run --release -p v4-convert --example bench_fp8_to_fp4`.
+//!
+//! `... --example bench_fp8_to_fp4 -- --generate DIR` only writes the checkpoint to `DIR`, for timing
+//! other converters on the same bytes (`scripts/bench-convert-torch.py`, `v4 convert`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -177,6 +180,17 @@ fn bench_in(base: &Path) -> Result<(), Box<dyn std::error::Error>> {
 /// Runs on the temporary directory's disk, then in RAM (`/dev/shm`, where it exists) to show the
 /// converter's own cost without the disk.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, dir] = &args[..] {
+        if flag == "--generate" {
+            let bytes = generate(Path::new(dir))?;
+            println!("{dir}: {bytes} bytes of FP8 codes + scales");
+            return Ok(());
+        }
+    }
+    if !args.is_empty() {
+        return Err("usage: bench_fp8_to_fp4 [--generate DIR]".into());
+    }
     bench_in(&std::env::temp_dir())?;
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {

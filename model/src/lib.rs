@@ -8,6 +8,7 @@
 //! - [`compressor`]: CSA / HCA compression of the KV sequence; [`indexer`]: CSA's lightning indexer;
 //! - [`moe`]: routed + shared experts; [`rope`]: partial interleaved RoPE with YaRN; [`norm`]: RMSNorm, Linear;
 //! - [`cache`]: the incremental decoding state; [`probe`]: named probe points for validation;
+//! - [`calibration`]: activation statistics of the experts' inputs for FP4 calibration;
 //! - [`weights`], [`checkpoint`]: where weights come from.
 //!
 //! Probe points, per layer `N`: `layers.N.input` (streams entering the layer), `layers.N.attn.{q,kv,core,
@@ -18,6 +19,7 @@
 pub mod attention;
 pub mod block;
 pub mod cache;
+pub mod calibration;
 pub mod checkpoint;
 pub mod compressor;
 pub mod config;
@@ -31,6 +33,7 @@ pub mod rope;
 pub mod weights;
 
 pub use cache::ModelCache;
+pub use calibration::{ExpertActivationStats, ExpertMeanSquares};
 pub use checkpoint::{read_config, SafetensorsDir};
 pub use config::{AttentionKind, ConfigError, ParamCounts, RoutingKind, V4Config};
 pub use model::{ForwardOutput, InputError, Tokens, V4Model};

@@ -42,14 +42,25 @@ impl<B: Backend> Experts<B> {
 
     /// Expert `e` on `rows: [n, D]`: `W2(silu(min(W1 x, L)) * clamp(W3 x, -L, L))`.
     pub fn forward_expert(&self, e: usize, rows: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.down(e, self.swiglu(e, rows))
+    }
+
+    /// The hidden activation of expert `e` on `rows: [n, D]`: `silu(min(W1 x, L)) * clamp(W3 x, -L, L)`,
+    /// `[n, I]` (the input of its down projection).
+    pub fn swiglu(&self, e: usize, rows: Tensor<B, 2>) -> Tensor<B, 2> {
         let [_, d, two_i] = self.w13_t.dims();
         let i = two_i / 2;
         let w13 = self.w13_t.val().narrow(0, e, 1).reshape([d, two_i]);
-        let w2 = self.w2_t.val().narrow(0, e, 1).reshape([i, d]);
         let h = rows.matmul(w13);
         let gate = h.clone().narrow(1, 0, i).clamp_max(self.limit);
         let up = h.narrow(1, i, i).clamp(-self.limit, self.limit);
-        (activation::silu(gate) * up).matmul(w2)
+        activation::silu(gate) * up
+    }
+
+    /// The down projection of expert `e`: `[n, I] -> [n, D]`.
+    pub fn down(&self, e: usize, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [_, i, d] = self.w2_t.dims();
+        hidden.matmul(self.w2_t.val().narrow(0, e, 1).reshape([i, d]))
     }
 
     /// Runs `rows: [R, D]`, grouped by expert (`counts[e]` consecutive rows for expert `e`), and returns

@@ -1,9 +1,13 @@
 //! `v4 convert --input DIR --output DIR --to {bf16,fp8,fp4-mx,fp4-nv,f32}`
 
+use crate::calibration::{expert_importance, read_sequences};
 use crate::io::Result;
 use clap::ValueEnum;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use v4_convert::{convert, Calibration, ConvertOptions, Layout, Target};
+use v4_infer::V4Tokenizer;
+use v4_model::read_config;
 
 /// Output precision.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -38,6 +42,9 @@ pub enum Calibrate {
     Rtn,
     /// Per-block scale search minimising squared weight error (MXFP4 exponents e-1/e/e+1, NVFP4 scale sweep).
     WeightSearch,
+    /// Activation-aware: the same search, each input channel's error weighted by its E[x²], measured by
+    /// running the model on `--calib-data` (per expert, for the gate/up and the down projection).
+    Activation,
 }
 
 #[derive(clap::Args)]
@@ -58,6 +65,19 @@ pub struct Args {
     /// FP4 scale selection.
     #[arg(long, value_enum, default_value = "rtn")]
     calibrate: Calibrate,
+    /// Calibration text for `--calibrate activation` (JSONL: {"text": ...}, chat {"messages": [...]}, or
+    /// raw {"ids": [...]} for models without a tokenizer). Use text the model will not be judged on.
+    #[arg(long)]
+    calib_data: Option<PathBuf>,
+    /// tokenizer.json for --calib-data (default: the one in --input).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Calibration tokens to run, at most.
+    #[arg(long, default_value_t = 16384)]
+    calib_tokens: usize,
+    /// Tokens per calibration forward pass.
+    #[arg(long, default_value_t = 512)]
+    calib_seq_len: usize,
     /// Bytes of tensor data per output shard.
     #[arg(long, default_value_t = v4_convert::DEFAULT_SHARD_SIZE)]
     shard_size: u64,
@@ -87,7 +107,13 @@ pub fn run(args: Args) -> Result<()> {
         Calibrate::WeightSearch => Calibration::WeightSearch {
             channel_importance: None,
         },
+        Calibrate::Activation => Calibration::WeightSearch {
+            channel_importance: Some(measure_importance(&args)?),
+        },
     };
+    if args.calib_data.is_some() && !matches!(args.calibrate, Calibrate::Activation) {
+        return Err("--calib-data is only used by --calibrate activation".into());
+    }
     opts.shard_size = args.shard_size;
     opts.threads = args.threads;
     let report = convert(&opts)?;
@@ -98,4 +124,25 @@ pub fn run(args: Args) -> Result<()> {
     }
     println!("{}", report.summary());
     Ok(())
+}
+
+/// `E[x²]` of the routed experts' inputs, from the model in `--input` run on `--calib-data` (CPU backend).
+fn measure_importance(args: &Args) -> Result<HashMap<String, Vec<f32>>> {
+    let data = args
+        .calib_data
+        .as_ref()
+        .ok_or("--calibrate activation needs --calib-data FILE.jsonl")?;
+    let tokenizer = match &args.tokenizer {
+        Some(path) => Some(V4Tokenizer::from_file(path)?),
+        None => V4Tokenizer::from_model_dir(&args.input)?,
+    };
+    let config = read_config(&args.input)?;
+    let sequences = read_sequences(
+        data,
+        tokenizer.as_ref(),
+        config.vocab_size,
+        args.calib_seq_len.min(config.max_position_embeddings),
+        args.calib_tokens,
+    )?;
+    expert_importance::<v4_cpu::Cpu>(&args.input, &sequences, &Default::default())
 }

@@ -1,0 +1,149 @@
+//! Activation-aware FP4 calibration for `v4 convert --calibrate activation --calib-data FILE.jsonl`:
+//! runs the checkpoint's own model over calibration text and measures `E[x²]` per input channel of every
+//! routed expert ([`ExpertActivationStats`]), keyed by the HF tensor names the converter quantizes.
+//! The converter itself needs no model: it only receives these importances.
+
+use crate::io::Result;
+use burn::tensor::backend::Backend;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::Path;
+use v4_infer::chat::{encode_chat, Message, Role};
+use v4_infer::V4Tokenizer;
+use v4_model::{read_config, ExpertActivationStats, ModelCache, NoProbe, Tokens, V4Model};
+
+/// Token sequences for calibration, read from JSONL records: `{"text": ...}` and chat
+/// `{"messages": [{"role", "content"}, ...]}` are tokenized with `tokenizer`; `{"ids": [...]}` are raw
+/// token ids (for models without a tokenizer). All records are concatenated and cut into sequences of
+/// `seq_len` tokens, up to `max_tokens` in all.
+pub fn read_sequences(
+    path: &Path,
+    tokenizer: Option<&V4Tokenizer>,
+    vocab: usize,
+    seq_len: usize,
+    max_tokens: usize,
+) -> Result<Vec<Vec<u32>>> {
+    if seq_len == 0 || max_tokens == 0 {
+        return Err("--calib-seq-len and --calib-tokens must be positive".into());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut tokens: Vec<u32> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if tokens.len() >= max_tokens {
+            break;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{} line {}", path.display(), n + 1);
+        let record: Value = serde_json::from_str(line).map_err(|e| format!("{}: {e}", at()))?;
+        let needs_tokenizer = || {
+            tokenizer.ok_or_else(|| {
+                format!(
+                    "{}: a text record needs a tokenizer; the model directory has no tokenizer.json \
+                     (pass --tokenizer FILE, or give token ids as {{\"ids\": [...]}})",
+                    at()
+                )
+            })
+        };
+        let ids: Vec<u32> = if let Some(ids) = record.get("ids") {
+            ids.as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .map(|v| v.as_u64().and_then(|v| u32::try_from(v).ok()))
+                        .collect()
+                })
+                .ok_or_else(|| format!("{}: `ids` must be an array of non-negative integers", at()))?
+        } else if let Some(text) = record.get("text") {
+            let text = text
+                .as_str()
+                .ok_or_else(|| format!("{}: `text` must be a string", at()))?;
+            needs_tokenizer()?
+                .encode(text)
+                .map_err(|e| format!("{}: {e}", at()))?
+        } else if let Some(messages) = record.get("messages") {
+            let messages = parse_messages(messages).map_err(|e| format!("{}: {e}", at()))?;
+            encode_chat(needs_tokenizer()?, &messages, false).map_err(|e| format!("{}: {e}", at()))?
+        } else {
+            return Err(format!("{}: a record needs `text`, `messages` or `ids`", at()).into());
+        };
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(format!(
+                "{}: token id {bad} is outside the model's vocabulary ({vocab})",
+                at()
+            )
+            .into());
+        }
+        tokens.extend(ids);
+    }
+    tokens.truncate(max_tokens);
+    if tokens.is_empty() {
+        return Err(format!("{}: no calibration tokens", path.display()).into());
+    }
+    Ok(tokens.chunks(seq_len).map(<[u32]>::to_vec).collect())
+}
+
+fn parse_messages(value: &Value) -> std::result::Result<Vec<Message>, String> {
+    let list = value.as_array().ok_or("`messages` must be an array")?;
+    list.iter()
+        .map(|m| {
+            let role = match m.get("role").and_then(Value::as_str) {
+                Some("system") => Role::System,
+                Some("user") => Role::User,
+                Some("assistant") => Role::Assistant,
+                other => return Err(format!("unknown message role {other:?}")),
+            };
+            let content = m
+                .get("content")
+                .and_then(Value::as_str)
+                .ok_or("a message needs a string `content`")?;
+            Ok(Message::new(role, content))
+        })
+        .collect()
+}
+
+/// Runs the model in `dir` over `sequences` and returns `E[x²]` per input channel of every routed expert,
+/// keyed by HF name: `model.layers.N.mlp.experts.gate_up_proj` (`[E * D]`) and `...down_proj` (`[E * I]`).
+pub fn expert_importance<B: Backend>(
+    dir: &Path,
+    sequences: &[Vec<u32>],
+    device: &B::Device,
+) -> Result<HashMap<String, Vec<f32>>> {
+    let config = read_config(dir)?;
+    let source = crate::weights::open(dir)?;
+    let model = V4Model::<B>::load(&config, source.as_ref(), device)?;
+    let stats = ExpertActivationStats::new();
+    let progress = std::io::stderr().is_terminal();
+    for (i, seq) in sequences.iter().enumerate() {
+        if progress {
+            eprint!("\rcalibration: sequence {}/{}", i + 1, sequences.len());
+        }
+        let tokens = Tokens::new(
+            &seq.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+            1,
+            seq.len(),
+            config.vocab_size,
+        )?;
+        let mut cache = ModelCache::new(config.num_layers());
+        model.forward_with(&tokens, &mut cache, &stats, &mut NoProbe)?;
+    }
+    if progress {
+        eprintln!();
+    }
+    let tokens: usize = sequences.iter().map(Vec::len).sum();
+    eprintln!(
+        "calibration: {tokens} tokens in {} sequences, {} expert rows",
+        sequences.len(),
+        stats.rows()
+    );
+    let mut importance = HashMap::new();
+    for (layer, m) in stats.mean_squares() {
+        importance.insert(
+            format!("model.layers.{layer}.mlp.experts.gate_up_proj"),
+            m.gate_up,
+        );
+        importance.insert(format!("model.layers.{layer}.mlp.experts.down_proj"), m.down);
+    }
+    Ok(importance)
+}
