@@ -147,3 +147,55 @@ pub fn expert_importance<B: Backend>(
     }
     Ok(importance)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_chat_and_id_records_are_concatenated_and_cut_into_sequences() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let tokenizer = V4Tokenizer::from_file(&root.join(v4_infer::TOKENIZER_FIXTURE)).unwrap();
+        let dir = std::env::temp_dir().join(format!("v4-calib-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("calib.jsonl");
+        std::fs::write(
+            &path,
+            "{\"text\": \"To be, or not to be\"}\n\n\
+             {\"messages\": [{\"role\": \"user\", \"content\": \"Who?\"}, {\"role\": \"assistant\", \"content\": \"Hamlet.\"}]}\n\
+             {\"ids\": [5, 6, 7]}\n",
+        )
+        .unwrap();
+        let mut expected = tokenizer.encode("To be, or not to be").unwrap();
+        let chat = [
+            Message::new(Role::User, "Who?"),
+            Message::new(Role::Assistant, "Hamlet."),
+        ];
+        expected.extend(encode_chat(&tokenizer, &chat, false).unwrap());
+        expected.extend([5, 6, 7]);
+        let vocab = tokenizer.vocab_size();
+
+        let sequences = read_sequences(&path, Some(&tokenizer), vocab, 4, 1000).unwrap();
+        assert_eq!(sequences.concat(), expected);
+        assert!(sequences[..sequences.len() - 1].iter().all(|s| s.len() == 4));
+
+        let capped = read_sequences(&path, Some(&tokenizer), vocab, 3, 5).unwrap();
+        assert_eq!(capped.concat(), expected[..5]);
+
+        let err = read_sequences(&path, None, vocab, 4, 1000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 1") && err.contains("no tokenizer.json"),
+            "{err}"
+        );
+        let err = read_sequences(&path, Some(&tokenizer), 1024, 4, 1000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 1") && err.contains("outside the model's vocabulary"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
