@@ -10,6 +10,10 @@ pub enum Device {
     Cpu,
     /// Plain burn-ndarray on the CPU, as burn ships it (the baseline `cpu` is measured against).
     Ndarray,
+    /// Plain burn-ndarray in f64: every op in double precision. Slow; it is the golden for
+    /// `v4 validate --golden` (`v4 trace --device ndarray-f64`), the traces store it rounded once to f32.
+    #[value(name = "ndarray-f64")]
+    NdarrayF64,
     /// The Ascend-style NPU emulator (v4-npu) over burn-ndarray: 910B numerics, op coverage and cost.
     /// Its precision policy and chip sheet come from `--npu-config FILE.toml`.
     Npu,
@@ -38,6 +42,11 @@ macro_rules! with_backend {
                 let $dev = burn_ndarray::NdArrayDevice::Cpu;
                 $body
             }
+            $crate::device::Device::NdarrayF64 => {
+                type $b = burn_ndarray::NdArray<f64>;
+                let $dev = burn_ndarray::NdArrayDevice::Cpu;
+                $body
+            }
             $crate::device::Device::Npu => {
                 type $b = v4_npu::Npu;
                 let $dev = Default::default();
@@ -49,6 +58,19 @@ macro_rules! with_backend {
                 eprintln!("{}", v4_npu::report(&$dev).summary());
                 result
             }
+            #[cfg(feature = "wgpu")]
+            $crate::device::Device::Wgpu => {
+                type $b = burn_wgpu::Wgpu<f32, i32>;
+                let $dev = burn_wgpu::WgpuDevice::default();
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            $crate::device::Device::Cuda => {
+                type $b = burn_cuda::Cuda<f32, i32>;
+                let $dev = burn_cuda::CudaDevice::default();
+                $body
+            }
+            #[allow(unreachable_patterns)]
             other => Err(format!(
                 "--device {other:?} is not compiled into this build of v4 (rebuild with \
                  `cargo build --release --features {}`)",

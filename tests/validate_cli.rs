@@ -113,3 +113,93 @@ fn trace_then_validate_on_the_npu_emulator() {
     assert!(help.contains("isolated") && help.contains("--golden"), "{help}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--device ndarray-f64` computes the golden in double precision: it matches HF's f32 logits as closely
+/// as an f32 run does, and `validate --golden` uses it for the reference-relative gate (the CSV reports
+/// the reference's own distance to it, which an f32 reference cannot have against itself).
+#[test]
+fn an_f64_golden_feeds_the_reference_relative_gate() {
+    let dir = std::env::temp_dir().join(format!("v4-validate-golden-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |n: &str| -> String { dir.join(n).display().to_string() };
+    let f = "tests/fixtures/v4-tiny-a";
+    let (model, input) = (format!("{f}/hf"), format!("{f}/io.safetensors"));
+    for (device, name) in [("cpu", "ref.safetensors"), ("ndarray-f64", "golden.safetensors")] {
+        let out = v4(&[
+            "trace",
+            "--model",
+            &model,
+            "--input",
+            &input,
+            "--output",
+            &p(name),
+            "--device",
+            device,
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let logits = |path: &str| -> Vec<f32> {
+        let bytes = std::fs::read(path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor("logits").unwrap();
+        t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    let (hf, f32_run, f64_run) = (
+        logits(&input),
+        logits(&p("ref.safetensors")),
+        logits(&p("golden.safetensors")),
+    );
+    let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    assert!(
+        max_diff(&f64_run, &hf) < 1e-4,
+        "f64 golden vs HF: {}",
+        max_diff(&f64_run, &hf)
+    );
+    let f32_vs_f64 = max_diff(&f32_run, &f64_run);
+    assert!(f32_vs_f64 > 0.0 && f32_vs_f64 < 1e-4, "f32 vs f64: {f32_vs_f64}");
+
+    let out = v4(&[
+        "validate",
+        "--reference",
+        &p("ref.safetensors"),
+        "--golden",
+        &p("golden.safetensors"),
+        "--model",
+        &model,
+        "--device",
+        "npu",
+        "--npu-config",
+        "configs/npu-910b-f32.toml",
+        "--mode",
+        "propagated",
+        "--report-dir",
+        &p("report"),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = std::fs::read_to_string(dir.join("report/report.csv")).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let (golden_col, sqnr_col) = (col("golden_rel_l2"), col("sqnr_db"));
+    let logits_row: Vec<&str> = csv
+        .lines()
+        .find(|l| l.split(',').nth(1) == Some("logits"))
+        .expect("logits row")
+        .split(',')
+        .collect();
+    let golden_err: f64 = logits_row[golden_col].parse().unwrap();
+    assert!(
+        golden_err > 0.0 && golden_err < 1e-5,
+        "reference vs golden rel L2 {golden_err}"
+    );
+    let sqnr: f64 = logits_row[sqnr_col].parse().unwrap();
+    assert!(sqnr > 80.0, "f32 NPU emulation SQNR {sqnr} dB");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -15,6 +15,7 @@ pub mod error;
 pub mod generator;
 pub mod memory;
 pub mod sampling;
+pub mod scaling;
 pub mod tokenizer;
 
 pub use chat::{encode_chat, render_chat, ChatSession, Message, Role};

@@ -8,6 +8,7 @@ use burn::tensor::backend::Backend;
 use std::path::PathBuf;
 use std::time::Instant;
 use v4_infer::sampling::argmax;
+use v4_infer::scaling::{slopes, svg, ScalingRow};
 use v4_infer::{cache_footprint, human_bytes, scalars_per_token, Generator};
 use v4_model::{RandomWeights, V4Config, V4Model};
 
@@ -30,6 +31,9 @@ pub struct Args {
     /// --generate, then --generate decode steps).
     #[arg(long, value_delimiter = ',')]
     contexts: Vec<usize>,
+    /// With --contexts: also draw the table as an SVG plot (log-log, with slope-1 and slope-2 guides).
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Prefill in calls of at most N tokens (0: one call; --contexts defaults to 2048).
     #[arg(long)]
     prefill_chunk: Option<usize>,
@@ -228,6 +232,14 @@ fn contexts<B: Backend>(args: &Args, config: &V4Config, generator: &Generator<'_
         "bytes/token",
         "cache bf16"
     );
+    // Warm up (allocator pools, thread pool, page faults of the weights) so the first row is not slower.
+    let warmup = random_ids(
+        args.seed,
+        512.min(config.max_position_embeddings),
+        config.vocab_size,
+    );
+    generator.prefill_batch(&[&warmup], chunk)?;
+    let mut rows = Vec::new();
     for &context in &args.contexts {
         if context > config.max_position_embeddings {
             println!(
@@ -259,6 +271,32 @@ fn contexts<B: Backend>(args: &Args, config: &V4Config, generator: &Generator<'_
             4.0 * held as f64 / batch.position(0) as f64,
             human_bytes(held as f64 * 2.0)
         );
+        rows.push(ScalingRow {
+            context,
+            prompt: prompt_len,
+            prefill_s,
+            decode_ms: 1e3 * decode_s / steps.max(1) as f64,
+            cache_bytes: held as f64 * 4.0,
+        });
+    }
+    let (prefill, decode, cache) = slopes(&rows);
+    let show = |p: Option<f64>| p.map_or("n/a".to_string(), |p| format!("{p:.2}"));
+    println!(
+        "log-log slopes (1 = linear, 2 = quadratic): prefill time {}, decode time per token {}, cache {}",
+        show(prefill),
+        show(decode),
+        show(cache)
+    );
+    if let Some(path) = &args.plot {
+        let title = format!(
+            "{}: batch 1, {} threads",
+            args.config
+                .file_name()
+                .map_or(String::new(), |n| n.to_string_lossy().into_owned()),
+            threads()
+        );
+        crate::io::write_atomically(path, svg(&rows, &title).as_bytes())?;
+        println!("plot: {}", path.display());
     }
     Ok(())
 }

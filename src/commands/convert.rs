@@ -118,9 +118,7 @@ pub fn run(args: Args) -> Result<()> {
     opts.threads = args.threads;
     let report = convert(&opts)?;
     if let Some(path) = &args.report {
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, report.to_json()).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+        crate::io::write_atomically(path, report.to_json().as_bytes())?;
     }
     println!("{}", report.summary());
     Ok(())

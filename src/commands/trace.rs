@@ -92,6 +92,16 @@ pub fn backend_info(device: Device, npu_config: Option<&Path>) -> Result<TraceIn
                 precision_policy: policy,
             }
         }
+        Device::NdarrayF64 => TraceInfo {
+            backend: "ndarray-f64".into(),
+            // Stored as f32; the candidate's f32 defaults apply when it is used as a golden.
+            dtype: "f32".into(),
+            precision_policy: serde_json::json!({
+                "precision_mode": "f64 (golden: burn-ndarray f64 tensors, stored rounded to f32)",
+                "matmul": "f64 operands -> f64 output, f64 accumulation",
+                "vector": "f64"
+            }),
+        },
         other => TraceInfo {
             backend: format!("{other:?}").to_lowercase(),
             dtype: "f32".into(),

@@ -20,7 +20,7 @@ use v4_validate::{trace::TraceInfo, Dtype, RunMode, Tolerances, Trace, ValidateO
     Rules: structural errors always fail (shape, missing probe, NaN/Inf pattern); index outputs must \
     match up to near ties; floats must keep cosine >= cosine_min and pass the reference-relative gate \
     rel_l2(cand, golden) <= k * rel_l2(ref, golden) + floor (k = 2 for f32, 3 for f16/bf16; the golden \
-    is the reference itself unless --golden gives an f32 CPU trace). Defaults follow the candidate's \
+    is the reference itself unless --golden gives a CPU trace, best `v4 trace --device ndarray-f64`). Defaults follow the candidate's \
     compute dtype (f32 / hf32 / f16 / bf16, from its precision policy); --tolerances overrides them \
     ([defaults] and [[probe]] pattern = \"glob\" tables).\n\n\
     Modes: propagated runs end to end (drift); isolated feeds each layer the reference's \
@@ -52,7 +52,7 @@ pub struct Args {
     /// propagated (end to end), isolated (each layer on the reference's input streams) or both.
     #[arg(long, default_value = "both", value_parser = ["propagated", "isolated", "both"])]
     mode: String,
-    /// A high-precision golden trace (full mode, e.g. `v4 trace --device ndarray`) for the
+    /// A high-precision golden trace (full mode, e.g. `v4 trace --device ndarray-f64`) for the
     /// reference-relative gate; default: the reference itself.
     #[arg(long)]
     golden: Option<PathBuf>,

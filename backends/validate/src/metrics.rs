@@ -15,6 +15,9 @@ pub struct FloatMetrics {
     pub rmse: f64,
     /// `||c - r|| / ||r||`
     pub rel_l2: f64,
+    /// Signal-to-quantization-noise ratio `10 log10(||r||² / ||c - r||²)` in dB (PyTorch's numeric
+    /// suite); infinite for identical tensors.
+    pub sqnr_db: f64,
     /// Share of elements whose relative error is within 1/1000 (msProbe's "thousandth ratio").
     pub within_1e3: f64,
     /// Share within 5/1000.
@@ -100,6 +103,7 @@ pub fn compare_f32(
     } else {
         sq.sqrt()
     };
+    m.sqnr_db = 10.0 * (nr / sq).log10();
     m.within_1e3 = w3 as f64 / n;
     m.within_5e3 = w5 as f64 / n;
     m.ulp_mean = sum_ulp / n;
@@ -271,8 +275,15 @@ mod tests {
         assert_eq!(m.max_abs, 0.0);
         assert!((m.cosine - 1.0).abs() < 1e-12);
         assert_eq!(m.within_1e3, 1.0);
+        assert_eq!(m.sqnr_db, f64::INFINITY);
         let c = [1.001f32, -2.0, 3.0, 1e-7];
         let m = compare_f32(&r, &c, 1e-6, 23, Some(4));
+        // ||r||² = 14, noise ≈ 0.001² + 1e-14.
+        assert!(
+            (m.sqnr_db - 10.0 * (14.0f64 / 1e-6).log10()).abs() < 1e-3,
+            "{}",
+            m.sqnr_db
+        );
         assert!((m.max_abs - 0.001).abs() < 1e-6);
         // 1e-7 against 0 with a floor of 1e-6: rel 0.1, not infinity.
         assert!((m.max_rel - 0.1).abs() < 1e-3);

@@ -744,7 +744,7 @@ impl Report {
     /// CSV, one row per probe.
     pub fn csv(&self) -> String {
         let mut s = String::from(
-            "mode,probe,reference,layer,class,status,rel_l2,bound,golden_rel_l2,cosine,max_abs,mean_abs,max_rel,mean_rel,rmse,within_1e3,within_5e3,ulp_max,ulp_mean,ulp_beyond_1,kl,elementwise_beyond,exact_match,iou,benign_flips,harmful_flips,stats_diff,checksum_equal,reasons\n",
+            "mode,probe,reference,layer,class,status,rel_l2,bound,golden_rel_l2,sqnr_db,cosine,max_abs,mean_abs,max_rel,mean_rel,rmse,within_1e3,within_5e3,ulp_max,ulp_mean,ulp_beyond_1,kl,elementwise_beyond,exact_match,iou,benign_flips,harmful_flips,stats_diff,checksum_equal,reasons\n",
         );
         let o = |x: Option<f64>| x.map_or(String::new(), |v| format!("{v:e}"));
         for r in &self.results {
@@ -752,7 +752,7 @@ impl Report {
             let i = r.index;
             let _ = writeln!(
                 s,
-                "{:?},{},{},{},{:?},{:?},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},\"{}\"",
+                "{:?},{},{},{},{:?},{:?},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},\"{}\"",
                 r.mode,
                 r.name,
                 r.reference,
@@ -762,6 +762,7 @@ impl Report {
                 o(f.map(|f| f.rel_l2)),
                 o(r.rel_l2_bound),
                 o(r.golden_rel_l2),
+                o(f.map(|f| f.sqnr_db)),
                 o(f.map(|f| f.cosine)),
                 o(f.map(|f| f.max_abs)),
                 o(f.map(|f| f.mean_abs)),
