@@ -49,6 +49,9 @@ pub fn slopes(rows: &[ScalingRow]) -> (Option<f64>, Option<f64>, Option<f64>) {
     )
 }
 
+/// Picks a panel's (x, y) from a row.
+type Axes = dyn Fn(&ScalingRow) -> (f64, f64);
+
 /// Three log-log panels (prefill seconds, decode ms per token, cache MiB against the context), each with
 /// dashed guides of slope 1 and 2 through its first point, so linear and quadratic growth can be read
 /// off directly.
@@ -63,7 +66,7 @@ pub fn svg(rows: &[ScalingRow], title: &str) -> String {
         escape(title)
     );
     let (p_prefill, p_decode, p_cache) = slopes(rows);
-    let panels: [(&str, Option<f64>, Box<dyn Fn(&ScalingRow) -> (f64, f64)>); 3] = [
+    let panels: [(&str, Option<f64>, Box<Axes>); 3] = [
         (
             "prefill time (s) vs prompt",
             p_prefill,
