@@ -54,10 +54,15 @@ def main():
             t = now()
             out = model.generate(ids, max_new_tokens=args.generate, do_sample=False, min_new_tokens=args.generate)
             total = now() - t
-            t = now()
-            model(ids, use_cache=True)
-            prefill = now() - t
+            # generate() prefills with logits_to_keep=1 (the last position's logits only), as v4 does.
+            prefills = []
+            for _ in range(args.iters):
+                t = now()
+                model(ids, use_cache=True, logits_to_keep=1)
+                prefills.append(now() - t)
+            prefill = statistics.median(prefills)
         n = out.shape[1] - ids.shape[1]
+        print(f"hf prefill (logits_to_keep=1): median {prefill:.3f}s over {len(prefills)} runs (min {min(prefills):.3f}s) -> {args.seq / prefill:.1f} tokens/s")
         print(f"hf decode: {n} tokens in {total - prefill:.2f}s after a {prefill:.2f}s prefill -> {n / (total - prefill):.1f} tokens/s")
     if "train" in modes:
         model.train()

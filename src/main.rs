@@ -69,7 +69,29 @@ enum Command {
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = on_compute_threads(move || run(cli).map_err(|e| e.to_string()));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `job` on a thread of its own rayon pool (`RAYON_NUM_THREADS` threads, default one per core)
+/// instead of the main thread. The command's serial parts then run on a pool thread and its parallel ops
+/// split across the same threads: N threads on N cores, not N spinning workers plus a main thread
+/// competing with them for the cores.
+fn on_compute_threads<T: Send>(job: impl FnOnce() -> T + Send) -> T {
+    match rayon::ThreadPoolBuilder::new().build() {
+        Ok(pool) => pool.install(job),
+        Err(_) => job(),
+    }
+}
+
+fn run(cli: Cli) -> io::Result<()> {
+    match cli.command {
         Command::Info(args) => commands::info::run(args),
         Command::Forward(args) => commands::forward::run(args),
         Command::Bench(args) => commands::bench::run(args),
@@ -80,12 +102,5 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(args),
         Command::Trace(args) => commands::trace::run(args),
         Command::Validate(args) => commands::validate::run(args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
     }
 }

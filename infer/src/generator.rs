@@ -16,7 +16,7 @@ use crate::sampling::{Sampler, SamplingParams};
 use burn::tensor::{backend::Backend, Tensor};
 use std::collections::BTreeMap;
 use std::time::Instant;
-use v4_model::{ExpertRunner, LocalExperts, ModelCache, NoProbe, Tokens, V4Config, V4Model};
+use v4_model::{ExpertRunner, LocalExperts, LogitsFor, ModelCache, NoProbe, Tokens, V4Config, V4Model};
 
 /// Runs a model incrementally.
 pub struct Generator<'a, B: Backend> {
@@ -240,8 +240,13 @@ impl<'a, B: Backend> Generator<'a, B> {
     }
 
     /// One forward call of `rows` (equal lengths, one row per sequence of the cache's batch) continuing
-    /// `cache`: logits `[B, S, vocab]`.
-    pub fn forward(&self, cache: &mut ModelCache<B>, rows: &[&[u32]]) -> Result<Tensor<B, 3>, InferError> {
+    /// `cache`: logits `[B, S, vocab]`, or `[B, 1, vocab]` for [`LogitsFor::Last`].
+    pub fn forward(
+        &self,
+        cache: &mut ModelCache<B>,
+        rows: &[&[u32]],
+        which: LogitsFor,
+    ) -> Result<Tensor<B, 3>, InferError> {
         let seq = rows.first().map_or(0, |r| r.len());
         if rows.iter().any(|r| r.len() != seq) {
             return Err(InferError::Batch(
@@ -260,7 +265,7 @@ impl<'a, B: Backend> Generator<'a, B> {
         };
         Ok(self
             .model
-            .forward_with(&tokens, cache, self.runner, &mut NoProbe)?
+            .forward_logits_for(&tokens, cache, self.runner, &mut NoProbe, which)?
             .logits)
     }
 
@@ -287,7 +292,12 @@ impl<'a, B: Backend> Generator<'a, B> {
         while begin < seq {
             let len = step.min(seq - begin);
             let part: Vec<&[u32]> = rows.iter().map(|r| &r[begin..begin + len]).collect();
-            let logits = self.forward(cache, &part)?;
+            let which = if all_positions {
+                LogitsFor::All
+            } else {
+                LogitsFor::Last
+            };
+            let logits = self.forward(cache, &part, which)?;
             if all_positions {
                 for (o, rows) in out.iter_mut().zip(all_rows(logits)) {
                     o.extend(rows);

@@ -4,7 +4,7 @@
 use burn_ndarray::NdArray;
 use safetensors::SafeTensors;
 use std::path::PathBuf;
-use v4_model::{read_config, LocalExperts, ModelCache, NoProbe, SafetensorsDir, Tokens, V4Model};
+use v4_model::{read_config, LocalExperts, LogitsFor, ModelCache, NoProbe, SafetensorsDir, Tokens, V4Model};
 
 type B = NdArray<f32>;
 
@@ -108,4 +108,46 @@ fn decoding_from_a_prompt_shorter_than_a_window_matches_one_pass() {
     let stepped = run_chunks(&f, 0, &chunks);
     let d = max_abs_diff(&whole, &stepped);
     assert!(d <= 1e-4, "short-prompt decode differs by {d}");
+}
+
+/// `LogitsFor::Last` (what generation uses) gives the last row of a full forward, and leaves the
+/// cache in the same state: the next decode step matches HF's `decode_logits`.
+#[test]
+fn last_position_logits_equal_the_full_forwards_last_row() {
+    let f = fixture();
+    let vocab = 1024;
+    let ids = &f.ids[..45];
+    let tokens = Tokens::new(ids, 1, 45, vocab).unwrap();
+    let mut full_cache = ModelCache::<B>::new(f.model.layers.len());
+    let full = f
+        .model
+        .forward_with(&tokens, &mut full_cache, &LocalExperts, &mut NoProbe)
+        .unwrap()
+        .logits;
+    let mut cache = ModelCache::<B>::new(f.model.layers.len());
+    let last = f
+        .model
+        .forward_logits_for(&tokens, &mut cache, &LocalExperts, &mut NoProbe, LogitsFor::Last)
+        .unwrap()
+        .logits;
+    assert_eq!(last.dims(), [1, 1, vocab]);
+    let full_last = full.narrow(1, 44, 1).into_data().into_vec::<f32>().unwrap();
+    // Equal up to the summation order of a 1-row against a 45-row product.
+    let d = max_abs_diff(&last.into_data().into_vec::<f32>().unwrap(), &full_last);
+    assert!(d <= 1e-5, "last-only logits differ from the full forward's last row by {d}");
+
+    let next = Tokens::new(&f.ids[45..46], 1, 1, vocab).unwrap();
+    let step = f
+        .model
+        .forward_logits_for(&next, &mut cache, &LocalExperts, &mut NoProbe, LogitsFor::Last)
+        .unwrap()
+        .logits
+        .into_data()
+        .into_vec::<f32>()
+        .unwrap();
+    let d = max_abs_diff(&step, &f.decode_logits[..vocab]);
+    assert!(
+        d <= 1e-4,
+        "decode after a last-only prefill differs from HF by {d}"
+    );
 }
