@@ -134,7 +134,10 @@ fn last_position_logits_equal_the_full_forwards_last_row() {
     let full_last = full.narrow(1, 44, 1).into_data().into_vec::<f32>().unwrap();
     // Equal up to the summation order of a 1-row against a 45-row product.
     let d = max_abs_diff(&last.into_data().into_vec::<f32>().unwrap(), &full_last);
-    assert!(d <= 1e-5, "last-only logits differ from the full forward's last row by {d}");
+    assert!(
+        d <= 1e-5,
+        "last-only logits differ from the full forward's last row by {d}"
+    );
 
     let next = Tokens::new(&f.ids[45..46], 1, 1, vocab).unwrap();
     let step = f

@@ -59,13 +59,11 @@ pub fn matmul_f32(lhs: ArrayViewD<'_, f32>, rhs: ArrayViewD<'_, f32>) -> ArrayD<
         .collect();
     let mut out_shape = batch_dims.clone();
     out_shape.extend([m, n]);
+    let mut out = ArrayD::<f32>::zeros(IxDyn(&out_shape));
     let batches: usize = batch_dims.iter().product();
     if m == 0 || n == 0 || k == 0 || batches == 0 {
-        return ArrayD::<f32>::zeros(IxDyn(&out_shape));
+        return out;
     }
-    // gemm writes every output element without reading it (`read_dst = false`).
-    let mut out =
-        ArrayD::from_shape_vec(IxDyn(&out_shape), output_buffer(batches * m * n)).expect("shape matches");
 
     let (ls, rs) = (lhs.strides(), rhs.strides());
     // Element offset of batch `b` in an operand: broadcast dims (size 1) stay at index 0.
@@ -129,16 +127,6 @@ pub fn matmul_f32(lhs: ArrayViewD<'_, f32>, rhs: ArrayViewD<'_, f32>) -> ArrayD<
         };
         (0..batches).for_each(|b| product(b, parallelism));
     }
-    out
-}
-
-/// A buffer of `len` f32 for an op that writes every element before anything reads it. Skips the
-/// zeroing pass a `vec![0.0; len]` costs (memset was 5% of a prefill).
-fn output_buffer(len: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(len);
-    // SAFETY: f32 has no invalid bit patterns, and every caller overwrites all `len` elements before
-    // the buffer is read or leaves this module.
-    unsafe { out.set_len(len) };
     out
 }
 
@@ -272,7 +260,7 @@ fn map_f32(
     };
     let input = standard(storage.into_shared());
     let src = input.as_slice().expect("standard layout");
-    let mut out = output_buffer(src.len());
+    let mut out = vec![0f32; src.len()];
     out.par_chunks_mut(CHUNK)
         .zip(src.par_chunks(CHUNK))
         .for_each(|(dst, src)| map_slice(src, dst, f));
@@ -332,7 +320,7 @@ fn binary_f32(
     };
     let (sa, sb) = (strides_of(&a), strides_of(&b));
     let len: usize = shape.iter().product();
-    let mut out = output_buffer(len);
+    let mut out = vec![0f32; len];
     if let (Some(x), Some(y)) = (a.as_slice(), b.as_slice()) {
         if x.len() == len && y.len() == len {
             // same shape, both contiguous: one flat pass
@@ -460,7 +448,7 @@ pub(crate) fn float_max_dim(tensor: NdArrayTensor, dim: usize) -> NdArrayTensor 
         return Inner::float_max_dim(NdArrayTensor::from(input), dim);
     }
     let max = |m: f32, v: f32| if v > m || v.is_nan() { v } else { m };
-    let mut out = output_buffer(outer * inner);
+    let mut out = vec![0f32; outer * inner];
     let per_task = (CHUNK / (n * inner).max(1)).max(1);
     out.par_chunks_mut(per_task * inner)
         .enumerate()
@@ -517,7 +505,7 @@ pub(crate) fn float_cat(tensors: Vec<NdArrayTensor>, dim: usize) -> NdArrayTenso
         .map(|p| (p.as_slice().expect("standard layout"), p.shape()[dim] * inner))
         .collect();
     let row = shape[dim] * inner;
-    let mut out = output_buffer(outer * row);
+    let mut out = vec![0f32; outer * row];
     if let Some(rows_per_task) = CHUNK.checked_div(row).map(|r| r.max(1)) {
         out.par_chunks_mut(rows_per_task * row)
             .enumerate()
