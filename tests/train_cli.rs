@@ -75,3 +75,98 @@ fn train_prints_config_refuses_unknown_keys_and_writes_a_loadable_checkpoint() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(output.is_file());
 }
+
+/// CRC-32C (Castagnoli), bitwise: the checksum TFRecord frames carry, computed here independently of the
+/// writer.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= byte as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// TFRecord's masked CRC.
+fn masked(data: &[u8]) -> u32 {
+    let c = crc32c(data);
+    (c.rotate_right(15)).wrapping_add(0xA282_EAD8)
+}
+
+/// The records of a TFRecord file, each frame's length and data checksums verified.
+fn tfrecords(bytes: &[u8]) -> Vec<&[u8]> {
+    let mut records = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let len_bytes = &bytes[at..at + 8];
+        let len = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
+        let len_crc = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap());
+        assert_eq!(
+            len_crc,
+            masked(len_bytes),
+            "length checksum of record {}",
+            records.len()
+        );
+        let data = &bytes[at + 12..at + 12 + len];
+        let data_crc = u32::from_le_bytes(bytes[at + 12 + len..at + 16 + len].try_into().unwrap());
+        assert_eq!(
+            data_crc,
+            masked(data),
+            "data checksum of record {}",
+            records.len()
+        );
+        records.push(data);
+        at += 16 + len;
+    }
+    records
+}
+
+#[test]
+fn training_writes_tensorboard_event_files() {
+    let dir = scratch("tensorboard");
+    let logs = dir.join("logs");
+    let config = write_config(
+        &dir,
+        &format!(
+            "\n[logging]\ntensorboard = \"{}\"\ninterval = 1\n",
+            logs.display()
+        ),
+    );
+    let out = v4(&["train", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let events: Vec<PathBuf> = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        })
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let bytes = std::fs::read(&events[0]).unwrap();
+    let records = tfrecords(&bytes);
+    let with_tag = |tag: &str| {
+        records
+            .iter()
+            .filter(|r| r.windows(tag.len()).any(|w| w == tag.as_bytes()))
+            .count()
+    };
+    // 2 steps of scalars; validation at the start and at the end; per-layer MoE health of the 3 top-k
+    // layers and the hash layer.
+    assert_eq!(with_tag("train/loss"), 2);
+    assert_eq!(with_tag("valid/loss"), 2);
+    assert_eq!(with_tag("moe/layer1/load_cv"), 2);
+    assert_eq!(with_tag("moe/layer0/tokens_per_expert"), 2);
+    assert_eq!(with_tag("moe/layer0/bias_min"), 0, "hash layers have no bias");
+    assert!(with_tag("moe/layer3/bias_max") == 2 && with_tag("moe/layer2/dead_experts") == 2);
+    let jsonl = std::fs::read_to_string(logs.join("metrics.jsonl")).unwrap();
+    assert_eq!(jsonl.lines().filter(|l| l.contains("\"train/loss\"")).count(), 2);
+}

@@ -3,7 +3,7 @@
 use crate::checkpoint::{self, CheckpointData, MomentState, TrainerState};
 use crate::config::TrainConfig;
 use crate::data::{load_windows, Loader, Tokenizer, Window};
-use crate::metrics::MetricsWriter;
+use crate::metrics::{MetricsWriter, MoeHealth};
 use crate::params::{host_params, named_params, routing_state, to_checkpoint, HostF32, NamedParam};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, SimpleOptimizer};
@@ -302,10 +302,7 @@ pub fn train<B: AutodiffBackend>(
         start_step: state.step,
         ..Default::default()
     };
-    let mut metrics = match &cfg.logging.tensorboard {
-        Some(dir) => Some(MetricsWriter::create(dir)?),
-        None => None,
-    };
+    let mut metrics = cfg.logging.tensorboard.as_deref().map(MetricsWriter::create);
     if let Some(dir) = &resume_dir {
         say(format!("resumed from {} at step {}", dir.display(), state.step));
     }
@@ -322,7 +319,8 @@ pub fn train<B: AutodiffBackend>(
         say(format!("step {:>6}  validation loss {v:.4}", state.step));
         report.validations.push((state.step, v));
         if let Some(m) = metrics.as_mut() {
-            m.scalar("valid/loss", state.step, v)?;
+            m.scalar("valid/loss", state.step, v);
+            m.flush();
         }
     }
 
@@ -420,21 +418,46 @@ pub fn train<B: AutodiffBackend>(
                 .iter()
                 .zip(&model.layers)
                 .filter(|(l, b)| !l.is_empty() && b.ffn.routing == RoutingKind::TopK)
-                .map(|(l, _)| {
-                    let mean = l.iter().sum::<usize>() as f64 / l.len() as f64;
-                    (*l.iter().max().unwrap() as f64 - mean) / mean.max(1e-9)
-                })
+                .map(|(l, _)| MoeHealth::of(l).max_vio)
                 .fold(0.0, f64::max);
             say(format!(
                 "step {step:>6}/{total_steps}  loss {:.4}  lr {:.3e}  grad-norm {:.3}  max-vio {max_vio:.2}  {:.0} tokens/s",
                 log.loss, log.lr, log.grad_norm, log.tokens_per_s
             ));
             if let Some(m) = metrics.as_mut() {
-                m.scalar("train/loss", step, log.loss)?;
-                m.scalar("train/lr", step, log.lr)?;
-                m.scalar("train/grad_norm", step, log.grad_norm)?;
-                m.scalar("train/tokens_per_s", step, log.tokens_per_s)?;
-                m.scalar("moe/max_vio", step, max_vio)?;
+                m.scalar("train/loss", step, log.loss);
+                m.scalar("train/lr", step, log.lr);
+                m.scalar("train/grad_norm", step, log.grad_norm);
+                m.scalar("train/tokens_per_s", step, log.tokens_per_s);
+                m.scalar("moe/max_vio", step, max_vio);
+                for (load, block) in loads.iter().zip(&model.layers) {
+                    if load.is_empty() {
+                        continue;
+                    }
+                    let layer = format!("moe/layer{}", block.index);
+                    let health = MoeHealth::of(load);
+                    m.scalar(&format!("{layer}/max_vio"), step, health.max_vio);
+                    m.scalar(&format!("{layer}/load_cv"), step, health.cv);
+                    m.scalar(&format!("{layer}/dead_experts"), step, health.dead as f64);
+                    // One process holds every expert (expert parallelism is not implemented yet).
+                    m.scalar(
+                        &format!("{layer}/tokens_received/rank0"),
+                        step,
+                        load.iter().sum::<usize>() as f64,
+                    );
+                    if block.ffn.routing == RoutingKind::TopK {
+                        let (lo, hi) = block
+                            .ffn
+                            .bias
+                            .iter()
+                            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &b| {
+                                (lo.min(b), hi.max(b))
+                            });
+                        m.scalar(&format!("{layer}/bias_min"), step, lo as f64);
+                        m.scalar(&format!("{layer}/bias_max"), step, hi as f64);
+                    }
+                    m.expert_histogram(&format!("{layer}/tokens_per_expert"), step, load);
+                }
             }
         }
         report.steps.push(log);
@@ -444,7 +467,8 @@ pub fn train<B: AutodiffBackend>(
             say(format!("step {step:>6}  validation loss {v:.4}"));
             report.validations.push((step, v));
             if let Some(m) = metrics.as_mut() {
-                m.scalar("valid/loss", step, v)?;
+                m.scalar("valid/loss", step, v);
+                m.flush();
             }
         }
         let save_now = cfg.checkpoint.interval > 0 && step % cfg.checkpoint.interval == 0;
