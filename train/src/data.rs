@@ -4,32 +4,79 @@
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use v4_infer::chat;
+use v4_infer::V4Tokenizer;
 
-/// Token = byte value (vocabulary 256), for models without a tokenizer.
-#[derive(Debug, Clone)]
+/// How text becomes tokens.
 pub enum Tokenizer {
+    /// Token = byte value (vocabulary 256), for models without a tokenizer.
     Bytes,
+    /// A `tokenizer.json` (the V4 tokenizer); chat records use V4's chat format.
+    Json(Box<V4Tokenizer>),
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tokenizer::Bytes => f.write_str("Bytes"),
+            Tokenizer::Json(t) => write!(f, "Json({})", t.path().display()),
+        }
+    }
 }
 
 impl Tokenizer {
+    /// `"bytes"`, or the path of a `tokenizer.json`.
     pub fn from_spec(spec: &str) -> Result<Self, String> {
         match spec {
             "bytes" => Ok(Tokenizer::Bytes),
-            other => Err(format!(
-                "[data] tokenizer = \"{other}\": only \"bytes\" is supported by this build of the trainer \
-                 (tokenizer.json support is not wired in yet)"
-            )),
+            path => V4Tokenizer::from_file(Path::new(path))
+                .map(|t| Tokenizer::Json(Box::new(t)))
+                .map_err(|e| format!("[data] tokenizer: {e}")),
         }
     }
 
     pub fn vocab_size(&self) -> usize {
-        256
+        match self {
+            Tokenizer::Bytes => 256,
+            Tokenizer::Json(t) => t.vocab_size(),
+        }
     }
 
-    pub fn encode(&self, text: &str) -> Vec<u32> {
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
         match self {
-            Tokenizer::Bytes => text.bytes().map(u32::from).collect(),
+            Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
+            Tokenizer::Json(t) => t.encode(text).map_err(|e| e.to_string()),
         }
+    }
+
+    /// A chat conversation as segments of (text, is it a loss target): V4's chat format with a real
+    /// tokenizer (BOS, system, `<｜User｜>`, `<｜Assistant｜></think>` answer EOS), `<|role|>` headers with
+    /// bytes. Only assistant answers (and their end marker) are targets.
+    fn chat_segments(&self, messages: &[Message]) -> Vec<(String, bool)> {
+        let mut out = Vec::new();
+        match self {
+            Tokenizer::Bytes => {
+                for m in messages {
+                    let target = m.role == "assistant";
+                    out.push((format!("<|{}|>\n", m.role), false));
+                    out.push((format!("{}\n", m.content), target));
+                }
+            }
+            Tokenizer::Json(_) => {
+                out.push((chat::BOS.to_string(), false));
+                for m in messages {
+                    match m.role.as_str() {
+                        "system" => out.push((m.content.clone(), false)),
+                        "user" => out.push((format!("{}{}", chat::USER, m.content), false)),
+                        _ => {
+                            out.push((format!("{}{}", chat::ASSISTANT, chat::END_THINK), false));
+                            out.push((format!("{}{}", chat::strip_thinking(&m.content), chat::EOS), true));
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
@@ -54,7 +101,7 @@ struct Record {
 }
 
 /// Reads `path` (JSONL) into windows of `seq_len + 1` tokens. `text` records are all targets; chat records
-/// are rendered `<|role|>\ncontent\n` with only the assistant contents as targets.
+/// are rendered by [`Tokenizer::chat_segments`], with only the assistant answers as targets.
 pub fn load_windows(
     path: &Path,
     tokenizer: &Tokenizer,
@@ -63,10 +110,11 @@ pub fn load_windows(
 ) -> Result<Vec<Window>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let (mut tokens, mut mask) = (Vec::new(), Vec::new());
-    let push = |s: &str, target: bool, tokens: &mut Vec<u32>, mask: &mut Vec<bool>| {
-        let ids = tokenizer.encode(s);
+    let push = |s: &str, target: bool, tokens: &mut Vec<u32>, mask: &mut Vec<bool>| -> Result<(), String> {
+        let ids = tokenizer.encode(s)?;
         mask.extend(std::iter::repeat_n(target, ids.len()));
         tokens.extend(ids);
+        Ok(())
     };
     let mut records = 0;
     for (n, line) in text.lines().enumerate() {
@@ -80,26 +128,23 @@ pub fn load_windows(
         let record: Record =
             serde_json::from_str(line).map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
         match (record.text, record.messages) {
-            (Some(t), None) => {
-                push(&t, true, &mut tokens, &mut mask);
-                push("\n\n", true, &mut tokens, &mut mask);
-            }
+            (Some(t), None) => push(&format!("{t}\n\n"), true, &mut tokens, &mut mask),
             (None, Some(messages)) => {
-                for m in messages {
-                    push(&format!("<|{}|>\n", m.role), false, &mut tokens, &mut mask);
-                    let target = m.role == "assistant";
-                    push(&m.content, target, &mut tokens, &mut mask);
-                    push("\n", target, &mut tokens, &mut mask);
+                if let Some(m) = messages
+                    .iter()
+                    .find(|m| !["system", "user", "assistant"].contains(&m.role.as_str()))
+                {
+                    Err(format!("unknown role `{}` (system, user, assistant)", m.role))
+                } else {
+                    tokenizer
+                        .chat_segments(&messages)
+                        .iter()
+                        .try_for_each(|(text, target)| push(text, *target, &mut tokens, &mut mask))
                 }
             }
-            _ => {
-                return Err(format!(
-                    "{}:{}: a record needs exactly one of `text` or `messages`",
-                    path.display(),
-                    n + 1
-                ))
-            }
+            _ => Err("a record needs exactly one of `text` or `messages`".to_string()),
         }
+        .map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
     }
     let w = seq_len + 1;
     let windows: Vec<Window> = tokens
@@ -214,6 +259,58 @@ mod tests {
             .collect();
         assert_eq!(text, "<|user|>\nhi\n<|assistant|>\nyo\n");
         assert_eq!(targets, "yo\n");
+    }
+
+    /// With the V4 tokenizer, a chat record is V4's chat format, and exactly the assistant's answer and its
+    /// EOS are targets: the targets decode back to them.
+    #[test]
+    fn v4_tokenizer_chat_uses_the_v4_format_and_masks_all_but_the_answer() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let spec = root.join(v4_infer::TOKENIZER_FIXTURE);
+        let tokenizer = Tokenizer::from_spec(spec.to_str().unwrap()).unwrap();
+        let Tokenizer::Json(inner) = &tokenizer else {
+            panic!("expected a tokenizer.json")
+        };
+        let dir = std::env::temp_dir().join(format!("v4-train-v4chat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.jsonl");
+        let line = r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who wrote Hamlet?"}, {"role": "assistant", "content": "Shakespeare."}]}"#;
+        std::fs::write(&path, line).unwrap();
+        let messages = [
+            v4_infer::Message::new(v4_infer::Role::System, "Be brief."),
+            v4_infer::Message::new(v4_infer::Role::User, "Who wrote Hamlet?"),
+            v4_infer::Message::new(v4_infer::Role::Assistant, "Shakespeare."),
+        ];
+        // The whole conversation as the inference side renders it, minus its trailing generation prompt.
+        let rendered = v4_infer::render_chat(&messages, false);
+        let expected = rendered
+            .strip_suffix(&format!("{}{}", chat::ASSISTANT, chat::END_THINK))
+            .unwrap();
+        let n = inner.encode(expected).unwrap().len();
+        let w = load_windows(&path, &tokenizer, n - 1, 0).unwrap();
+        assert_eq!(w.len(), 1);
+        assert_eq!(inner.decode(&w[0].tokens, false).unwrap(), expected);
+        let targets: Vec<u32> = w[0]
+            .tokens
+            .iter()
+            .zip(&w[0].mask)
+            .filter(|(_, &m)| m)
+            .map(|(&t, _)| t)
+            .collect();
+        assert_eq!(
+            inner.decode(&targets, false).unwrap(),
+            format!("Shakespeare.{}", chat::EOS)
+        );
+
+        std::fs::write(&path, r#"{"messages": [{"role": "narrator", "content": "x"}]}"#).unwrap();
+        let err = load_windows(&path, &tokenizer, 4, 0).unwrap_err();
+        assert!(
+            err.contains(":1:") && err.contains("unknown role `narrator`"),
+            "{err}"
+        );
+        assert!(Tokenizer::from_spec("/no/such/tokenizer.json")
+            .unwrap_err()
+            .contains("no such file"));
     }
 
     #[test]
