@@ -37,6 +37,8 @@ STRUCTS = {
 # Methods `Cpu` implements itself, and the kernel that does it.
 OWN = {
     "float_matmul": "crate::kernels::matmul",
+    "float_zeros": "crate::kernels::float_zeros",
+    "float_full": "crate::kernels::float_full",
     "float_reshape": "crate::kernels::float_reshape",
     "int_reshape": "crate::kernels::int_reshape",
     "float_slice": "crate::kernels::float_slice",

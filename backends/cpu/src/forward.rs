@@ -24,6 +24,19 @@ impl FloatTensorOps<Self> for Cpu {
         Inner::float_random(shape, distribution, device, dtype)
     }
 
+    fn float_zeros(shape: Shape, device: &Device<Self>, dtype: FloatDType) -> FloatTensor<Self> {
+        crate::kernels::float_zeros(shape, device, dtype)
+    }
+
+    fn float_full(
+        shape: Shape,
+        fill_value: Scalar,
+        device: &Device<Self>,
+        dtype: FloatDType,
+    ) -> FloatTensor<Self> {
+        crate::kernels::float_full(shape, fill_value, device, dtype)
+    }
+
     fn float_into_data(
         tensor: FloatTensor<Self>,
     ) -> impl core::future::Future<Output = Result<TensorData, ExecutionError>> + Send {

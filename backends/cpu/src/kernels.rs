@@ -4,8 +4,8 @@
 
 use crate::Inner;
 use burn_backend::ops::{FloatTensorOps, IntTensorOps};
-use burn_backend::{Shape, Slice};
-use burn_ndarray::NdArrayTensor;
+use burn_backend::{FloatDType, Scalar, Shape, Slice};
+use burn_ndarray::{NdArrayDevice, NdArrayTensor};
 use ndarray::{ArcArray, ArrayD, ArrayViewD, Axis, IxDyn};
 use rayon::prelude::*;
 
@@ -226,6 +226,31 @@ pub(crate) fn int_slice(tensor: NdArrayTensor, slices: &[Slice]) -> NdArrayTenso
             NdArrayTensor::from(slice_array(s.into_shared(), slices))
         }
         other => Inner::int_slice(other, slices),
+    }
+}
+
+/// A tensor of zeros. burn's default builds a `TensorData` element by element and converts it: in a
+/// training step every `slice`'s backward creates one of its parent's size, and this was half the step.
+pub(crate) fn float_zeros(shape: Shape, device: &NdArrayDevice, dtype: FloatDType) -> NdArrayTensor {
+    match dtype {
+        FloatDType::F32 => NdArrayTensor::from(ArrayD::<f32>::zeros(IxDyn(shape.as_slice())).into_shared()),
+        _ => Inner::float_zeros(shape, device, dtype),
+    }
+}
+
+/// A tensor filled with `fill_value` (see [`float_zeros`]).
+pub(crate) fn float_full(
+    shape: Shape,
+    fill_value: Scalar,
+    device: &NdArrayDevice,
+    dtype: FloatDType,
+) -> NdArrayTensor {
+    match dtype {
+        FloatDType::F32 => {
+            let value = fill_value.elem::<f32>();
+            NdArrayTensor::from(ArrayD::<f32>::from_elem(IxDyn(shape.as_slice()), value).into_shared())
+        }
+        _ => Inner::float_full(shape, fill_value, device, dtype),
     }
 }
 

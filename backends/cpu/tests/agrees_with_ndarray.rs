@@ -200,3 +200,36 @@ fn views_slice_and_reshape_like_ndarray() {
     let _ = parent.slice_assign([2..4usize; 1], Tensor::zeros([2], &device));
     assert_eq!(window.into_data().to_vec::<i64>().unwrap(), vec![2, 3, 4, 5]);
 }
+
+#[test]
+fn zeros_and_full_and_the_slice_backward_that_uses_them() {
+    let device = Default::default();
+    assert_close(
+        Tensor::<Cpu, 3>::zeros([3, 4, 5], &device),
+        Tensor::<Nd, 3>::zeros([3, 4, 5], &device),
+        0.0,
+        0.0,
+        "zeros",
+    );
+    assert_close(
+        Tensor::<Cpu, 2>::full([7, 3], -2.5, &device),
+        Tensor::<Nd, 2>::full([7, 3], -2.5, &device),
+        0.0,
+        0.0,
+        "full",
+    );
+    // The gradient of a slice is zeros of the parent's shape with the upstream gradient in the slice.
+    type Ad<B> = burn_autodiff::Autodiff<B>;
+    let (x, xn) = pair([4, 6], 9);
+    let x = Tensor::<Ad<Cpu>, 2>::from_data(x.into_data(), &device).require_grad();
+    let xn = Tensor::<Ad<Nd>, 2>::from_data(xn.into_data(), &device).require_grad();
+    let g = x.clone().slice([1..3, 2..5]).exp().sum().backward();
+    let gn = xn.clone().slice([1..3, 2..5]).exp().sum().backward();
+    assert_close(
+        x.grad(&g).unwrap(),
+        xn.grad(&gn).unwrap(),
+        1e-6,
+        0.0,
+        "slice backward",
+    );
+}
