@@ -12,12 +12,12 @@
 //! Queries are processed in chunks, each against only the keys its window can reach, so the cost of a
 //! prefill grows linearly with its length.
 
-use crate::cache::LayerCache;
-use crate::compressor::Compressor;
+use crate::cache::{LayerCache, Segment};
+use crate::compressor::{Compressor, Projected};
 use crate::config::AttentionKind;
-use crate::indexer::{Indexer, Selection};
+use crate::indexer::{IndexQueries, Indexer, Selection};
 use crate::norm::{rms_normalize, Linear, RmsNorm};
-use crate::probe::{tap, Probe};
+use crate::probe::{tap, NoProbe, Probe};
 use crate::rope::Rope;
 use burn::module::{Module, Param};
 use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
@@ -55,6 +55,16 @@ pub struct Attention<B: Backend> {
 /// `index_topk` of them, and gathers the picks beyond (the default of [`Attention::dense_selection_factor`]).
 pub const DENSE_SELECTION_FACTOR: usize = 4;
 
+/// One segment's share of the token-wise projections (before RoPE).
+struct SegmentInputs<B: Backend> {
+    /// Per-head normed queries: `[B, S, H, d]`.
+    q: Tensor<B, 4>,
+    /// Normed shared key/value: `[B, S, d]`.
+    kv: Tensor<B, 3>,
+    compressed: Option<Projected<B>>,
+    index: Option<IndexQueries<B>>,
+}
+
 /// Compressed keys a chunk of queries can read.
 enum CompressedKeys<'a, B: Backend> {
     /// HCA: every complete entry (`i < floor((t + 1) / m)`).
@@ -67,25 +77,82 @@ enum CompressedKeys<'a, B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
-    /// Attends the new tokens `x: [B, S, D]` (absolute positions `start..start+S`), continuing `cache`.
+    /// Attends the new tokens `x: [B, S, D]`. Each segment continues its own layer state with its
+    /// columns (one segment over all columns for a uniform batch, one per sequence for a packed one).
+    /// The projections run once over all tokens; the stateful part (RoPE at the segment's positions,
+    /// window, compressors, indexer, softmax) runs per segment.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        start: usize,
-        cache: &mut LayerCache<B>,
+        segments: &mut [Segment<'_, B>],
         probe: &mut dyn Probe,
         name: &str,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let (h, d) = (self.num_heads, self.head_dim);
-        let device = x.device();
-        let positions: Vec<usize> = (start..start + seq).collect();
-        let tables = self.rope.tables::<B>(&positions, d, &device);
-
         let qr = self.q_norm.forward(self.wq_a.forward(x.clone()));
-        let q = self.wq_b.forward(qr.clone()).reshape([batch, seq, h, d]);
-        let q = tables.apply(rms_normalize(q, self.norm_eps), false);
-        let kv = tables.apply3(self.kv_norm.forward(self.wkv.forward(x.clone())), false);
+        let q = rms_normalize(
+            self.wq_b.forward(qr.clone()).reshape([batch, seq, h, d]),
+            self.norm_eps,
+        );
+        let kv = self.kv_norm.forward(self.wkv.forward(x.clone()));
+        let compressed = self.compressor.as_ref().map(|c| c.project(x.clone()));
+        let index = self.indexer.as_ref().map(|i| i.project(x, qr));
+
+        // Per-tensor probe points are only offered for a single segment (whole-batch tensors).
+        let single = segments.len() == 1;
+        let mut silent = NoProbe;
+        let mut outputs = Vec::with_capacity(segments.len());
+        for segment in segments.iter_mut() {
+            let cols = &segment.cols;
+            let probe: &mut dyn Probe = if single { &mut *probe } else { &mut silent };
+            let inputs = SegmentInputs {
+                q: q.clone().narrow(1, cols.start, cols.len()),
+                kv: kv.clone().narrow(1, cols.start, cols.len()),
+                compressed: compressed.as_ref().map(|p| p.columns(cols)),
+                index: index.as_ref().map(|i| i.columns(cols)),
+            };
+            outputs.push(self.segment(inputs, segment.start, segment.cache, probe, name));
+        }
+        let o = if outputs.len() == 1 {
+            outputs.pop().expect("one segment")
+        } else {
+            Tensor::cat(outputs, 1)
+        };
+
+        // Grouped output projection: [B*S, g, H*d/g] -> [g, B*S, R] -> [B*S, g*R] -> [B, S, D].
+        let [g, group_in, r] = self.wo_a.dims();
+        let grouped = o.reshape([batch * seq, g, group_in]).swap_dims(0, 1);
+        let low = grouped
+            .matmul(self.wo_a.val())
+            .swap_dims(0, 1)
+            .reshape([batch, seq, g * r]);
+        let out = self.wo_b.forward(low);
+        tap(probe, &format!("{name}.output"), &out);
+        out
+    }
+
+    /// One segment's attention: its new tokens at positions `start..` continue `cache`. Returns the
+    /// attention output per head after the inverse RoPE, `[B, S, H, d]`.
+    fn segment(
+        &self,
+        inputs: SegmentInputs<B>,
+        start: usize,
+        cache: &mut LayerCache<B>,
+        probe: &mut dyn Probe,
+        name: &str,
+    ) -> Tensor<B, 4> {
+        let SegmentInputs {
+            q,
+            kv,
+            compressed,
+            index,
+        } = inputs;
+        let [batch, seq, _, d] = q.dims();
+        let positions: Vec<usize> = (start..start + seq).collect();
+        let tables = self.rope.tables::<B>(&positions, d, &q.device());
+        let q = tables.apply(q, false);
+        let kv = tables.apply3(kv, false);
         tap(probe, &format!("{name}.q"), &q);
         tap(probe, &format!("{name}.kv"), &kv);
 
@@ -103,17 +170,17 @@ impl<B: Backend> Attention<B> {
             cache.window = Some(keys.clone().narrow(1, total - keep, keep));
         }
 
-        let compressed = self
-            .compressor
-            .as_ref()
-            .and_then(|c| c.forward(x.clone(), &mut cache.compressor));
+        let compressed = match (&self.compressor, compressed) {
+            (Some(c), Some(projected)) => c.absorb(projected, &mut cache.compressor),
+            _ => None,
+        };
         if let Some(entries) = &compressed {
             tap(probe, &format!("{name}.compressor.entries"), entries);
         }
         // The indexer's compressor must see every token, even before the first complete window.
-        let selection = match &self.indexer {
-            Some(indexer) => {
-                let picked = indexer.forward(x, qr, start, &mut cache.indexer);
+        let selection = match (&self.indexer, index) {
+            (Some(indexer), Some(queries)) => {
+                let picked = indexer.select(queries, start, &mut cache.indexer);
                 if let Some((selection, scores)) = &picked {
                     tap(probe, &format!("{name}.indexer.scores"), scores);
                     if probe.wants(&format!("{name}.indexer.topk")) {
@@ -126,7 +193,7 @@ impl<B: Backend> Attention<B> {
                 }
                 picked.map(|(s, _)| s)
             }
-            None => None,
+            _ => None,
         };
         let extra = match (&compressed, &selection, self.kind) {
             (Some(entries), Some(selection), AttentionKind::Csa { .. }) => {
@@ -138,18 +205,7 @@ impl<B: Backend> Attention<B> {
 
         let o = self.attend(q, &keys, key_start, start, extra.as_ref());
         tap(probe, &format!("{name}.core"), &o);
-        let o = tables.apply(o, true);
-
-        // Grouped output projection: [B*S, g, H*d/g] -> [g, B*S, R] -> [B*S, g*R] -> [B, S, D].
-        let [g, group_in, r] = self.wo_a.dims();
-        let grouped = o.reshape([batch * seq, g, group_in]).swap_dims(0, 1);
-        let low = grouped
-            .matmul(self.wo_a.val())
-            .swap_dims(0, 1)
-            .reshape([batch, seq, g * r]);
-        let out = self.wo_b.forward(low);
-        tap(probe, &format!("{name}.output"), &out);
-        out
+        tables.apply(o, true)
     }
 
     /// The compression rate of this layer's compressor (1 for sliding-only layers).

@@ -6,7 +6,7 @@
 //! ```
 
 use crate::attention::Attention;
-use crate::cache::LayerCache;
+use crate::cache::Segment;
 use crate::hyper_connection::HyperConnection;
 use crate::moe::{ExpertRunner, Moe};
 use crate::norm::RmsNorm;
@@ -26,15 +26,14 @@ pub struct Block<B: Backend> {
 }
 
 impl<B: Backend> Block<B> {
-    /// `X: [B, S, c, D]` for the tokens `ids` at positions `start..start+S`. Returns the new streams and
-    /// the rows each routed expert received.
-    #[allow(clippy::too_many_arguments)]
+    /// `X: [B, S, c, D]` for the tokens `ids`; `segments` say which columns continue which layer state
+    /// at which positions (see [`Segment`]). Returns the new streams and the rows each routed expert
+    /// received.
     pub fn forward(
         &self,
         x: Tensor<B, 4>,
         ids: &[u32],
-        start: usize,
-        cache: &mut LayerCache<B>,
+        segments: &mut [Segment<'_, B>],
         runner: &dyn ExpertRunner<B>,
         probe: &mut dyn Probe,
     ) -> (Tensor<B, 4>, Vec<usize>) {
@@ -42,9 +41,7 @@ impl<B: Backend> Block<B> {
         let (input, mix) = self.attn_hc.pre(&x);
         let input = self.attn_norm.forward(input);
         tap(probe, &format!("{name}.attn.input"), &input);
-        let attn = self
-            .attn
-            .forward(input, start, cache, probe, &format!("{name}.attn"));
+        let attn = self.attn.forward(input, segments, probe, &format!("{name}.attn"));
         let x = mix.post(attn, x);
 
         let (input, mix) = self.ffn_hc.pre(&x);

@@ -4,6 +4,7 @@
 
 use crate::compressor::CompressorState;
 use burn::tensor::{backend::Backend, Tensor};
+use std::ops::Range;
 
 /// One layer's state.
 #[derive(Debug, Clone)]
@@ -62,4 +63,50 @@ impl<B: Backend> ModelCache<B> {
     pub fn num_elements(&self) -> usize {
         self.layers.iter().map(LayerCache::num_elements).sum()
     }
+}
+
+/// Decoding states of sequences that advance independently (prompts of different lengths, padded
+/// batches): one batch-1 [`ModelCache`] per sequence, each at its own position. A padded forward
+/// ([`crate::V4Model::forward_padded`]) packs every sequence's real tokens into one row, runs the
+/// token-wise parts (projections, mHC, MoE, head) once over all of them and attention per sequence.
+#[derive(Debug, Clone)]
+pub struct SequenceCaches<B: Backend> {
+    pub(crate) rows: Vec<ModelCache<B>>,
+}
+
+impl<B: Backend> SequenceCaches<B> {
+    /// Empty states for `batch` sequences of a model of `num_layers` layers.
+    pub fn new(num_layers: usize, batch: usize) -> Self {
+        Self {
+            rows: (0..batch).map(|_| ModelCache::new(num_layers)).collect(),
+        }
+    }
+
+    /// Number of sequences.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Tokens consumed so far by sequence `i`.
+    pub fn position(&self, i: usize) -> usize {
+        self.rows[i].position
+    }
+
+    /// Scalars held by all states.
+    pub fn num_elements(&self) -> usize {
+        self.rows.iter().map(ModelCache::num_elements).sum()
+    }
+}
+
+/// The part of a forward's `[B, S]` tokens that continues one layer state: columns `cols` of every row,
+/// at absolute positions `start..start + cols.len()`. A uniform batch is one segment over all columns;
+/// a packed batch (`B = 1`) has one segment per sequence.
+pub struct Segment<'a, B: Backend> {
+    pub cols: Range<usize>,
+    pub start: usize,
+    pub cache: &'a mut LayerCache<B>,
 }

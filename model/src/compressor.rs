@@ -10,7 +10,9 @@
 //!
 //! The same code compresses a whole sequence and a chunk that continues an earlier call: the
 //! [`CompressorState`] carries the incomplete window's projections, the previous window's first halves
-//! and the entries emitted so far. A full-sequence forward simply starts from an empty state.
+//! and the entries emitted so far. A full-sequence forward simply starts from an empty state. The work is
+//! split in two: [`Compressor::project`] is token-wise (run once over a packed batch of sequences) and
+//! [`Compressor::absorb`] continues one sequence's state.
 
 use crate::norm::{Linear, RmsNorm};
 use crate::rope::Rope;
@@ -32,6 +34,23 @@ pub struct Compressor<B: Backend> {
     pub width: usize,
     pub overlap: bool,
     pub rope: Rope,
+}
+
+/// A compressor's projections of some tokens: `[B, S, coff * width]` each.
+#[derive(Debug, Clone)]
+pub struct Projected<B: Backend> {
+    pub kv: Tensor<B, 3>,
+    pub gate: Tensor<B, 3>,
+}
+
+impl<B: Backend> Projected<B> {
+    /// The tokens of columns `cols` (one sequence of a packed batch).
+    pub fn columns(&self, cols: &std::ops::Range<usize>) -> Self {
+        Self {
+            kv: self.kv.clone().narrow(1, cols.start, cols.len()),
+            gate: self.gate.clone().narrow(1, cols.start, cols.len()),
+        }
+    }
 }
 
 /// What a compressor remembers between calls, per sequence of the batch.
@@ -75,12 +94,21 @@ impl<B: Backend> CompressorState<B> {
 }
 
 impl<B: Backend> Compressor<B> {
-    /// Compresses the new tokens `x: [B, S, D]` and returns all entries so far, `[B, T, width]`.
-    pub fn forward(&self, x: Tensor<B, 3>, state: &mut CompressorState<B>) -> Option<Tensor<B, 3>> {
-        let [batch, _, _] = x.dims();
+    /// The token-wise half: projections of the new tokens `x: [B, S, D]`, `([B, S, coff * width]` each).
+    /// Computed for a whole (packed) batch at once, then [`absorb`](Self::absorb)ed per sequence.
+    pub fn project(&self, x: Tensor<B, 3>) -> Projected<B> {
+        Projected {
+            kv: self.wkv.forward(x.clone()),
+            gate: self.wgate.forward(x),
+        }
+    }
+
+    /// The stateful half: continues `state` with the projections of one sequence's (or one equal-position
+    /// batch's) new tokens and returns all entries so far, `[B, T, width]`.
+    pub fn absorb(&self, projected: Projected<B>, state: &mut CompressorState<B>) -> Option<Tensor<B, 3>> {
         let (m, w) = (self.rate, self.width);
-        let mut kv = self.wkv.forward(x.clone());
-        let mut gate = self.wgate.forward(x);
+        let Projected { mut kv, mut gate } = projected;
+        let [batch, _, _] = kv.dims();
         if let Some((pending_kv, pending_gate)) = state.pending.take() {
             kv = Tensor::cat(vec![pending_kv, kv], 1);
             gate = Tensor::cat(vec![pending_gate, gate], 1);

@@ -7,10 +7,11 @@
 //! window is complete at `t` (`i < floor((t + 1) / m)`) are eligible; ties go to the lowest index.
 //! The selection is a set of integers, so it is computed on the host.
 
-use crate::compressor::{Compressor, CompressorState};
+use crate::compressor::{Compressor, CompressorState, Projected};
 use crate::norm::Linear;
 use burn::module::Module;
 use burn::tensor::{activation, backend::Backend, Tensor};
+use std::ops::Range;
 
 #[derive(Module, Debug)]
 pub struct Indexer<B: Backend> {
@@ -35,29 +36,59 @@ pub struct Selection {
 /// Queries scored per matmul: bounds the `[B, chunk * Hi, T]` score tensor on long sequences.
 const QUERY_CHUNK: usize = 256;
 
+/// The indexer's token-wise inputs for some tokens (see [`Indexer::project`]).
+#[derive(Debug, Clone)]
+pub struct IndexQueries<B: Backend> {
+    /// Index queries before RoPE: `[B, S, Hi, di]`.
+    q: Tensor<B, 4>,
+    /// Per-head weights, already scaled by `1 / (sqrt(di) sqrt(Hi))`: `[B, S, Hi]`.
+    weights: Tensor<B, 3>,
+    /// The index compressor's projections.
+    keys: Projected<B>,
+}
+
+impl<B: Backend> IndexQueries<B> {
+    /// The tokens of columns `cols` (one sequence of a packed batch).
+    pub fn columns(&self, cols: &Range<usize>) -> Self {
+        Self {
+            q: self.q.clone().narrow(1, cols.start, cols.len()),
+            weights: self.weights.clone().narrow(1, cols.start, cols.len()),
+            keys: self.keys.columns(cols),
+        }
+    }
+}
+
 impl<B: Backend> Indexer<B> {
-    /// Scores the new queries against all index keys and selects the top-k per query.
-    ///
-    /// `x: [B, S, D]` is the attention input, `qr: [B, S, q_lora]` the normed query latent, `start` the
-    /// absolute position of the first query. Returns None while no entry exists yet.
-    pub fn forward(
+    /// The token-wise half, for a whole (packed) batch: `x: [B, S, D]` is the attention input and
+    /// `qr: [B, S, q_lora]` the normed query latent.
+    pub fn project(&self, x: Tensor<B, 3>, qr: Tensor<B, 3>) -> IndexQueries<B> {
+        let [batch, seq, _] = x.dims();
+        let (hi, di) = (self.heads, self.head_dim);
+        IndexQueries {
+            q: self.wq_b.forward(qr).reshape([batch, seq, hi, di]),
+            weights: self
+                .weights_proj
+                .forward(x.clone())
+                .mul_scalar(1.0 / ((di as f64).sqrt() * (hi as f64).sqrt())),
+            keys: self.compressor.project(x),
+        }
+    }
+
+    /// Continues one sequence's index keys with its new tokens (absolute positions from `start`), scores
+    /// the queries against all keys and selects the top-k per query. Returns None while no entry exists.
+    pub fn select(
         &self,
-        x: Tensor<B, 3>,
-        qr: Tensor<B, 3>,
+        queries: IndexQueries<B>,
         start: usize,
         state: &mut CompressorState<B>,
     ) -> Option<(Selection, Tensor<B, 3>)> {
-        let keys = self.compressor.forward(x.clone(), state)?;
-        let [batch, seq, _] = x.dims();
+        let IndexQueries { q, weights, keys } = queries;
+        let keys = self.compressor.absorb(keys, state)?;
+        let [batch, seq, hi, di] = q.dims();
         let [_, entries, _] = keys.dims();
-        let (hi, di) = (self.heads, self.head_dim);
         let positions: Vec<usize> = (start..start + seq).collect();
-        let tables = self.compressor.rope.tables::<B>(&positions, di, &x.device());
-        let q = tables.apply(self.wq_b.forward(qr).reshape([batch, seq, hi, di]), false);
-        let weights = self
-            .weights_proj
-            .forward(x)
-            .mul_scalar(1.0 / ((di as f64).sqrt() * (hi as f64).sqrt()));
+        let tables = self.compressor.rope.tables::<B>(&positions, di, &q.device());
+        let q = tables.apply(q, false);
         let keys_t = keys.clone().swap_dims(1, 2); // [B, di, T]
 
         let mut scores = Vec::with_capacity(batch * seq * entries);

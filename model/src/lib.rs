@@ -32,11 +32,11 @@ pub mod probe;
 pub mod rope;
 pub mod weights;
 
-pub use cache::ModelCache;
+pub use cache::{ModelCache, SequenceCaches};
 pub use calibration::{ExpertActivationStats, ExpertMeanSquares};
 pub use checkpoint::{read_config, SafetensorsDir};
 pub use config::{AttentionKind, ConfigError, ParamCounts, RoutingKind, V4Config};
-pub use model::{ForwardOutput, InputError, LogitsFor, Tokens, V4Model};
+pub use model::{ForwardOutput, InputError, LogitsFor, PaddedTokens, Padding, Tokens, V4Model};
 pub use moe::{ExpertRunner, LocalExperts};
 pub use probe::{NoProbe, Probe, Recorder};
 pub use weights::{HostData, HostTensor, LoadError, RandomWeights, WeightSource};

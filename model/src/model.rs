@@ -8,7 +8,7 @@
 
 use crate::attention::Attention;
 use crate::block::Block;
-use crate::cache::ModelCache;
+use crate::cache::{ModelCache, Segment, SequenceCaches};
 use crate::compressor::Compressor;
 use crate::config::{AttentionKind, RoutingKind, V4Config};
 use crate::hyper_connection::{HcHead, HyperConnection};
@@ -19,9 +19,10 @@ use crate::probe::{tap, NoProbe, Probe};
 use crate::rope::Rope;
 use crate::weights::{HostData, LoadError, WeightSource};
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
 use std::collections::HashSet;
 use std::fmt;
+use std::ops::Range;
 
 #[derive(Module, Debug)]
 pub struct V4Model<B: Backend> {
@@ -57,6 +58,13 @@ pub enum InputError {
     },
     /// The context would exceed the model's maximum position.
     TooLong { positions: usize, max: usize },
+    /// An attention mask that is not one contiguous span of real tokens per row, or has values other
+    /// than 0 and 1.
+    Mask { batch: usize, message: String },
+    /// A padded batch whose rows are all padding.
+    AllPadding { batch: usize, seq: usize },
+    /// A padded batch with a different number of rows than its decoding states.
+    Caches { caches: usize, batch: usize },
 }
 
 impl fmt::Display for InputError {
@@ -80,6 +88,17 @@ impl fmt::Display for InputError {
             InputError::TooLong { positions, max } => write!(
                 f,
                 "{positions} positions exceed the model's max_position_embeddings ({max})"
+            ),
+            InputError::Mask { batch, message } => write!(f, "attention mask of row {batch}: {message}"),
+            InputError::AllPadding { batch, seq } => {
+                write!(
+                    f,
+                    "every row of the [{batch}, {seq}] batch is padding: nothing to run"
+                )
+            }
+            InputError::Caches { caches, batch } => write!(
+                f,
+                "a batch of {batch} rows cannot continue {caches} sequence states (one per row)"
             ),
         }
     }
@@ -110,6 +129,128 @@ impl Tokens {
             out.push(id as u32);
         }
         Ok(Self { ids: out, batch, seq })
+    }
+}
+
+/// Where a padded batch puts its padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// Real tokens first, padding after (shorter rows end early).
+    Right,
+    /// Padding first, real tokens last (all rows end at the last column).
+    Left,
+}
+
+/// A `[batch, seq]` block of token ids with an attention mask, as tokenizers pad a batch: each row's
+/// real tokens form one contiguous span (right padding: from column 0, left padding: up to the last
+/// column) and the padding ids are never read. A row of padding only does not advance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaddedTokens {
+    /// `[batch, seq]` row-major; padding columns hold any id.
+    pub ids: Vec<u32>,
+    pub batch: usize,
+    pub seq: usize,
+    /// The real tokens' columns of each row.
+    spans: Vec<Range<usize>>,
+}
+
+impl PaddedTokens {
+    /// From ids and an HF-style attention mask (1: token, 0: padding), both `[batch, seq]` row-major.
+    /// Padding ids may be anything (even negative); real ids must be in the vocabulary.
+    pub fn from_mask(
+        ids: &[i64],
+        mask: &[i64],
+        batch: usize,
+        seq: usize,
+        vocab: usize,
+    ) -> Result<Self, InputError> {
+        if batch == 0 || seq == 0 || ids.len() != batch * seq || mask.len() != ids.len() {
+            return Err(InputError::Shape {
+                len: ids.len().min(mask.len()),
+                batch,
+                seq,
+            });
+        }
+        let mut spans = Vec::with_capacity(batch);
+        let mut out = Vec::with_capacity(ids.len());
+        for row in 0..batch {
+            let m = &mask[row * seq..][..seq];
+            if let Some(&bad) = m.iter().find(|&&v| v != 0 && v != 1) {
+                return Err(InputError::Mask {
+                    batch: row,
+                    message: format!("value {bad} (expected 0 for padding or 1 for a token)"),
+                });
+            }
+            let first = m.iter().position(|&v| v == 1).unwrap_or(0);
+            let len = m.iter().filter(|&&v| v == 1).count();
+            if m[first..first + len].iter().any(|&v| v != 1) {
+                return Err(InputError::Mask {
+                    batch: row,
+                    message: "the tokens are not one contiguous span (padding may only lead or trail)".into(),
+                });
+            }
+            for (col, &id) in ids[row * seq..][..seq].iter().enumerate() {
+                let real = col >= first && col < first + len;
+                if real && (id < 0 || id as u64 >= vocab as u64) {
+                    return Err(InputError::OutOfVocabulary {
+                        batch: row,
+                        position: col,
+                        id,
+                        vocab,
+                    });
+                }
+                out.push(if real { id as u32 } else { 0 });
+            }
+            spans.push(first..first + len);
+        }
+        Ok(Self {
+            ids: out,
+            batch,
+            seq,
+            spans,
+        })
+    }
+
+    /// Pads `rows` to the longest one with `pad_id` on `side`.
+    pub fn pad(rows: &[&[u32]], side: Padding, pad_id: u32) -> Self {
+        let seq = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(rows.len() * seq);
+        let mut spans = Vec::with_capacity(rows.len());
+        for row in rows {
+            let padding = seq - row.len();
+            let start = match side {
+                Padding::Right => 0,
+                Padding::Left => padding,
+            };
+            if side == Padding::Left {
+                ids.extend(std::iter::repeat_n(pad_id, padding));
+            }
+            ids.extend_from_slice(row);
+            if side == Padding::Right {
+                ids.extend(std::iter::repeat_n(pad_id, padding));
+            }
+            spans.push(start..start + row.len());
+        }
+        Self {
+            ids,
+            batch: rows.len(),
+            seq,
+            spans,
+        }
+    }
+
+    /// The real tokens' columns of each row.
+    pub fn spans(&self) -> &[Range<usize>] {
+        &self.spans
+    }
+
+    /// The attention mask, `[batch, seq]` row-major (1: token, 0: padding).
+    pub fn mask(&self) -> Vec<i64> {
+        let mut mask = vec![0; self.batch * self.seq];
+        for (row, span) in self.spans.iter().enumerate() {
+            mask[row * self.seq..][span.clone()].fill(1);
+        }
+        mask
     }
 }
 
@@ -178,8 +319,7 @@ impl<B: Backend> V4Model<B> {
                 vocab,
             });
         }
-        let start = cache.position;
-        let end = start + tokens.seq;
+        let end = cache.position + tokens.seq;
         if end > self.config.max_position_embeddings {
             return Err(InputError::TooLong {
                 positions: end,
@@ -187,35 +327,159 @@ impl<B: Backend> V4Model<B> {
             });
         }
         let (b, s) = (tokens.batch, tokens.seq);
-        let d = self.config.hidden_size;
-        let c = self.config.hc_mult;
-        let device = self.embed.device();
-        let ids = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(tokens.ids.iter().map(|&t| t as i64).collect::<Vec<_>>(), [b * s]),
-            &device,
-        );
-        let x = self.embed.val().select(0, ids).reshape([b, s, 1, d]);
-        let mut x = x.repeat_dim(2, c);
-        let mut expert_counts = Vec::with_capacity(self.layers.len());
-        for (block, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            tap(probe, &format!("layers.{}.input", block.index), &x);
-            let (next, counts) = block.forward(x, &tokens.ids, start, layer_cache, runner, probe);
-            x = next;
-            expert_counts.push(counts);
-        }
+        let (mut x, expert_counts) = self.run_blocks(&tokens.ids, b, s, &mut [cache], &[0..s], runner, probe);
         if which == LogitsFor::Last {
             x = x.narrow(1, s - 1, 1);
         }
+        Ok(ForwardOutput {
+            logits: self.logits(x, probe),
+            expert_counts,
+        })
+    }
+
+    /// Forward of a padded batch: each row's real tokens (see [`PaddedTokens`]) continue that row's own
+    /// state in `caches`, so the rows may be at different positions. The real tokens of all rows are packed
+    /// into one `[1, N]` sequence: everything token-wise runs once over them, attention per row; padding
+    /// is never computed on. Logits: `[B, S, vocab]` with zeros at padding ([`LogitsFor::All`]), or each
+    /// row's last real token, `[B, 1, vocab]` ([`LogitsFor::Last`]; zeros for a row of padding only).
+    pub fn forward_padded(
+        &self,
+        tokens: &PaddedTokens,
+        caches: &mut SequenceCaches<B>,
+        runner: &dyn ExpertRunner<B>,
+        probe: &mut dyn Probe,
+        which: LogitsFor,
+    ) -> Result<ForwardOutput<B>, InputError> {
+        let (b, s) = (tokens.batch, tokens.seq);
+        if caches.len() != b {
+            return Err(InputError::Caches {
+                caches: caches.len(),
+                batch: b,
+            });
+        }
+        let vocab = self.config.vocab_size;
+        let max = self.config.max_position_embeddings;
+        let mut packed = Vec::new();
+        let mut cols = Vec::new();
+        let mut active = Vec::new();
+        for (row, span) in tokens.spans.iter().enumerate() {
+            let real = &tokens.ids[row * s..][span.clone()];
+            if let Some(i) = real.iter().position(|&id| id as usize >= vocab) {
+                return Err(InputError::OutOfVocabulary {
+                    batch: row,
+                    position: span.start + i,
+                    id: real[i] as i64,
+                    vocab,
+                });
+            }
+            let end = caches.position(row) + span.len();
+            if end > max {
+                return Err(InputError::TooLong { positions: end, max });
+            }
+            if !span.is_empty() {
+                cols.push(packed.len()..packed.len() + span.len());
+                active.push(row);
+                packed.extend_from_slice(real);
+            }
+        }
+        if packed.is_empty() {
+            return Err(InputError::AllPadding { batch: b, seq: s });
+        }
+        let mut row_caches: Vec<&mut ModelCache<B>> = caches
+            .rows
+            .iter_mut()
+            .enumerate()
+            .filter(|(row, _)| !tokens.spans[*row].is_empty())
+            .map(|(_, cache)| cache)
+            .collect();
+        let n = packed.len();
+        let (x, expert_counts) = self.run_blocks(&packed, 1, n, &mut row_caches, &cols, runner, probe);
+        let device = x.device();
+        let int = |v: Vec<i64>| {
+            let len = v.len();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(v, [len]), &device)
+        };
+        let logits = match which {
+            LogitsFor::Last => {
+                let last = int(cols.iter().map(|c| c.end as i64 - 1).collect());
+                let logits = self
+                    .logits(x.select(1, last), probe)
+                    .reshape([active.len(), vocab]);
+                let rows = int(active.iter().map(|&r| r as i64).collect());
+                Tensor::zeros([b, vocab], &device)
+                    .select_assign(0, rows, logits, IndexingUpdateOp::Add)
+                    .reshape([b, 1, vocab])
+            }
+            LogitsFor::All => {
+                let logits = self.logits(x, probe).reshape([n, vocab]);
+                let places = active
+                    .iter()
+                    .flat_map(|&r| tokens.spans[r].clone().map(move |c| (r * s + c) as i64))
+                    .collect();
+                Tensor::zeros([b * s, vocab], &device)
+                    .select_assign(0, int(places), logits, IndexingUpdateOp::Add)
+                    .reshape([b, s, vocab])
+            }
+        };
+        Ok(ForwardOutput {
+            logits,
+            expert_counts,
+        })
+    }
+
+    /// Embedding and blocks over `ids: [batch, seq]`; `cols[i]` are the columns continuing `caches[i]`
+    /// (which advance by that many positions). Returns the final streams `[batch, seq, c, D]` and the
+    /// rows each routed expert received, per layer.
+    #[allow(clippy::too_many_arguments)]
+    fn run_blocks(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        caches: &mut [&mut ModelCache<B>],
+        cols: &[Range<usize>],
+        runner: &dyn ExpertRunner<B>,
+        probe: &mut dyn Probe,
+    ) -> (Tensor<B, 4>, Vec<Vec<usize>>) {
+        let d = self.config.hidden_size;
+        let c = self.config.hc_mult;
+        let device = self.embed.device();
+        let ids_t = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(ids.iter().map(|&t| t as i64).collect::<Vec<_>>(), [batch * seq]),
+            &device,
+        );
+        let x = self.embed.val().select(0, ids_t).reshape([batch, seq, 1, d]);
+        let mut x = x.repeat_dim(2, c);
+        let mut expert_counts = Vec::with_capacity(self.layers.len());
+        for (layer, block) in self.layers.iter().enumerate() {
+            tap(probe, &format!("layers.{}.input", block.index), &x);
+            let mut segments: Vec<Segment<'_, B>> = caches
+                .iter_mut()
+                .zip(cols)
+                .map(|(cache, cols)| Segment {
+                    cols: cols.clone(),
+                    start: cache.position,
+                    cache: &mut cache.layers[layer],
+                })
+                .collect();
+            let (next, counts) = block.forward(x, ids, &mut segments, runner, probe);
+            x = next;
+            expert_counts.push(counts);
+        }
+        for (cache, cols) in caches.iter_mut().zip(cols) {
+            cache.position += cols.len();
+        }
+        (x, expert_counts)
+    }
+
+    /// The head: final streams `[B, S, c, D]` -> logits `[B, S, vocab]`.
+    fn logits(&self, x: Tensor<B, 4>, probe: &mut dyn Probe) -> Tensor<B, 3> {
         tap(probe, "final.streams", &x);
         let hidden = self.norm.forward(self.hc_head.forward(x));
         tap(probe, "final.hidden", &hidden);
         let logits = self.head.forward(hidden);
         tap(probe, "logits", &logits);
-        cache.position = end;
-        Ok(ForwardOutput {
-            logits,
-            expert_counts,
-        })
+        logits
     }
 
     /// Builds the model from `source` (HF tensor names), checking every tensor's presence and shape and

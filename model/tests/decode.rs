@@ -4,7 +4,10 @@
 use burn_ndarray::NdArray;
 use safetensors::SafeTensors;
 use std::path::PathBuf;
-use v4_model::{read_config, LocalExperts, LogitsFor, ModelCache, NoProbe, SafetensorsDir, Tokens, V4Model};
+use v4_model::{
+    read_config, LocalExperts, LogitsFor, ModelCache, NoProbe, PaddedTokens, Padding, SafetensorsDir,
+    SequenceCaches, Tokens, V4Model,
+};
 
 type B = NdArray<f32>;
 
@@ -153,4 +156,120 @@ fn last_position_logits_equal_the_full_forwards_last_row() {
         d <= 1e-4,
         "decode after a last-only prefill differs from HF by {d}"
     );
+}
+
+/// Logits of `ids` (one sequence) in one full forward: `[len * vocab]`.
+fn alone(f: &Fixture, ids: &[i64]) -> Vec<f32> {
+    let tokens = Tokens::new(ids, 1, ids.len(), 1024).unwrap();
+    f.model
+        .forward(&tokens)
+        .unwrap()
+        .into_data()
+        .into_vec::<f32>()
+        .unwrap()
+}
+
+/// A padded batch (either side) gives each row the logits of that row run alone, zeros at the padding;
+/// the rows then decode at their own positions, in one packed call per step, one of them matching HF's
+/// `decode_logits`; a row of padding only does not advance.
+#[test]
+fn padded_batches_give_each_sequence_its_own_logits() {
+    let f = fixture();
+    let vocab = 1024;
+    let (a, b) = (&f.ids[..80], &f.ids[80..160]);
+    let expect_a = alone(&f, a);
+    let expect_b = alone(&f, &b[..75]);
+    for side in [Padding::Right, Padding::Left] {
+        let rows: Vec<Vec<u32>> = [&a[..45], &b[..30]]
+            .iter()
+            .map(|r| r.iter().map(|&t| t as u32).collect())
+            .collect();
+        let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        let tokens = PaddedTokens::pad(&refs, side, 1023);
+        let mut caches = SequenceCaches::<B>::new(f.model.layers.len(), 2);
+        let logits = f
+            .model
+            .forward_padded(&tokens, &mut caches, &LocalExperts, &mut NoProbe, LogitsFor::All)
+            .unwrap()
+            .logits;
+        assert_eq!(logits.dims(), [2, 45, vocab]);
+        let logits = logits.into_data().into_vec::<f32>().unwrap();
+        let shift = if side == Padding::Left { 15 } else { 0 };
+        let row_b = &logits[45 * vocab..];
+        let d = max_abs_diff(&logits[..45 * vocab], &expect_a[..45 * vocab]).max(max_abs_diff(
+            &row_b[shift * vocab..][..30 * vocab],
+            &expect_b[..30 * vocab],
+        ));
+        assert!(
+            d <= 1e-5,
+            "{side:?} padding: prefill logits differ from single runs by {d}"
+        );
+        let pad_cols = if side == Padding::Left { 0..15 } else { 30..45 };
+        assert!(row_b[pad_cols.start * vocab..pad_cols.end * vocab]
+            .iter()
+            .all(|&x| x == 0.0));
+        assert_eq!((caches.position(0), caches.position(1)), (45, 30));
+
+        // One token per row and call, rows at positions 45+t and 30+t; on the 6th step row 1 sits out.
+        let (mut pa, mut pb) = (45, 30);
+        for step in 0..35 {
+            let idle = step == 5;
+            let ids = [a[pa], if idle { -1 } else { b[pb] }];
+            let mask = [1, if idle { 0 } else { 1 }];
+            let tokens = PaddedTokens::from_mask(&ids, &mask, 2, 1, vocab).unwrap();
+            let out = f
+                .model
+                .forward_padded(&tokens, &mut caches, &LocalExperts, &mut NoProbe, LogitsFor::Last)
+                .unwrap()
+                .logits
+                .into_data()
+                .into_vec::<f32>()
+                .unwrap();
+            let d = max_abs_diff(&out[..vocab], &f.decode_logits[step * vocab..][..vocab]);
+            assert!(
+                d <= 1e-4,
+                "{side:?}, step {step}: row 0 differs from HF's decode by {d}"
+            );
+            if idle {
+                assert!(out[vocab..].iter().all(|&x| x == 0.0));
+            } else {
+                let d = max_abs_diff(&out[vocab..], &expect_b[pb * vocab..][..vocab]);
+                assert!(
+                    d <= 1e-4,
+                    "{side:?}, step {step}: row 1 differs from its single run by {d}"
+                );
+                pb += 1;
+            }
+            pa += 1;
+            assert_eq!((caches.position(0), caches.position(1)), (pa, pb));
+        }
+    }
+}
+
+#[test]
+fn bad_masks_and_mismatched_states_are_refused() {
+    let f = fixture();
+    let vocab = 1024;
+    let gap = PaddedTokens::from_mask(&[1, 2, 3], &[1, 0, 1], 1, 3, vocab).unwrap_err();
+    assert!(gap.to_string().contains("contiguous"), "{gap}");
+    let value = PaddedTokens::from_mask(&[1, 2], &[1, 2], 1, 2, vocab).unwrap_err();
+    assert!(value.to_string().contains("value 2"), "{value}");
+    let oov = PaddedTokens::from_mask(&[5000, 2], &[1, 1], 1, 2, vocab).unwrap_err();
+    assert!(oov.to_string().contains("5000"), "{oov}");
+    // Out-of-vocabulary ids under padding are ignored.
+    let ok = PaddedTokens::from_mask(&[-1, 7, 8], &[0, 1, 1], 1, 3, vocab).unwrap();
+    assert_eq!((ok.spans(), ok.mask()), (&[1..3][..], vec![0, 1, 1]));
+
+    let mut caches = SequenceCaches::<B>::new(f.model.layers.len(), 2);
+    let padding = PaddedTokens::from_mask(&[1, 2], &[0, 0], 2, 1, vocab).unwrap();
+    let run = |t: &PaddedTokens, c: &mut SequenceCaches<B>| {
+        f.model
+            .forward_padded(t, c, &LocalExperts, &mut NoProbe, LogitsFor::Last)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(run(&padding, &mut caches).contains("padding"));
+    let three = PaddedTokens::pad(&[&[1], &[2], &[3]], Padding::Right, 0);
+    assert!(run(&three, &mut caches).contains("3 rows"));
+    assert_eq!((caches.position(0), caches.position(1)), (0, 0));
 }
