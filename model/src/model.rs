@@ -327,7 +327,16 @@ impl<B: Backend> V4Model<B> {
             });
         }
         let (b, s) = (tokens.batch, tokens.seq);
-        let (mut x, expert_counts) = self.run_blocks(&tokens.ids, b, s, &mut [cache], &[0..s], runner, probe);
+        let all_columns = 0..s;
+        let (mut x, expert_counts) = self.run_blocks(
+            &tokens.ids,
+            b,
+            s,
+            &mut [cache],
+            std::slice::from_ref(&all_columns),
+            runner,
+            probe,
+        );
         if which == LogitsFor::Last {
             x = x.narrow(1, s - 1, 1);
         }
