@@ -258,7 +258,8 @@ fn bad_masks_and_mismatched_states_are_refused() {
     assert!(oov.to_string().contains("5000"), "{oov}");
     // Out-of-vocabulary ids under padding are ignored.
     let ok = PaddedTokens::from_mask(&[-1, 7, 8], &[0, 1, 1], 1, 3, vocab).unwrap();
-    assert_eq!((ok.spans().to_vec(), ok.mask()), (vec![(1..3)], vec![0, 1, 1]));
+    assert_eq!(ok.spans().len(), 1);
+    assert_eq!((ok.spans()[0].clone(), ok.mask()), (1..3, vec![0, 1, 1]));
 
     let mut caches = SequenceCaches::<B>::new(f.model.layers.len(), 2);
     let padding = PaddedTokens::from_mask(&[1, 2], &[0, 0], 2, 1, vocab).unwrap();
