@@ -1,22 +1,22 @@
-//! The [`Generator`]: prefill and decode over [`V4Model`] and its incremental [`ModelCache`].
+//! The [`Generator`]: prefill and decode over [`V4Model`] and its incremental decoding state.
 //!
 //! The model itself owns the decoding state (sliding-window ring, compressor states, indexer keys) and
-//! continues it from `cache.position()` with chunks of any length; this module only schedules calls. It does
-//! not fork the architecture: every logit comes from `V4Model::forward_with`.
+//! continues it with chunks of any length; this module only schedules calls. It does not fork the
+//! architecture: every logit comes from `V4Model::forward_padded`.
 //!
-//! Batches of sequences with different lengths: the model's cache holds one position for the whole batch
-//! (no padding masks), so a [`Batch`] groups the sequences by prompt length and gives each group its own
-//! cache. Sequences of equal length run together in one `[g, S]` forward per call; groups of different
-//! lengths run one after the other. No padding token ever enters a cache, so each sequence's logits are
-//! exactly those of the sequence run alone. A sequence that has finished while the rest of its group goes
-//! on is fed its last token again and its outputs are ignored.
+//! A [`Batch`] holds one state per sequence ([`SequenceCaches`]), so sequences of different lengths run
+//! together: each call right-pads the sequences' chunks into one `[B, S]` batch with its mask, and the
+//! model packs the real tokens, runs the token-wise parts once over all of them and attention per
+//! sequence at its own position. Padding is never computed on, so each sequence's logits are those of the
+//! sequence run alone. A finished sequence sits out (is padding) while the others go on.
 
 use crate::error::InferError;
 use crate::sampling::{Sampler, SamplingParams};
 use burn::tensor::{backend::Backend, Tensor};
-use std::collections::BTreeMap;
 use std::time::Instant;
-use v4_model::{ExpertRunner, LocalExperts, LogitsFor, ModelCache, NoProbe, Tokens, V4Config, V4Model};
+use v4_model::{
+    ExpertRunner, LocalExperts, LogitsFor, NoProbe, PaddedTokens, Padding, SequenceCaches, V4Config, V4Model,
+};
 
 /// Runs a model incrementally.
 pub struct Generator<'a, B: Backend> {
@@ -34,7 +34,7 @@ pub struct GenerateParams {
     /// the output.
     pub stop_ids: Vec<u32>,
     /// Prefill in calls of at most this many tokens (None: the whole prompt in one call). Chunking bounds
-    /// the memory of a long prompt (the model computes logits for every position of a call).
+    /// the activation memory of a long prompt.
     pub prefill_chunk: Option<usize>,
 }
 
@@ -119,42 +119,29 @@ impl Timings {
     }
 }
 
-/// Sequences grouped by length, each group with its own cache (see the module doc).
+/// Sequences decoding together, each continuing its own state at its own position (see the module doc).
 pub struct Batch<B: Backend> {
-    groups: Vec<Group<B>>,
-    /// `(group, row)` of each sequence.
-    slots: Vec<(usize, usize)>,
-}
-
-struct Group<B: Backend> {
-    cache: ModelCache<B>,
-    /// Sequence indices, in row order.
-    members: Vec<usize>,
+    caches: SequenceCaches<B>,
 }
 
 impl<B: Backend> Batch<B> {
     /// Number of sequences.
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.caches.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.caches.is_empty()
     }
 
     /// Tokens consumed by sequence `i`.
     pub fn position(&self, i: usize) -> usize {
-        self.groups[self.slots[i].0].cache.position()
+        self.caches.position(i)
     }
 
-    /// Number of caches (groups of equal length).
-    pub fn num_groups(&self) -> usize {
-        self.groups.len()
-    }
-
-    /// Scalars held by all caches.
+    /// Scalars held by all sequences' states.
     pub fn cache_elements(&self) -> usize {
-        self.groups.iter().map(|g| g.cache.num_elements()).sum()
+        self.caches.num_elements()
     }
 
     /// Scalars held per consumed token (all sequences).
@@ -164,20 +151,8 @@ impl<B: Backend> Batch<B> {
     }
 }
 
-/// Logits `[B, S, vocab]` -> the last position's row of each sequence.
-fn last_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
-    let [b, s, v] = logits.dims();
-    let last = logits.narrow(1, s - 1, 1).reshape([b, v]);
-    let data = last
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .expect("logits are floats");
-    data.chunks_exact(v).map(<[f32]>::to_vec).collect()
-}
-
-/// Logits `[B, S, vocab]` -> each sequence's `[S * vocab]`.
-fn all_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
+/// Logits `[B, 1, vocab]` -> each row's `[vocab]`.
+fn rows_of<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
     let [_, s, v] = logits.dims();
     let data = logits
         .into_data()
@@ -229,137 +204,40 @@ impl<'a, B: Backend> Generator<'a, B> {
         &self.model.config
     }
 
-    /// An empty decoding state.
-    pub fn new_cache(&self) -> ModelCache<B> {
-        ModelCache::new(self.model.layers.len())
-    }
-
     /// Checks a prompt before any work: not empty, ids in the vocabulary, within the context.
     pub fn check_prompt(&self, ids: &[u32]) -> Result<(), InferError> {
         check_prompt(self.config(), ids)
     }
 
-    /// One forward call of `rows` (equal lengths, one row per sequence of the cache's batch) continuing
-    /// `cache`: logits `[B, S, vocab]`, or `[B, 1, vocab]` for [`LogitsFor::Last`].
-    pub fn forward(
-        &self,
-        cache: &mut ModelCache<B>,
-        rows: &[&[u32]],
-        which: LogitsFor,
-    ) -> Result<Tensor<B, 3>, InferError> {
-        let seq = rows.first().map_or(0, |r| r.len());
-        if rows.iter().any(|r| r.len() != seq) {
-            return Err(InferError::Batch(
-                "the rows of one forward call must have equal lengths".into(),
-            ));
+    /// An empty batch of `n` sequences (to [`feed_batch`](Self::feed_batch) from the start).
+    pub fn new_batch(&self, n: usize) -> Batch<B> {
+        Batch {
+            caches: SequenceCaches::new(self.model.layers.len(), n),
         }
-        let ids: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
-        let vocab = self.config().vocab_size;
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(InferError::OutOfVocabulary { id: id as u64, vocab });
-        }
-        let tokens = Tokens {
-            ids,
-            batch: rows.len(),
-            seq,
-        };
-        Ok(self
-            .model
-            .forward_logits_for(&tokens, cache, self.runner, &mut NoProbe, which)?
-            .logits)
     }
 
-    /// Feeds `rows` to `cache` in calls of at most `chunk` tokens (None: one call) and returns the logits
-    /// of the last position of each row, `[B, vocab]` (all positions' logits when `all_positions`:
-    /// `[B, S, vocab]` flattened per row). Calls starting below the first CSA window are stretched to
-    /// complete it; continuing a cache that holds `0 < n < m` tokens is not exact (see the module doc: use a
-    /// [`Batch`] for that).
-    pub fn feed(
-        &self,
-        cache: &mut ModelCache<B>,
-        rows: &[&[u32]],
-        chunk: Option<usize>,
-        all_positions: bool,
-    ) -> Result<Vec<Vec<f32>>, InferError> {
-        let seq = rows.first().map_or(0, |r| r.len());
-        if rows.is_empty() || seq == 0 {
-            return Err(InferError::EmptyPrompt);
-        }
-        let step = chunk.filter(|&c| c > 0).unwrap_or(seq);
-        let mut out: Vec<Vec<f32>> = vec![Vec::new(); rows.len()];
-        let mut last = Vec::new();
-        let mut begin = 0;
-        while begin < seq {
-            let len = step.min(seq - begin);
-            let part: Vec<&[u32]> = rows.iter().map(|r| &r[begin..begin + len]).collect();
-            let which = if all_positions {
-                LogitsFor::All
-            } else {
-                LogitsFor::Last
-            };
-            let logits = self.forward(cache, &part, which)?;
-            if all_positions {
-                for (o, rows) in out.iter_mut().zip(all_rows(logits)) {
-                    o.extend(rows);
-                }
-            } else if begin + len == seq {
-                last = last_rows(logits);
-            }
-            begin += len;
-        }
-        Ok(if all_positions { out } else { last })
-    }
-
-    /// Prefill: `rows` from an empty cache; the last position's logits of each row.
-    pub fn prefill(
-        &self,
-        rows: &[&[u32]],
-        chunk: Option<usize>,
-    ) -> Result<(ModelCache<B>, Vec<Vec<f32>>), InferError> {
-        for r in rows {
-            self.check_prompt(r)?;
-        }
-        let mut cache = self.new_cache();
-        let last = self.feed(&mut cache, rows, chunk, false)?;
-        Ok((cache, last))
-    }
-
-    /// Prefills sequences of any lengths: groups them by length (one cache per group), runs each group as
-    /// one batch. Returns the batch and each sequence's last-position logits.
+    /// Prefills sequences of any lengths (each in calls of at most `chunk` tokens; None: one call).
+    /// Returns the batch and each sequence's last-position logits.
     pub fn prefill_batch(
         &self,
         prompts: &[&[u32]],
         chunk: Option<usize>,
     ) -> Result<(Batch<B>, Vec<Vec<f32>>), InferError> {
+        if prompts.is_empty() {
+            return Err(InferError::EmptyPrompt);
+        }
         for p in prompts {
             self.check_prompt(p)?;
         }
-        let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (i, p) in prompts.iter().enumerate() {
-            by_len.entry(p.len()).or_default().push(i);
-        }
-        let mut batch = Batch {
-            groups: Vec::new(),
-            slots: vec![(0, 0); prompts.len()],
-        };
-        let mut last = vec![Vec::new(); prompts.len()];
-        for (_, members) in by_len {
-            let rows: Vec<&[u32]> = members.iter().map(|&i| prompts[i]).collect();
-            let mut cache = self.new_cache();
-            let logits = self.feed(&mut cache, &rows, chunk, false)?;
-            let g = batch.groups.len();
-            for (row, (&i, l)) in members.iter().zip(logits).enumerate() {
-                batch.slots[i] = (g, row);
-                last[i] = l;
-            }
-            batch.groups.push(Group { cache, members });
-        }
+        let mut batch = self.new_batch(prompts.len());
+        let last = self.feed_batch(&mut batch, prompts, chunk, false)?;
         Ok((batch, last))
     }
 
-    /// Feeds each sequence of `batch` its chunk (any length, equal within a group; a group whose chunks
-    /// are all empty is skipped and gets empty results). Returns, per sequence, the last position's logits
-    /// (`all_positions`: every fed position's, `[len * vocab]`).
+    /// Feeds each sequence of `batch` its chunk of new tokens (any lengths, empty for a sequence that
+    /// sits out), in calls of at most `chunk` tokens per sequence (None: one call). All sequences run
+    /// together, each at its own position. Returns, per sequence, its last fed position's logits
+    /// (`all_positions`: every fed position's, `[len * vocab]`); empty for a sequence fed nothing.
     pub fn feed_batch(
         &self,
         batch: &mut Batch<B>,
@@ -374,26 +252,50 @@ impl<'a, B: Backend> Generator<'a, B> {
                 batch.len()
             )));
         }
-        let mut out = vec![Vec::new(); batch.len()];
-        for group in &mut batch.groups {
-            let rows: Vec<&[u32]> = group.members.iter().map(|&i| chunks[i]).collect();
-            if rows.iter().all(|r| r.is_empty()) {
-                continue;
+        let cfg = self.config();
+        for (i, c) in chunks.iter().enumerate() {
+            let end = batch.position(i) + c.len();
+            if end > cfg.max_position_embeddings {
+                return Err(InferError::PromptTooLong {
+                    tokens: end,
+                    max: cfg.max_position_embeddings,
+                });
             }
-            if rows.iter().any(|r| r.len() != rows[0].len()) {
-                return Err(InferError::Batch(format!(
-                    "sequences {:?} share a cache (same length so far) and must be fed chunks of equal length",
-                    group.members
-                )));
+            if let Some(&id) = c.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+                return Err(InferError::OutOfVocabulary {
+                    id: id as u64,
+                    vocab: cfg.vocab_size,
+                });
             }
-            let end = group.cache.position() + rows[0].len();
-            let max = self.config().max_position_embeddings;
-            if end > max {
-                return Err(InferError::PromptTooLong { tokens: end, max });
-            }
-            let logits = self.feed(&mut group.cache, &rows, chunk, all_positions)?;
-            for (&i, l) in group.members.iter().zip(logits) {
-                out[i] = l;
+        }
+        let longest = chunks.iter().map(|c| c.len()).max().unwrap_or(0);
+        let step = chunk.filter(|&c| c > 0).unwrap_or(longest.max(1));
+        let which = if all_positions {
+            LogitsFor::All
+        } else {
+            LogitsFor::Last
+        };
+        let mut out = vec![Vec::new(); chunks.len()];
+        for begin in (0..longest).step_by(step) {
+            let parts: Vec<&[u32]> = chunks
+                .iter()
+                .map(|c| &c[begin.min(c.len())..(begin + step).min(c.len())])
+                .collect();
+            let tokens = PaddedTokens::pad(&parts, Padding::Right, 0);
+            let logits = self
+                .model
+                .forward_padded(&tokens, &mut batch.caches, self.runner, &mut NoProbe, which)?
+                .logits;
+            let vocab = cfg.vocab_size;
+            for ((o, row), part) in out.iter_mut().zip(rows_of(logits)).zip(&parts) {
+                if part.is_empty() {
+                    continue;
+                }
+                if all_positions {
+                    o.extend_from_slice(&row[..part.len() * vocab]);
+                } else {
+                    *o = row;
+                }
             }
         }
         Ok(out)
@@ -511,18 +413,13 @@ impl<'a, B: Backend> Generator<'a, B> {
             if done.iter().all(|&d| d) {
                 break;
             }
-            // Every sequence of a group that is still running advances by its last token; finished ones
-            // repeat theirs (ignored), fully finished groups are skipped.
-            let mut chunks: Vec<Vec<u32>> = vec![Vec::new(); n];
-            for group in &batch.groups {
-                if group.members.iter().all(|&i| done[i]) {
-                    continue;
-                }
-                for &i in &group.members {
-                    chunks[i] = vec![*histories[i].last().expect("a token")];
-                }
-            }
-            let refs: Vec<&[u32]> = chunks.iter().map(Vec::as_slice).collect();
+            // Every running sequence advances by its last token; finished ones sit out.
+            let refs: Vec<&[u32]> = (0..n)
+                .map(|i| match histories[i].last() {
+                    Some(last) if !done[i] => std::slice::from_ref(last),
+                    _ => &[],
+                })
+                .collect();
             logits = self.feed_batch(batch, &refs, None, false)?;
         }
         timings.generated_tokens += gens.iter().map(|g| g.ids.len()).sum::<usize>();

@@ -5,7 +5,7 @@ use crate::rules::{Dtype, Tolerances};
 use crate::trace::{config_hash, Trace, TraceInfo, TraceMode};
 use crate::{filter::ProbeFilter, Result};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use v4_model::cache::LayerCache;
+use v4_model::cache::{LayerCache, Segment};
 use v4_model::probe::{tap, Probe};
 use v4_model::{LocalExperts, ModelCache, Recorder, RoutingKind, Tokens, V4Model};
 
@@ -98,7 +98,12 @@ pub fn run_isolated<B: Backend>(
         let x = tensor4(shape, values)?;
         let mut recorder = Recorder::new(|n: &str| wants(n));
         let mut cache = LayerCache::default();
-        let (out, _) = block.forward(x, &tokens.ids, 0, &mut cache, &LocalExperts, &mut recorder);
+        let mut segment = [Segment {
+            cols: 0..tokens.seq,
+            start: 0,
+            cache: &mut cache,
+        }];
+        let (out, _) = block.forward(x, &tokens.ids, &mut segment, &LocalExperts, &mut recorder);
         records.extend(recorder.records);
         records.push((format!("layers.{i}.output"), out.into_data()));
     }
