@@ -170,3 +170,17 @@ fn training_writes_tensorboard_event_files() {
     let jsonl = std::fs::read_to_string(logs.join("metrics.jsonl")).unwrap();
     assert_eq!(jsonl.lines().filter(|l| l.contains("\"train/loss\"")).count(), 2);
 }
+
+/// `[parallel] expert_parallel = 2` on one process: refused with how to start it (with or without the
+/// `mpi` feature).
+#[test]
+fn expert_parallel_without_its_ranks_is_refused() {
+    let dir = scratch("ep-mismatch");
+    let config = write_config(&dir, "\n[parallel]\nexpert_parallel = 2\n");
+    let out = v4(&["train", config.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("expert_parallel = 2") && err.contains("mpirun -np 2"),
+        "{err}"
+    );
+}

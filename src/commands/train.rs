@@ -3,12 +3,14 @@
 
 use crate::io::Result;
 use std::path::PathBuf;
-use v4_train::{train, Autodiff, RunOptions, TrainConfig};
+use std::sync::Arc;
+use v4_train::{train, Autodiff, Collective, RunOptions, TrainConfig};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Training configuration (TOML: [model], [data], [optimizer], [schedule], [training], [moe],
-    /// [checkpoint], [logging]).
+    /// [parallel], [checkpoint], [logging]). Expert-parallel over N processes (`mpi` feature):
+    /// `mpirun -np N v4 train config.toml` with `[parallel] expert_parallel = N`.
     config: PathBuf,
     /// Print the resolved configuration, defaults filled in, and exit.
     #[arg(long)]
@@ -16,6 +18,10 @@ pub struct Args {
     /// Stop after this many optimizer steps without a final checkpoint, as if interrupted.
     #[arg(long)]
     stop_after: Option<usize>,
+    /// Write the first step's gradients (summed over all ranks, before clipping) to this safetensors
+    /// file: compare an expert-parallel run with a single process.
+    #[arg(long)]
+    dump_gradients: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -27,6 +33,8 @@ pub fn run(args: Args) -> Result<()> {
     let opts = RunOptions {
         stop_after: args.stop_after,
         quiet: false,
+        collective: collective(&cfg)?,
+        dump_gradients: args.dump_gradients,
     };
     let report = match cfg.model.device.as_str() {
         "cpu" => train::<Autodiff<v4_cpu::Cpu>>(&cfg, &burn_ndarray::NdArrayDevice::Cpu, &opts)?,
@@ -51,4 +59,31 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The MPI world when this process runs under `mpirun` (or expert parallelism is configured).
+#[cfg(feature = "mpi")]
+fn collective(cfg: &TrainConfig) -> Result<Option<Arc<dyn Collective>>> {
+    let launched = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+    if cfg.parallel.expert_parallel == 1 && !launched {
+        return Ok(None);
+    }
+    let world = v4_train::collective::Mpi::init().ok_or("MPI could not be initialised")?;
+    Ok(Some(Arc::new(world)))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn collective(cfg: &TrainConfig) -> Result<Option<Arc<dyn Collective>>> {
+    if cfg.parallel.expert_parallel > 1 {
+        return Err(format!(
+            "[parallel] expert_parallel = {} needs MPI, and this v4 was built without it: install OpenMPI and \
+             libclang (Debian: apt-get install libopenmpi-dev openmpi-bin libclang-dev), then \
+             `cargo build --release --features mpi` and run `mpirun -np {} target/release/v4 train ...`",
+            cfg.parallel.expert_parallel, cfg.parallel.expert_parallel
+        )
+        .into());
+    }
+    Ok(None)
 }

@@ -93,6 +93,18 @@ fn write_safetensors(
     std::fs::write(path, bytes).map_err(io(path))
 }
 
+/// Writes one step's gradients (flattened, by parameter name) to `path`, atomically: for comparing a
+/// parallel setup with a single process.
+pub fn write_gradients(path: &Path, grads: &[(String, HostF32)]) -> Result<(), String> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".tmp-{name}"));
+    write_safetensors(&tmp, grads, &[], None)?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
 /// What [`save`] writes.
 pub struct CheckpointData<'a> {
     pub config_json: &'a str,

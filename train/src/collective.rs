@@ -1,21 +1,18 @@
-//! Collectives for data- and expert-parallel training, and the single-process implementation.
+//! Collectives for data- and expert-parallel training: the [`Collective`] trait, the single-process
+//! identity and, with the `mpi` cargo feature, MPI (`mpirun -np N v4 train config.toml`).
 //!
-//! Expert-parallel design (not implemented in this crate yet; no MPI here): an `ExpertRunner` for EP holds a
-//! `Collective` and the rank's expert shard `[e0, e1)`. Per MoE layer, in `run(layer, experts, rows, counts)`:
-//! 1. `all_to_all_counts(counts)` tells every rank how many rows it receives per local expert;
-//! 2. rows (already grouped by expert, a deterministic stable order) are cut by destination rank and sent
-//!    with `all_to_all_v`; the received rows are regrouped by local expert and run by `forward_grouped`;
-//! 3. outputs go back with `all_to_all_v` using the swapped split sizes, in the original order.
-//!    Backward needs the same two exchanges in reverse with the cached splits, i.e. a custom autodiff op
-//!    around the exchange (burn's `Backward` trait), so expert weight gradients accumulate on their owner.
-//!
-//! Per optimizer step: dense gradients are all-reduced over all data-parallel ranks (scale 1/DP), expert
-//! gradients only over replicas of the same shard, the squared gradient norm is all-reduced for clipping,
-//! and the `[moe layers x E]` load counts are all-reduced before the bias update. MPI (`mpi` crate,
-//! all-to-all-v + sub-communicators) is the intended engine; it is NOT part of this crate yet.
+//! How a training step uses them (see `expert_parallel` for the MoE exchange):
+//! - every rank runs `batch / N` sequences of the global batch, its loss divided by the global number of
+//!   target tokens, so the SUM of the ranks' gradients is the gradient of the global batch's loss;
+//! - routed rows travel to the rank owning their expert and back with `all_to_all_v` (forward and, in
+//!   reverse with the same splits, backward), so each expert's gradient holds every rank's rows;
+//! - all gradients are then summed over the ranks (`all_reduce_sum_f32`, the loss with them), which also
+//!   brings every rank the gradients of the experts it does not own, and the load counts for the bias
+//!   update (`all_reduce_sum_u64`).
 
-/// The collective operations training needs, on host buffers.
-pub trait Collective {
+/// The collective operations training needs, on host buffers. Every rank must make the same calls in the
+/// same order.
+pub trait Collective: Send + Sync {
     /// This process's rank and the group size.
     fn rank(&self) -> usize;
     fn size(&self) -> usize;
@@ -25,6 +22,12 @@ pub trait Collective {
     /// Sends `send[counts[r] rows for rank r]` (row width `width`), returns what every rank sent here and
     /// the per-source row counts.
     fn all_to_all_v(&self, send: &[f32], counts: &[usize], width: usize) -> (Vec<f32>, Vec<usize>);
+}
+
+impl std::fmt::Debug for dyn Collective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Collective(rank {} of {})", self.rank(), self.size())
+    }
 }
 
 /// One process: every collective is the identity.
@@ -44,6 +47,77 @@ impl Collective for SingleProcess {
         assert_eq!(counts.len(), 1, "a single process sends only to itself");
         assert_eq!(send.len(), counts[0] * width);
         (send.to_vec(), counts.to_vec())
+    }
+}
+
+/// MPI's world communicator (OpenMPI through the `mpi` crate).
+#[cfg(feature = "mpi")]
+pub struct Mpi {
+    universe: mpi::environment::Universe,
+}
+
+// The universe is only used from one thread at a time (MPI is initialised with `Threading::Serialized`).
+#[cfg(feature = "mpi")]
+unsafe impl Send for Mpi {}
+#[cfg(feature = "mpi")]
+unsafe impl Sync for Mpi {}
+
+#[cfg(feature = "mpi")]
+impl Mpi {
+    /// Initialises MPI (once per process; None if it was already initialised).
+    pub fn init() -> Option<Self> {
+        let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Serialized)?;
+        Some(Self { universe })
+    }
+}
+
+#[cfg(feature = "mpi")]
+impl Collective for Mpi {
+    fn rank(&self) -> usize {
+        use mpi::topology::Communicator;
+        self.universe.world().rank() as usize
+    }
+    fn size(&self) -> usize {
+        use mpi::topology::Communicator;
+        self.universe.world().size() as usize
+    }
+    fn all_reduce_sum_f32(&self, data: &mut [f32]) {
+        use mpi::traits::CommunicatorCollectives;
+        let send = data.to_vec();
+        let op = mpi::collective::SystemOperation::sum();
+        self.universe.world().all_reduce_into(&send[..], data, op);
+    }
+    fn all_reduce_sum_u64(&self, data: &mut [u64]) {
+        use mpi::traits::CommunicatorCollectives;
+        let send = data.to_vec();
+        let op = mpi::collective::SystemOperation::sum();
+        self.universe.world().all_reduce_into(&send[..], data, op);
+    }
+    fn all_to_all_v(&self, send: &[f32], counts: &[usize], width: usize) -> (Vec<f32>, Vec<usize>) {
+        use mpi::datatype::{Partition, PartitionMut};
+        use mpi::traits::CommunicatorCollectives;
+        let world = self.universe.world();
+        let displs = |c: &[i32]| {
+            c.iter()
+                .scan(0, |acc, &n| {
+                    let d = *acc;
+                    *acc += n;
+                    Some(d)
+                })
+                .collect::<Vec<i32>>()
+        };
+        let send_counts: Vec<i32> = counts.iter().map(|&c| (c * width) as i32).collect();
+        let mut recv_counts = vec![0i32; counts.len()];
+        world.all_to_all_into(&send_counts[..], &mut recv_counts[..]);
+        let total: i32 = recv_counts.iter().sum();
+        let mut recv = vec![0f32; total as usize];
+        let send_displs = displs(&send_counts);
+        let recv_displs = displs(&recv_counts);
+        let outgoing = Partition::new(send, &send_counts[..], &send_displs[..]);
+        let mut incoming = PartitionMut::new(&mut recv[..], &recv_counts[..], &recv_displs[..]);
+        world.all_to_all_varcount_into(&outgoing, &mut incoming);
+        let rows = recv_counts.iter().map(|&c| c as usize / width.max(1)).collect();
+        (recv, rows)
     }
 }
 

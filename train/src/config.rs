@@ -17,6 +17,8 @@ pub struct TrainConfig {
     #[serde(default)]
     pub moe: MoeSection,
     #[serde(default)]
+    pub parallel: ParallelSection,
+    #[serde(default)]
     pub checkpoint: CheckpointSection,
     #[serde(default)]
     pub logging: LoggingSection,
@@ -125,6 +127,22 @@ pub struct MoeSection {
     /// Aux-loss-free balancing: `bias += gamma * sign(mean_load - load)` after each step (0: frozen).
     #[serde(default)]
     pub gamma: f32,
+}
+
+/// Expert parallelism: `mpirun -np N v4 train config.toml` with `expert_parallel = N` shards the routed
+/// experts of every layer over the N ranks (E/N each) and the global batch's sequences over them too.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSection {
+    /// Number of ranks the experts are sharded over (= the MPI world size; 1: one process).
+    #[serde(default = "default_one")]
+    pub expert_parallel: usize,
+}
+
+impl Default for ParallelSection {
+    fn default() -> Self {
+        Self { expert_parallel: 1 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -332,6 +350,14 @@ impl TrainConfig {
         }
         if self.schedule.steps == 0 {
             return Err("[schedule] steps must be positive".into());
+        }
+        let ep = self.parallel.expert_parallel;
+        if ep == 0 || !self.training.batch.is_multiple_of(ep) {
+            return Err(format!(
+                "[parallel] expert_parallel = {ep} must be positive and divide [training] batch = {} \
+                 (each rank takes batch / expert_parallel sequences of the global batch)",
+                self.training.batch
+            ));
         }
         if self.checkpoint.resume.is_some()
             && self.checkpoint.dir.is_none()

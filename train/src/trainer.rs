@@ -1,8 +1,10 @@
 //! The training loop, generic over burn's [`AutodiffBackend`].
 
 use crate::checkpoint::{self, CheckpointData, MomentState, TrainerState};
+use crate::collective::{Collective, SingleProcess};
 use crate::config::TrainConfig;
 use crate::data::{load_windows, Loader, Tokenizer, Window};
+use crate::expert_parallel::ExpertParallel;
 use crate::metrics::{MetricsWriter, MoeHealth};
 use crate::params::{host_params, named_params, routing_state, to_checkpoint, HostF32, NamedParam};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
@@ -11,19 +13,26 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{activation, Int, Tensor, TensorData};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 use v4_model::config::RoutingKind;
 use v4_model::{
-    read_config, LocalExperts, ModelCache, NoProbe, RandomWeights, SafetensorsDir, Tokens, V4Model,
+    read_config, ExpertRunner, LocalExperts, ModelCache, NoProbe, RandomWeights, SafetensorsDir, Tokens,
+    V4Model,
 };
 
-/// How a run ends early (for tests and `--stop-after`).
+/// How a run ends early (for tests and `--stop-after`) and which processes take part.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// Stop (without a final checkpoint, as if interrupted) once this many optimizer steps are done.
     pub stop_after: Option<usize>,
     /// Print nothing.
     pub quiet: bool,
+    /// The ranks of an expert-parallel run (None: this process alone). Its size must equal
+    /// `[parallel] expert_parallel`.
+    pub collective: Option<Arc<dyn Collective>>,
+    /// Write the first step's gradients (summed over the ranks, before clipping) here (safetensors).
+    pub dump_gradients: Option<PathBuf>,
 }
 
 /// One optimizer step's numbers.
@@ -219,14 +228,36 @@ fn load_model<B: Backend>(
     Ok((model, text))
 }
 
-/// Runs the training described by `cfg` on `device`.
+/// Counts each parameter's scalars.
+struct Sizes(HashMap<ParamId, usize>);
+
+impl<B: Backend> ModuleVisitor<B> for Sizes {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.0.insert(param.id, param.shape().num_elements());
+    }
+}
+
+/// Runs the training described by `cfg` on `device`: in this process alone, or as one rank of an
+/// expert-parallel run (`opts.collective`), where rank 0 prints, logs and writes the checkpoints.
 pub fn train<B: AutodiffBackend>(
     cfg: &TrainConfig,
     device: &B::Device,
     opts: &RunOptions,
-) -> Result<RunReport, String> {
+) -> Result<RunReport, String>
+where
+    ExpertParallel: ExpertRunner<B>,
+{
+    let collective: Arc<dyn Collective> = opts.collective.clone().unwrap_or_else(|| Arc::new(SingleProcess));
+    let (rank, ranks) = (collective.rank(), collective.size());
+    if ranks != cfg.parallel.expert_parallel {
+        return Err(format!(
+            "[parallel] expert_parallel = {} but {ranks} process(es) run: start it with `mpirun -np {} v4 train ...`",
+            cfg.parallel.expert_parallel, cfg.parallel.expert_parallel
+        ));
+    }
+    let lead = rank == 0;
     let say = |s: String| {
-        if !opts.quiet {
+        if !opts.quiet && lead {
             println!("{s}");
         }
     };
@@ -269,6 +300,20 @@ pub fn train<B: AutodiffBackend>(
         ));
     }
 
+    if !model.config.n_routed_experts.is_multiple_of(ranks) {
+        return Err(format!(
+            "[parallel] expert_parallel = {ranks} does not divide the model's {} routed experts",
+            model.config.n_routed_experts
+        ));
+    }
+    let expert_parallel = ExpertParallel::new(collective.clone());
+    let runner: &dyn ExpertRunner<B> = if ranks > 1 {
+        &expert_parallel
+    } else {
+        &LocalExperts
+    };
+    let mut sizes = Sizes(HashMap::new());
+    model.visit(&mut sizes);
     let named: Vec<NamedParam> = named_params(&model);
     let trainable: HashSet<ParamId> = named
         .iter()
@@ -302,7 +347,10 @@ pub fn train<B: AutodiffBackend>(
         start_step: state.step,
         ..Default::default()
     };
-    let mut metrics = cfg.logging.tensorboard.as_deref().map(MetricsWriter::create);
+    let mut metrics = match lead {
+        true => cfg.logging.tensorboard.as_deref().map(MetricsWriter::create),
+        false => None,
+    };
     if let Some(dir) = &resume_dir {
         say(format!("resumed from {} at step {}", dir.display(), state.step));
     }
@@ -343,11 +391,12 @@ pub fn train<B: AutodiffBackend>(
         let mut loss_sum = 0.0f64;
         let mut loads: Vec<Vec<usize>> = vec![Vec::new(); model.layers.len()];
         for mb in &micro_batches {
-            let refs: Vec<&Window> = mb.iter().collect();
+            // This rank's share of the global micro-batch: every `ranks`-th sequence.
+            let refs: Vec<&Window> = mb.iter().skip(rank).step_by(ranks).collect();
             let (tokens, targets, mask) = batch_tensors(&refs);
             let mut cache = ModelCache::new(model.layers.len());
             let out = model
-                .forward_with(&tokens, &mut cache, &LocalExperts, &mut NoProbe)
+                .forward_with(&tokens, &mut cache, runner, &mut NoProbe)
                 .map_err(|e| e.to_string())?;
             for (l, counts) in out.expert_counts.iter().enumerate() {
                 if loads[l].is_empty() {
@@ -365,7 +414,51 @@ pub fn train<B: AutodiffBackend>(
                 acc: &mut acc,
                 trainable: &trainable,
             });
-            tokens_seen += (tokens.batch * tokens.seq) as u64;
+            tokens_seen += (mb.len() * tokens.seq) as u64;
+        }
+        if ranks > 1 {
+            // Sum the ranks' gradients (each rank's loss is already divided by the global token count),
+            // their losses and their expert loads. Each gradient carries a count of the ranks that had
+            // one: a parameter no rank has a gradient for (the indexer's) stays without, as alone.
+            let mut flat = Vec::new();
+            let mut layout = Vec::new();
+            for p in named.iter().filter(|p| trainable.contains(&p.id)) {
+                let n = sizes.0[&p.id];
+                match acc.remove(&p.id) {
+                    Some(g) => {
+                        flat.extend(g.into_data().convert::<f32>().into_vec::<f32>().expect("f32"));
+                        flat.push(1.0);
+                    }
+                    None => flat.extend(std::iter::repeat_n(0.0, n + 1)),
+                }
+                layout.push((p.id, n));
+            }
+            flat.push(loss_sum as f32);
+            collective.all_reduce_sum_f32(&mut flat);
+            loss_sum = flat.pop().expect("the loss") as f64;
+            let mut offset = 0;
+            for (id, n) in layout {
+                if flat[offset + n] > 0.0 {
+                    let g = TensorData::new(flat[offset..offset + n].to_vec(), [n]);
+                    acc.insert(id, Tensor::from_data(g, device));
+                }
+                offset += n + 1;
+            }
+            let mut counts: Vec<u64> = loads.iter().flatten().map(|&c| c as u64).collect();
+            collective.all_reduce_sum_u64(&mut counts);
+            let mut counts = counts.into_iter();
+            for load in loads.iter_mut() {
+                for c in load.iter_mut() {
+                    *c = counts.next().expect("same layout on every rank") as usize;
+                }
+            }
+        }
+        if let (Some(path), true, true) = (&opts.dump_gradients, step == report.start_step, lead) {
+            let grads: Vec<(String, HostF32)> = named
+                .iter()
+                .filter_map(|p| acc.get(&p.id).map(|g| (p.name.clone(), host1(g.clone()))))
+                .collect();
+            checkpoint::write_gradients(path, &grads)?;
         }
         // Global gradient norm and clipping.
         let mut sq = 0.0f64;
@@ -439,12 +532,15 @@ pub fn train<B: AutodiffBackend>(
                     m.scalar(&format!("{layer}/max_vio"), step, health.max_vio);
                     m.scalar(&format!("{layer}/load_cv"), step, health.cv);
                     m.scalar(&format!("{layer}/dead_experts"), step, health.dead as f64);
-                    // One process holds every expert (expert parallelism is not implemented yet).
-                    m.scalar(
-                        &format!("{layer}/tokens_received/rank0"),
-                        step,
-                        load.iter().sum::<usize>() as f64,
-                    );
+                    // Rank r runs the rows of the experts it owns.
+                    for r in 0..ranks {
+                        let shard = expert_parallel.shard(load.len(), r);
+                        m.scalar(
+                            &format!("{layer}/tokens_received/rank{r}"),
+                            step,
+                            load[shard].iter().sum::<usize>() as f64,
+                        );
+                    }
                     if block.ffn.routing == RoutingKind::TopK {
                         let (lo, hi) = block
                             .ffn
@@ -472,7 +568,7 @@ pub fn train<B: AutodiffBackend>(
             }
         }
         let save_now = cfg.checkpoint.interval > 0 && step % cfg.checkpoint.interval == 0;
-        if let (Some(root), true) = (&cfg.checkpoint.dir, save_now || step == total_steps) {
+        if let (Some(root), true, true) = (&cfg.checkpoint.dir, save_now || step == total_steps, lead) {
             let path = save_checkpoint(
                 &model,
                 &named,

@@ -139,6 +139,7 @@ fn resume_reproduces_the_uninterrupted_run() {
         &RunOptions {
             stop_after: Some(3),
             quiet: true,
+            ..Default::default()
         },
     )
     .unwrap();
