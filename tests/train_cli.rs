@@ -184,3 +184,60 @@ fn expert_parallel_without_its_ranks_is_refused() {
         "{err}"
     );
 }
+
+/// Ctrl-C (SIGINT) ends the run after the current step with a checkpoint of that step, which resumes.
+#[test]
+fn ctrl_c_stops_after_the_step_with_a_checkpoint() {
+    use std::io::{BufRead, BufReader};
+    let dir = scratch("ctrl-c");
+    let config = write_config(&dir, "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("steps = 2", "steps = 100000");
+    std::fs::write(&config, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_v4"))
+        .args(["train", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let first_step = line.contains("step      2/");
+        seen.push(line);
+        if first_step {
+            break;
+        }
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    seen.extend(lines.map(Result::unwrap));
+    let status = child.wait().unwrap();
+    let out = seen.join("\n");
+    assert!(status.success(), "{out}");
+    let stopped = seen
+        .iter()
+        .find_map(|l| {
+            l.trim()
+                .strip_suffix("interrupted: stopped after writing its checkpoint")
+        })
+        .unwrap_or_else(|| panic!("no interruption line in:\n{out}"));
+    let step: usize = stopped.trim().trim_start_matches("step").trim().parse().unwrap();
+    assert!(step >= 2 && step < 100000, "{out}");
+    let ckpt = dir.join(format!("ckpt/step-{step:08}"));
+    assert!(ckpt.join("model.safetensors").is_file(), "{out}");
+
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("steps = 100000", &format!("steps = {}", step + 1));
+    std::fs::write(&config, format!("{text}resume = \"latest\"\n")).unwrap();
+    let out = v4(&["train", config.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(&format!("at step {step}")), "{text}");
+}

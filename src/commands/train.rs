@@ -3,6 +3,7 @@
 
 use crate::io::Result;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use v4_train::{train, Autodiff, Collective, RunOptions, TrainConfig};
 
@@ -15,7 +16,8 @@ pub struct Args {
     /// Print the resolved configuration, defaults filled in, and exit.
     #[arg(long)]
     print_config: bool,
-    /// Stop after this many optimizer steps without a final checkpoint, as if interrupted.
+    /// Stop after this many optimizer steps without a final checkpoint, as if the process were killed
+    /// (for testing resumption).
     #[arg(long)]
     stop_after: Option<usize>,
     /// Write the first step's gradients (summed over all ranks, before clipping) to this safetensors
@@ -35,6 +37,7 @@ pub fn run(args: Args) -> Result<()> {
         quiet: false,
         collective: collective(&cfg)?,
         dump_gradients: args.dump_gradients,
+        interrupt: Some(interrupt_flag()?),
     };
     let report = match cfg.model.device.as_str() {
         "cpu" => train::<Autodiff<v4_cpu::Cpu>>(&cfg, &burn_ndarray::NdArrayDevice::Cpu, &opts)?,
@@ -59,6 +62,21 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A flag set by Ctrl-C (SIGINT, and SIGTERM, which `mpirun` sends its ranks): training stops after the
+/// current step with a checkpoint. A second Ctrl-C quits at once.
+fn interrupt_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let handler = flag.clone();
+    ctrlc::set_handler(move || {
+        if handler.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("interrupted: finishing this step and writing a checkpoint (Ctrl-C again to quit now)");
+    })
+    .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
+    Ok(flag)
 }
 
 /// The MPI world when this process runs under `mpirun` (or expert parallelism is configured).

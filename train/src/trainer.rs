@@ -13,6 +13,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{activation, Int, Tensor, TensorData};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use v4_model::config::RoutingKind;
@@ -33,6 +34,9 @@ pub struct RunOptions {
     pub collective: Option<Arc<dyn Collective>>,
     /// Write the first step's gradients (summed over the ranks, before clipping) here (safetensors).
     pub dump_gradients: Option<PathBuf>,
+    /// Set (by a Ctrl-C handler) to end the run after the current step, writing a checkpoint. In an
+    /// expert-parallel run the ranks agree on it during the step, so they stop at the same one.
+    pub interrupt: Option<Arc<AtomicBool>>,
 }
 
 /// One optimizer step's numbers.
@@ -57,6 +61,8 @@ pub struct RunReport {
     pub checkpoints: Vec<PathBuf>,
     /// Per top-k layer, the final selection bias.
     pub final_biases: Vec<Vec<f32>>,
+    /// The run ended early on [`RunOptions::interrupt`].
+    pub interrupted: bool,
 }
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
@@ -372,6 +378,7 @@ where
         }
     }
 
+    let interrupt_requested = || opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
     let total_steps = cfg.schedule.steps;
     let mut step = state.step;
     while step < total_steps {
@@ -388,6 +395,7 @@ where
             .map(|mb| targets_in(&mb.iter().collect::<Vec<_>>()))
             .sum();
         let mut acc: HashMap<ParamId, Tensor<Inner<B>, 1>> = HashMap::new();
+        let interrupted;
         let mut loss_sum = 0.0f64;
         let mut loads: Vec<Vec<usize>> = vec![Vec::new(); model.layers.len()];
         for mb in &micro_batches {
@@ -416,7 +424,9 @@ where
             });
             tokens_seen += (mb.len() * tokens.seq) as u64;
         }
-        if ranks > 1 {
+        if ranks == 1 {
+            interrupted = interrupt_requested();
+        } else {
             // Sum the ranks' gradients (each rank's loss is already divided by the global token count),
             // their losses and their expert loads. Each gradient carries a count of the ranks that had
             // one: a parameter no rank has a gradient for (the indexer's) stays without, as alone.
@@ -445,7 +455,9 @@ where
                 offset += n + 1;
             }
             let mut counts: Vec<u64> = loads.iter().flatten().map(|&c| c as u64).collect();
+            counts.push(interrupt_requested() as u64);
             collective.all_reduce_sum_u64(&mut counts);
+            interrupted = counts.pop().expect("the interrupt flag") > 0;
             let mut counts = counts.into_iter();
             for load in loads.iter_mut() {
                 for c in load.iter_mut() {
@@ -567,7 +579,7 @@ where
                 m.flush();
             }
         }
-        let save_now = cfg.checkpoint.interval > 0 && step % cfg.checkpoint.interval == 0;
+        let save_now = interrupted || (cfg.checkpoint.interval > 0 && step % cfg.checkpoint.interval == 0);
         if let (Some(root), true, true) = (&cfg.checkpoint.dir, save_now || step == total_steps, lead) {
             let path = save_checkpoint(
                 &model,
@@ -584,6 +596,15 @@ where
             )?;
             say(format!("step {step:>6}  saved {}", path.display()));
             report.checkpoints.push(path);
+        }
+        if interrupted {
+            let saved = match cfg.checkpoint.dir {
+                Some(_) => "after writing its checkpoint",
+                None => "without a checkpoint (no [checkpoint] dir)",
+            };
+            say(format!("step {step:>6}  interrupted: stopped {saved}"));
+            report.interrupted = true;
+            break;
         }
     }
     report.final_biases = model
