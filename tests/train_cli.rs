@@ -228,7 +228,7 @@ fn ctrl_c_stops_after_the_step_with_a_checkpoint() {
         })
         .unwrap_or_else(|| panic!("no interruption line in:\n{out}"));
     let step: usize = stopped.trim().trim_start_matches("step").trim().parse().unwrap();
-    assert!(step >= 2 && step < 100000, "{out}");
+    assert!((2..100000).contains(&step), "{out}");
     let ckpt = dir.join(format!("ckpt/step-{step:08}"));
     assert!(ckpt.join("model.safetensors").is_file(), "{out}");
 
