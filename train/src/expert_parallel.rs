@@ -5,7 +5,8 @@
 //! 1. the per-expert counts of every rank are summed into a `[N x E]` table (`all_reduce_sum_u64`), so
 //!    every rank knows how many rows it sends to and receives from each rank;
 //! 2. **dispatch**: the rows for rank `q`'s experts (contiguous, as experts are) go to `q` (all-to-all-v);
-//! 3. the received rows (by source rank, then expert) are regrouped by local expert and run;
+//! 3. the received rows (by source rank, then expert) are regrouped by local expert and run (as one
+//!    autodiff op, [`grouped_experts`]);
 //! 4. **combine**: the outputs go back to their source ranks in the order they came (all-to-all-v with the
 //!    splits swapped), and the model weights and sums them as for local experts.
 //!
@@ -15,6 +16,7 @@
 //! and each expert's weight gradient collects the rows of every rank.
 
 use crate::collective::Collective;
+use crate::fused_experts::grouped_experts;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData, TensorPrimitive};
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -97,16 +99,9 @@ impl<I: Backend, C: CheckpointStrategy> ExpertRunner<Autodiff<I, C>> for ExpertP
             let index =
                 |v: Vec<i64>| Tensor::<Autodiff<I, C>, 1, Int>::from_data(TensorData::new(v, [n]), &device);
             let grouped = received.select(0, index(order));
-            let mut parts = Vec::new();
-            let mut offset = 0;
-            for (j, &n) in local_counts.iter().enumerate() {
-                if n > 0 {
-                    let x = grouped.clone().narrow(0, offset, n);
-                    parts.push(experts.forward_expert(rank * per + j, x));
-                    offset += n;
-                }
-            }
-            Tensor::cat(parts, 0).select(0, index(inverse))
+            let mut all_counts = vec![0; e];
+            all_counts[rank * per..(rank + 1) * per].copy_from_slice(&local_counts);
+            grouped_experts(experts, grouped, &all_counts).select(0, index(inverse))
         };
         exchange(&self.collective, outputs, &recv, &send)
     }

@@ -7,6 +7,7 @@ pub mod collective;
 pub mod config;
 pub mod data;
 pub mod expert_parallel;
+pub mod fused_experts;
 pub mod metrics;
 pub mod params;
 pub mod trainer;

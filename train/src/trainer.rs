@@ -5,6 +5,7 @@ use crate::collective::{Collective, SingleProcess};
 use crate::config::TrainConfig;
 use crate::data::{load_windows, Loader, Tokenizer, Window};
 use crate::expert_parallel::ExpertParallel;
+use crate::fused_experts::FusedExperts;
 use crate::metrics::{MetricsWriter, MoeHealth};
 use crate::params::{host_params, named_params, routing_state, to_checkpoint, HostF32, NamedParam};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
@@ -252,6 +253,7 @@ pub fn train<B: AutodiffBackend>(
 ) -> Result<RunReport, String>
 where
     ExpertParallel: ExpertRunner<B>,
+    FusedExperts: ExpertRunner<B>,
 {
     let collective: Arc<dyn Collective> = opts.collective.clone().unwrap_or_else(|| Arc::new(SingleProcess));
     let (rank, ranks) = (collective.rank(), collective.size());
@@ -316,7 +318,7 @@ where
     let runner: &dyn ExpertRunner<B> = if ranks > 1 {
         &expert_parallel
     } else {
-        &LocalExperts
+        &FusedExperts
     };
     let mut sizes = Sizes(HashMap::new());
     model.visit(&mut sizes);
