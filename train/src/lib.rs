@@ -2,6 +2,7 @@
 //! data, AdamW with schedule / clipping / accumulation, aux-loss-free MoE balancing, atomic resumable
 //! checkpoints in HF layout, and expert parallelism over MPI (`mpi` feature).
 
+pub mod adamw;
 pub mod checkpoint;
 pub mod collective;
 pub mod config;

@@ -1,5 +1,6 @@
 //! The training loop, generic over burn's [`AutodiffBackend`].
 
+use crate::adamw::{sum_of_squares, AdamW};
 use crate::checkpoint::{self, CheckpointData, MomentState, TrainerState};
 use crate::collective::{Collective, SingleProcess};
 use crate::config::TrainConfig;
@@ -9,7 +10,6 @@ use crate::fused_experts::FusedExperts;
 use crate::metrics::{MetricsWriter, MoeHealth};
 use crate::params::{host_params, named_params, routing_state, to_checkpoint, HostF32, NamedParam};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, SimpleOptimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{activation, Int, Tensor, TensorData};
 use std::collections::{HashMap, HashSet};
@@ -166,37 +166,34 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollect<'_, B> {
     }
 }
 
-/// Applies AdamW (burn-optim's, on flattened parameters) to every parameter with a gradient.
-struct Update<'a, B: AutodiffBackend> {
+/// Applies AdamW to every parameter with a gradient (host buffers, see [`crate::adamw`]).
+struct Update<'a> {
     optim: &'a AdamW,
     lr: f64,
-    grads: &'a mut HashMap<ParamId, Tensor<Inner<B>, 1>>,
-    states: &'a mut HashMap<ParamId, AdamWState<Inner<B>, 1>>,
+    /// Clipping factor applied to every gradient.
+    grad_scale: f32,
+    grads: &'a mut HashMap<ParamId, Vec<f32>>,
+    states: &'a mut HashMap<ParamId, MomentState>,
 }
 
-impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_, B> {
+impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
         let Some(grad) = self.grads.remove(&id) else {
             return Param::from_mapped_value(id, tensor, mapper);
         };
         let shape = tensor.shape();
-        let n = shape.num_elements();
-        let inner = tensor.inner().reshape([n]);
-        let state = self.states.remove(&id);
-        let (updated, state) = SimpleOptimizer::<Inner<B>>::step(self.optim, self.lr, inner, grad, state);
-        if let Some(state) = state {
-            self.states.insert(id, state);
-        }
-        let value = Tensor::<B, D>::from_inner(updated.reshape(shape)).require_grad();
+        let device = tensor.device();
+        let mut values = tensor
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("f32 parameter");
+        let state = self.states.entry(id).or_insert_with(|| AdamW::init(values.len()));
+        self.optim
+            .step(self.lr, &mut values, &grad, self.grad_scale, state);
+        let value = Tensor::<B, D>::from_data(TensorData::new(values, shape), &device).require_grad();
         Param::from_mapped_value(id, value, mapper)
-    }
-}
-
-fn host1<B: Backend>(t: Tensor<B, 1>) -> HostF32 {
-    HostF32 {
-        shape: t.dims().to_vec(),
-        data: t.into_data().convert::<f32>().into_vec::<f32>().expect("f32"),
     }
 }
 
@@ -329,25 +326,26 @@ where
         .map(|p| p.id)
         .collect();
     let by_name: HashMap<&str, ParamId> = named.iter().map(|p| (p.name.as_str(), p.id)).collect();
-    let mut states: HashMap<ParamId, AdamWState<Inner<B>, 1>> = HashMap::new();
-    for (name, m) in &moments {
+    let mut states: HashMap<ParamId, MomentState> = HashMap::new();
+    for (name, m) in moments {
         let id = by_name
             .get(name.as_str())
             .ok_or_else(|| format!("optimizer state names `{name}`, which the model does not have"))?;
-        let t = |h: &HostF32| {
-            Tensor::<Inner<B>, 1>::from_data(TensorData::new(h.data.clone(), [h.data.len()]), device)
-        };
-        states.insert(
-            *id,
-            AdamWState::new(AdaptiveMomentumState::new(m.time, t(&m.m), t(&m.v))),
-        );
+        if m.m.data.len() != sizes.0[id] || m.v.data.len() != sizes.0[id] {
+            return Err(format!(
+                "optimizer state of `{name}` has {} values, the parameter {}",
+                m.m.data.len(),
+                sizes.0[id]
+            ));
+        }
+        states.insert(*id, m);
     }
-    let optim = AdamWConfig::new()
-        .with_beta_1(cfg.optimizer.betas[0])
-        .with_beta_2(cfg.optimizer.betas[1])
-        .with_epsilon(cfg.optimizer.eps)
-        .with_weight_decay(cfg.optimizer.weight_decay)
-        .build();
+    let optim = AdamW {
+        beta_1: cfg.optimizer.betas[0],
+        beta_2: cfg.optimizer.betas[1],
+        eps: cfg.optimizer.eps,
+        weight_decay: cfg.optimizer.weight_decay,
+    };
 
     let mut loader = Loader::new(train_windows, cfg.training.seed, state.loader);
     let mut tokens_seen = state.tokens_seen;
@@ -426,8 +424,12 @@ where
             });
             tokens_seen += (mb.len() * tokens.seq) as u64;
         }
+        // The summed gradients on the host, where the optimizer works.
+        let host = |g: Tensor<Inner<B>, 1>| g.into_data().convert::<f32>().into_vec::<f32>().expect("f32");
+        let mut grads: HashMap<ParamId, Vec<f32>> = HashMap::new();
         if ranks == 1 {
             interrupted = interrupt_requested();
+            grads.extend(acc.into_iter().map(|(id, g)| (id, host(g))));
         } else {
             // Sum the ranks' gradients (each rank's loss is already divided by the global token count),
             // their losses and their expert loads. Each gradient carries a count of the ranks that had
@@ -438,7 +440,7 @@ where
                 let n = sizes.0[&p.id];
                 match acc.remove(&p.id) {
                     Some(g) => {
-                        flat.extend(g.into_data().convert::<f32>().into_vec::<f32>().expect("f32"));
+                        flat.extend(host(g));
                         flat.push(1.0);
                     }
                     None => flat.extend(std::iter::repeat_n(0.0, n + 1)),
@@ -451,8 +453,7 @@ where
             let mut offset = 0;
             for (id, n) in layout {
                 if flat[offset + n] > 0.0 {
-                    let g = TensorData::new(flat[offset..offset + n].to_vec(), [n]);
-                    acc.insert(id, Tensor::from_data(g, device));
+                    grads.insert(id, flat[offset..offset + n].to_vec());
                 }
                 offset += n + 1;
             }
@@ -468,31 +469,39 @@ where
             }
         }
         if let (Some(path), true, true) = (&opts.dump_gradients, step == report.start_step, lead) {
-            let grads: Vec<(String, HostF32)> = named
+            let dump: Vec<(String, HostF32)> = named
                 .iter()
-                .filter_map(|p| acc.get(&p.id).map(|g| (p.name.clone(), host1(g.clone()))))
+                .filter_map(|p| {
+                    let g = grads.get(&p.id)?;
+                    let shape = vec![g.len()];
+                    Some((
+                        p.name.clone(),
+                        HostF32 {
+                            shape,
+                            data: g.clone(),
+                        },
+                    ))
+                })
                 .collect();
-            checkpoint::write_gradients(path, &grads)?;
+            checkpoint::write_gradients(path, &dump)?;
         }
-        // Global gradient norm and clipping.
-        let mut sq = 0.0f64;
-        // In parameter order (not the map's), so that the sum is the same in every process.
-        for p in &named {
-            if let Some(g) = acc.get(&p.id) {
-                sq += g.clone().square().sum().into_scalar().elem_f64();
-            }
-        }
+        // Global gradient norm (in parameter order, so that every process sums alike) and clipping.
+        let sq: f64 = named
+            .iter()
+            .filter_map(|p| grads.get(&p.id))
+            .map(|g| sum_of_squares(g))
+            .sum();
         let grad_norm = sq.sqrt();
-        if cfg.training.grad_clip > 0.0 && grad_norm > cfg.training.grad_clip {
-            let scale = cfg.training.grad_clip / (grad_norm + 1e-6);
-            for g in acc.values_mut() {
-                *g = g.clone().mul_scalar(scale);
-            }
-        }
-        model = model.map(&mut Update::<B> {
+        let grad_scale = if cfg.training.grad_clip > 0.0 && grad_norm > cfg.training.grad_clip {
+            (cfg.training.grad_clip / (grad_norm + 1e-6)) as f32
+        } else {
+            1.0
+        };
+        model = model.map(&mut Update {
             optim: &optim,
             lr,
-            grads: &mut acc,
+            grad_scale,
+            grads: &mut grads,
             states: &mut states,
         });
         // Aux-loss-free balancing of the top-k layers' selection bias.
@@ -621,7 +630,7 @@ where
 fn save_checkpoint<B: AutodiffBackend>(
     model: &V4Model<B>,
     named: &[NamedParam],
-    states: &HashMap<ParamId, AdamWState<Inner<B>, 1>>,
+    states: &HashMap<ParamId, MomentState>,
     config_json: &str,
     state: TrainerState,
     root: &std::path::Path,
@@ -640,18 +649,7 @@ fn save_checkpoint<B: AutodiffBackend>(
     let (biases, tables) = routing_state(model);
     let optimizer = named
         .iter()
-        .filter_map(|p| {
-            states.get(&p.id).map(|s| {
-                (
-                    p.name.clone(),
-                    MomentState {
-                        time: s.momentum.time,
-                        m: host1(s.momentum.moment_1.clone()),
-                        v: host1(s.momentum.moment_2.clone()),
-                    },
-                )
-            })
-        })
+        .filter_map(|p| states.get(&p.id).map(|s| (p.name.clone(), s.clone())))
         .collect();
     checkpoint::save(
         root,
