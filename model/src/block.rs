@@ -8,7 +8,7 @@
 use crate::attention::Attention;
 use crate::cache::Segment;
 use crate::hyper_connection::HyperConnection;
-use crate::moe::{ExpertRunner, Moe};
+use crate::moe::{ExpertRunner, Moe, Routing};
 use crate::norm::RmsNorm;
 use crate::probe::{tap, Probe};
 use burn::module::Module;
@@ -27,8 +27,8 @@ pub struct Block<B: Backend> {
 
 impl<B: Backend> Block<B> {
     /// `X: [B, S, c, D]` for the tokens `ids`; `segments` say which columns continue which layer state
-    /// at which positions (see [`Segment`]). Returns the new streams and the rows each routed expert
-    /// received.
+    /// at which positions (see [`Segment`]). Returns the new streams and the layer's routing
+    /// statistics.
     pub fn forward(
         &self,
         x: Tensor<B, 4>,
@@ -36,7 +36,7 @@ impl<B: Backend> Block<B> {
         segments: &mut [Segment<'_, B>],
         runner: &dyn ExpertRunner<B>,
         probe: &mut dyn Probe,
-    ) -> (Tensor<B, 4>, Vec<usize>) {
+    ) -> (Tensor<B, 4>, Routing<B>) {
         let name = format!("layers.{}", self.index);
         let (input, mix) = self.attn_hc.pre(&x);
         let input = self.attn_norm.forward(input);
@@ -47,9 +47,9 @@ impl<B: Backend> Block<B> {
         let (input, mix) = self.ffn_hc.pre(&x);
         let input = self.ffn_norm.forward(input);
         tap(probe, &format!("{name}.ffn.input"), &input);
-        let (ffn, counts) = self
+        let (ffn, routing) = self
             .ffn
             .forward(input, ids, self.index, runner, probe, &format!("{name}.ffn"));
-        (mix.post(ffn, x), counts)
+        (mix.post(ffn, x), routing)
     }
 }

@@ -271,6 +271,9 @@ pub struct ForwardOutput<B: Backend> {
     pub logits: Tensor<B, 3>,
     /// Rows routed to each expert, per layer (for load balancing and its metrics).
     pub expert_counts: Vec<Vec<usize>>,
+    /// The sequence-wise balance terms of the layers with [`Moe::sequence_balance`] set, summed over
+    /// layers and sequences (see [`crate::moe::Routing::balance`]); None when no layer computes one.
+    pub balance: Option<Tensor<B, 1>>,
 }
 
 impl<B: Backend> V4Model<B> {
@@ -328,7 +331,7 @@ impl<B: Backend> V4Model<B> {
         }
         let (b, s) = (tokens.batch, tokens.seq);
         let all_columns = 0..s;
-        let (mut x, expert_counts) = self.run_blocks(
+        let (mut x, expert_counts, balance) = self.run_blocks(
             &tokens.ids,
             b,
             s,
@@ -343,6 +346,7 @@ impl<B: Backend> V4Model<B> {
         Ok(ForwardOutput {
             logits: self.logits(x, probe),
             expert_counts,
+            balance,
         })
     }
 
@@ -402,7 +406,8 @@ impl<B: Backend> V4Model<B> {
             .map(|(_, cache)| cache)
             .collect();
         let n = packed.len();
-        let (x, expert_counts) = self.run_blocks(&packed, 1, n, &mut row_caches, &cols, runner, probe);
+        let (x, expert_counts, balance) =
+            self.run_blocks(&packed, 1, n, &mut row_caches, &cols, runner, probe);
         let device = x.device();
         let int = |v: Vec<i64>| {
             let len = v.len();
@@ -433,12 +438,13 @@ impl<B: Backend> V4Model<B> {
         Ok(ForwardOutput {
             logits,
             expert_counts,
+            balance,
         })
     }
 
     /// Embedding and blocks over `ids: [batch, seq]`; `cols[i]` are the columns continuing `caches[i]`
-    /// (which advance by that many positions). Returns the final streams `[batch, seq, c, D]` and the
-    /// rows each routed expert received, per layer.
+    /// (which advance by that many positions). Returns the final streams `[batch, seq, c, D]`, the
+    /// rows each routed expert received per layer, and the summed sequence-wise balance terms.
     #[allow(clippy::too_many_arguments)]
     fn run_blocks(
         &self,
@@ -449,7 +455,7 @@ impl<B: Backend> V4Model<B> {
         cols: &[Range<usize>],
         runner: &dyn ExpertRunner<B>,
         probe: &mut dyn Probe,
-    ) -> (Tensor<B, 4>, Vec<Vec<usize>>) {
+    ) -> (Tensor<B, 4>, Vec<Vec<usize>>, Option<Tensor<B, 1>>) {
         let d = self.config.hidden_size;
         let c = self.config.hc_mult;
         let device = self.embed.device();
@@ -460,6 +466,7 @@ impl<B: Backend> V4Model<B> {
         let x = self.embed.val().select(0, ids_t).reshape([batch, seq, 1, d]);
         let mut x = x.repeat_dim(2, c);
         let mut expert_counts = Vec::with_capacity(self.layers.len());
+        let mut balance: Option<Tensor<B, 1>> = None;
         for (layer, block) in self.layers.iter().enumerate() {
             tap(probe, &format!("layers.{}.input", block.index), &x);
             let mut segments: Vec<Segment<'_, B>> = caches
@@ -471,14 +478,20 @@ impl<B: Backend> V4Model<B> {
                     cache: &mut cache.layers[layer],
                 })
                 .collect();
-            let (next, counts) = block.forward(x, ids, &mut segments, runner, probe);
+            let (next, routing) = block.forward(x, ids, &mut segments, runner, probe);
             x = next;
-            expert_counts.push(counts);
+            expert_counts.push(routing.counts);
+            if let Some(term) = routing.balance {
+                balance = Some(match balance {
+                    Some(sum) => sum + term,
+                    None => term,
+                });
+            }
         }
         for (cache, cols) in caches.iter_mut().zip(cols) {
             cache.position += cols.len();
         }
-        (x, expert_counts)
+        (x, expert_counts, balance)
     }
 
     /// The head: final streams `[B, S, c, D]` -> logits `[B, S, vocab]`.
@@ -709,6 +722,7 @@ impl<B: Backend> V4Model<B> {
             score_func: cfg.score_func,
             top_k: k,
             route_scale: cfg.route_scale,
+            sequence_balance: false,
         })
     }
 }

@@ -128,6 +128,19 @@ pub struct Moe<B: Backend> {
     pub score_func: ScoreFunc,
     pub top_k: usize,
     pub route_scale: f64,
+    /// Also compute the sequence-wise balance term of a top-k layer (training with a balance loss).
+    pub sequence_balance: bool,
+}
+
+/// What a MoE layer reports besides its output.
+#[derive(Debug)]
+pub struct Routing<B: Backend> {
+    /// Rows routed to each expert.
+    pub counts: Vec<usize>,
+    /// With [`Moe::sequence_balance`] on a top-k layer, DeepSeek's sequence-wise balance term summed over
+    /// the batch's sequences: `sum_b sum_i f_bi P_bi`, `f_bi = E / (K S) * (tokens of b routed to i)`,
+    /// `P_bi = mean_t s_ti / sum_j s_tj` (differentiable through `P`). `[1]`.
+    pub balance: Option<Tensor<B, 1>>,
 }
 
 /// `sqrt(softplus(x))` with softplus computed without overflow.
@@ -138,7 +151,7 @@ fn sqrt_softplus<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
 
 impl<B: Backend> Moe<B> {
     /// Routes and runs `x: [B, S, D]` for the tokens `ids` (`[B * S]`, for hash routing). Returns the
-    /// output and the number of rows each expert received.
+    /// output and the routing statistics.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -147,7 +160,7 @@ impl<B: Backend> Moe<B> {
         runner: &dyn ExpertRunner<B>,
         probe: &mut dyn Probe,
         name: &str,
-    ) -> (Tensor<B, 3>, Vec<usize>) {
+    ) -> (Tensor<B, 3>, Routing<B>) {
         let [batch, seq, d] = x.dims();
         let n = batch * seq;
         let k = self.top_k;
@@ -196,6 +209,21 @@ impl<B: Backend> Moe<B> {
             probe.record(&format!("{name}.router.indices"), TensorData::new(ids, [n, k]));
         }
 
+        let balance = (self.sequence_balance && self.routing == RoutingKind::TopK).then(|| {
+            let mut f = vec![0f32; batch * experts];
+            for (pair, &e) in chosen.iter().enumerate() {
+                f[(pair / k / seq) * experts + e] += 1.0;
+            }
+            let scale = experts as f32 / (k * seq) as f32;
+            let f =
+                Tensor::<B, 2>::from_data(TensorData::new(f, [batch, experts]), &device).mul_scalar(scale);
+            let affinity = scores.clone() / scores.clone().sum_dim(1);
+            let p = affinity
+                .reshape([batch, seq, experts])
+                .mean_dim(1)
+                .reshape([batch, experts]);
+            (p * f).sum()
+        });
         let index = Tensor::<B, 2, Int>::from_data(
             TensorData::new(chosen.iter().map(|&e| e as i64).collect::<Vec<_>>(), [n, k]),
             &device,
@@ -240,6 +268,6 @@ impl<B: Backend> Moe<B> {
         );
         let out = (routed + self.shared.forward(flat)).reshape([batch, seq, d]);
         tap(probe, &format!("{name}.output"), &out);
-        (out, counts)
+        (out, Routing { counts, balance })
     }
 }

@@ -40,7 +40,7 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Best-of-3 f32 GFLOP/s of a square matmul of size `n`: the machine's practical matmul peak on this backend.
-fn matmul_peak<B: Backend>(n: usize, device: &B::Device) -> f64 {
+pub(crate) fn matmul_peak<B: Backend>(n: usize, device: &B::Device) -> f64 {
     let a = Tensor::<B, 2>::random([n, n], Distribution::Default, device);
     let b = Tensor::<B, 2>::random([n, n], Distribution::Default, device);
     let _ = a.clone().matmul(b.clone()).into_data();

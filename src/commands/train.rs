@@ -1,6 +1,7 @@
 //! `v4 train CONFIG.toml [--print-config] [--stop-after N]`: fine-tune (or train from scratch) with the
 //! v4-train crate on an autodiff backend chosen by `[model] device`.
 
+use crate::commands::bench::matmul_peak;
 use crate::io::Result;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,17 +33,25 @@ pub fn run(args: Args) -> Result<()> {
         print!("{}", cfg.to_toml());
         return Ok(());
     }
-    let opts = RunOptions {
+    let mut opts = RunOptions {
         stop_after: args.stop_after,
         quiet: false,
         collective: collective(&cfg)?,
         dump_gradients: args.dump_gradients,
         interrupt: Some(interrupt_flag()?),
+        peak_flops: None,
     };
+    // The MFU's denominator: this backend's measured f32 matmul peak (1024^3, best of 3).
+    let peak = |gflops: f64| Some(gflops * 1e9);
+    let cpu = burn_ndarray::NdArrayDevice::Cpu;
     let report = match cfg.model.device.as_str() {
-        "cpu" => train::<Autodiff<v4_cpu::Cpu>>(&cfg, &burn_ndarray::NdArrayDevice::Cpu, &opts)?,
+        "cpu" => {
+            opts.peak_flops = peak(matmul_peak::<v4_cpu::Cpu>(1024, &cpu));
+            train::<Autodiff<v4_cpu::Cpu>>(&cfg, &cpu, &opts)?
+        }
         "ndarray" => {
-            train::<Autodiff<burn_ndarray::NdArray<f32>>>(&cfg, &burn_ndarray::NdArrayDevice::Cpu, &opts)?
+            opts.peak_flops = peak(matmul_peak::<burn_ndarray::NdArray<f32>>(1024, &cpu));
+            train::<Autodiff<burn_ndarray::NdArray<f32>>>(&cfg, &cpu, &opts)?
         }
         "npu" => {
             let device = Default::default();

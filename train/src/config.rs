@@ -127,6 +127,9 @@ pub struct MoeSection {
     /// Aux-loss-free balancing: `bias += gamma * sign(mean_load - load)` after each step (0: frozen).
     #[serde(default)]
     pub gamma: f32,
+    /// Weight of DeepSeek's sequence-wise balance loss on the top-k layers (V3 used 1e-4; 0: off).
+    #[serde(default)]
+    pub alpha: f32,
 }
 
 /// Expert parallelism: `mpirun -np N v4 train config.toml` with `expert_parallel = N` shards the routed
@@ -248,7 +251,10 @@ impl Default for TrainingSection {
 }
 impl Default for MoeSection {
     fn default() -> Self {
-        Self { gamma: 0.0 }
+        Self {
+            gamma: 0.0,
+            alpha: 0.0,
+        }
     }
 }
 impl Default for CheckpointSection {

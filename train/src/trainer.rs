@@ -12,6 +12,7 @@ use crate::params::{host_params, named_params, routing_state, to_checkpoint, Hos
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{activation, Int, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +39,8 @@ pub struct RunOptions {
     /// Set (by a Ctrl-C handler) to end the run after the current step, writing a checkpoint. In an
     /// expert-parallel run the ranks agree on it during the step, so they stop at the same one.
     pub interrupt: Option<Arc<AtomicBool>>,
+    /// The device's peak FLOP/s (for the MFU; None: not reported).
+    pub peak_flops: Option<f64>,
 }
 
 /// One optimizer step's numbers.
@@ -49,6 +52,10 @@ pub struct StepLog {
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens_per_s: f64,
+    /// Model FLOPs utilisation: `tokens/s * 6 * active parameters / peak` (with a known peak).
+    pub mfu: Option<f64>,
+    /// The sequence-wise balance loss (before its weight alpha), when it is on.
+    pub balance: Option<f64>,
 }
 
 /// What a run did.
@@ -261,9 +268,17 @@ where
         ));
     }
     let lead = rank == 0;
+    let bar = match lead && !opts.quiet {
+        true => ProgressBar::new(cfg.schedule.steps as u64),
+        false => ProgressBar::hidden(),
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} step {pos}/{len}, {elapsed} elapsed, ETA {eta}")
+            .expect("a valid template"),
+    );
     let say = |s: String| {
         if !opts.quiet && lead {
-            println!("{s}");
+            bar.suspend(|| println!("{s}"));
         }
     };
     let tokenizer = Tokenizer::from_spec(&cfg.data.tokenizer)?;
@@ -317,6 +332,13 @@ where
     } else {
         &FusedExperts
     };
+    if cfg.moe.alpha > 0.0 {
+        for block in model.layers.iter_mut() {
+            block.ffn.sequence_balance = block.ffn.routing == RoutingKind::TopK;
+        }
+    }
+    // Training FLOPs per token: forward + backward, 2 + 4 per active parameter.
+    let flops_per_token = 6.0 * model.config.param_counts().active as f64;
     let mut sizes = Sizes(HashMap::new());
     model.visit(&mut sizes);
     let named: Vec<NamedParam> = named_params(&model);
@@ -380,6 +402,7 @@ where
 
     let interrupt_requested = || opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
     let total_steps = cfg.schedule.steps;
+    bar.set_position(state.step as u64);
     let mut step = state.step;
     while step < total_steps {
         if opts.stop_after.is_some_and(|s| step >= s) {
@@ -397,6 +420,7 @@ where
         let mut acc: HashMap<ParamId, Tensor<Inner<B>, 1>> = HashMap::new();
         let interrupted;
         let mut loss_sum = 0.0f64;
+        let mut balance_sum = 0.0f64;
         let mut loads: Vec<Vec<usize>> = vec![Vec::new(); model.layers.len()];
         for mb in &micro_batches {
             // This rank's share of the global micro-batch: every `ranks`-th sequence.
@@ -414,8 +438,14 @@ where
                     *a += c;
                 }
             }
-            let loss = masked_loss(out.logits, targets, mask, denom.max(1) as f64);
+            let mut loss = masked_loss(out.logits, targets, mask, denom.max(1) as f64);
             loss_sum += loss.clone().into_scalar().elem_f64();
+            if let Some(balance) = out.balance {
+                // Averaged over the step's sequences (all ranks, all micro-batches).
+                let sequences = (micro * cfg.training.grad_accum) as f64;
+                balance_sum += balance.clone().into_scalar().elem_f64() / sequences;
+                loss = loss + balance.mul_scalar(cfg.moe.alpha as f64 / sequences);
+            }
             let grads = loss.backward();
             model.visit(&mut GradCollect::<B> {
                 grads: &grads,
@@ -447,9 +477,11 @@ where
                 }
                 layout.push((p.id, n));
             }
+            flat.push(balance_sum as f32);
             flat.push(loss_sum as f32);
             collective.all_reduce_sum_f32(&mut flat);
             loss_sum = flat.pop().expect("the loss") as f64;
+            balance_sum = flat.pop().expect("the balance loss") as f64;
             let mut offset = 0;
             for (id, n) in layout {
                 if flat[offset + n] > 0.0 {
@@ -520,6 +552,7 @@ where
             }
         }
         step += 1;
+        bar.set_position(step as u64);
         let elapsed = started.elapsed().as_secs_f64();
         let n_tokens = cfg.training.grad_accum * micro * cfg.data.seq_len;
         let log = StepLog {
@@ -528,6 +561,10 @@ where
             lr,
             grad_norm,
             tokens_per_s: n_tokens as f64 / elapsed.max(1e-9),
+            mfu: opts
+                .peak_flops
+                .map(|peak| n_tokens as f64 / elapsed.max(1e-9) * flops_per_token / peak),
+            balance: (cfg.moe.alpha > 0.0).then_some(balance_sum),
         };
         if step % cfg.logging.interval.max(1) == 0 || step == total_steps {
             let max_vio: f64 = loads
@@ -537,14 +574,25 @@ where
                 .map(|(l, _)| MoeHealth::of(l).max_vio)
                 .fold(0.0, f64::max);
             say(format!(
-                "step {step:>6}/{total_steps}  loss {:.4}  lr {:.3e}  grad-norm {:.3}  max-vio {max_vio:.2}  {:.0} tokens/s",
-                log.loss, log.lr, log.grad_norm, log.tokens_per_s
+                "step {step:>6}/{total_steps}  loss {:.4}  lr {:.3e}  grad-norm {:.3}  max-vio {max_vio:.2}{}{}  {:.0} tokens/s",
+                log.loss,
+                log.lr,
+                log.grad_norm,
+                log.balance.map(|b| format!("  balance {b:.4}")).unwrap_or_default(),
+                log.mfu.map(|m| format!("  MFU {:.1}%", 100.0 * m)).unwrap_or_default(),
+                log.tokens_per_s
             ));
             if let Some(m) = metrics.as_mut() {
                 m.scalar("train/loss", step, log.loss);
                 m.scalar("train/lr", step, log.lr);
                 m.scalar("train/grad_norm", step, log.grad_norm);
                 m.scalar("train/tokens_per_s", step, log.tokens_per_s);
+                if let Some(mfu) = log.mfu {
+                    m.scalar("train/mfu", step, mfu);
+                }
+                if let Some(balance) = log.balance {
+                    m.scalar("train/balance_loss", step, balance);
+                }
                 m.scalar("moe/max_vio", step, max_vio);
                 for (load, block) in loads.iter().zip(&model.layers) {
                     if load.is_empty() {
@@ -618,6 +666,7 @@ where
             break;
         }
     }
+    bar.finish_and_clear();
     report.final_biases = model
         .layers
         .iter()
