@@ -26,6 +26,7 @@ use rayon::prelude::*;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use v4_formats::{Fp8ScaleKind, PackedMatrix, PackedRows, Storage};
 
 /// A 2-D window `[rows, cols]` (row-major, contiguous) into a stored tensor.
 #[derive(Clone, Debug)]
@@ -367,6 +368,102 @@ impl Checkpoint {
                     .collect(),
             ),
         }
+    }
+
+    /// HF tensor `name` in its stored precision, sharing the memory map: one matrix for a 2-D
+    /// tensor, one per expert (w1 over w3 for `gate_up_proj`) for fused experts. `None` when it is
+    /// stored as F32 / F16 / F64 or integers, which gain nothing from staying as stored. Scales (and
+    /// FP8 codes) are checked for NaN, as a decoding read would.
+    pub fn read_hf_packed(&self, name: &str) -> Result<Option<Vec<PackedMatrix>>, ConvertError> {
+        let members = self
+            .hf_members(name)
+            .ok_or_else(|| ConvertError::NoSuchTensor { name: name.into() })?;
+        let per_matrix = match self.hf.get(name) {
+            Some(HfTensor::Fused { kind, .. }) => kind.parts().len(),
+            _ => 1,
+        };
+        let mut rows = Vec::with_capacity(members.len());
+        for member in &members {
+            match self.packed_rows(self.entry(member)?)? {
+                Some(r) => rows.push(r),
+                None => return Ok(None),
+            }
+        }
+        let mut matrices = Vec::with_capacity(members.len() / per_matrix);
+        let mut rows = rows.into_iter();
+        for member in members.chunks(per_matrix) {
+            let parts: Vec<PackedRows> = rows.by_ref().take(member.len()).collect();
+            let matrix = PackedMatrix::new(parts).map_err(|reason| ConvertError::Unsupported {
+                tensor: name.into(),
+                reason,
+            })?;
+            matrices.push(matrix);
+        }
+        Ok(Some(matrices))
+    }
+
+    /// The stored form of `e`, or `None` for storage that is not worth keeping (F32 and wider).
+    fn packed_rows(&self, e: &Entry) -> Result<Option<PackedRows>, ConvertError> {
+        let bytes = |v: &View| self.files[v.file].shared_bytes(v.offset..v.offset + v.len_bytes());
+        let (storage, data, scales) = match &e.source {
+            Source::Plain(v) if v.dtype == Dtype::BF16 => {
+                (Storage::Bf16, bytes(v), v4_formats::Bytes::from_vec(vec![]))
+            }
+            Source::Plain(_) => return Ok(None),
+            Source::Fp8 { codes, scales, block } => {
+                let scale = match scales.dtype {
+                    Dtype::F8E8M0 => Fp8ScaleKind::E8m0,
+                    _ => Fp8ScaleKind::F32,
+                };
+                if let Some(i) = self.view_bytes(codes).iter().position(|&c| c & 0x7F == 0x7F) {
+                    return Err(self.non_finite(codes, codes.elem_base + i));
+                }
+                (Storage::Fp8 { block: *block, scale }, bytes(codes), bytes(scales))
+            }
+            Source::Mx { codes, scales, block } => {
+                (Storage::Mxfp4 { block: *block }, bytes(codes), bytes(scales))
+            }
+            Source::Nv {
+                codes,
+                scales,
+                scale2,
+                block,
+            } => {
+                let storage = Storage::Nvfp4 {
+                    block: *block,
+                    scale2: self.scale2(scale2)?,
+                };
+                (storage, bytes(codes), bytes(scales))
+            }
+        };
+        let nan_scale = match storage {
+            Storage::Fp8 {
+                scale: Fp8ScaleKind::E8m0,
+                ..
+            }
+            | Storage::Mxfp4 { .. } => scales.as_slice().iter().position(|&s| s == 0xFF),
+            Storage::Nvfp4 { .. } => scales.as_slice().iter().position(|&s| s & 0x7F == 0x7F),
+            _ => None,
+        };
+        if let (
+            Some(i),
+            Source::Fp8 { scales: v, .. } | Source::Mx { scales: v, .. } | Source::Nv { scales: v, .. },
+        ) = (nan_scale, &e.source)
+        {
+            return Err(self.non_finite(v, v.elem_base + i));
+        }
+        PackedRows::new(e.rows, e.cols, storage, data, scales)
+            .map(Some)
+            .map_err(|reason| self.bad_entry(e.source.main(), reason))
+    }
+
+    /// Bytes HF tensor `name` occupies in its shards (codes and scales).
+    pub fn hf_stored_bytes(&self, name: &str) -> Option<u64> {
+        let members = self.hf_members(name)?;
+        members
+            .iter()
+            .map(|m| Some(self.entries.get(m)?.source.stored_bytes()))
+            .sum()
     }
 
     /// Integer values of HF tensor `name`.

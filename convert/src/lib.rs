@@ -23,7 +23,7 @@
 //! # Ok::<(), v4_convert::ConvertError>(())
 //! ```
 
-pub mod codec;
+pub use v4_formats::codec;
 pub mod layout;
 pub mod st;
 

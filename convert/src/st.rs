@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Name of the shard index file.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -112,7 +113,7 @@ impl TensorInfo {
 /// A validated, memory-mapped safetensors file.
 pub struct ShardFile {
     pub path: PathBuf,
-    map: Mmap,
+    map: Arc<Mmap>,
     /// Header entries by name.
     pub tensors: BTreeMap<String, TensorInfo>,
 }
@@ -123,7 +124,7 @@ impl ShardFile {
         let file = File::open(path).map_err(|e| ConvertError::io(path, e))?;
         // SAFETY: the map is read-only; the converter never writes to its inputs. A file truncated
         // by another process while mapped would fault, as with any mmap-based loader.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| ConvertError::io(path, e))?;
+        let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| ConvertError::io(path, e))?);
         let tensors = parse_header(path, &map)?;
         Ok(ShardFile {
             path: path.to_path_buf(),
@@ -135,6 +136,11 @@ impl ShardFile {
     /// The whole file.
     pub fn bytes(&self) -> &[u8] {
         &self.map
+    }
+
+    /// `range` of the file, shared with the map (no copy): weights that stay in their stored form.
+    pub fn shared_bytes(&self, range: std::ops::Range<usize>) -> v4_formats::Bytes {
+        v4_formats::Bytes::new(self.map.clone(), range)
     }
 
     /// The header bytes (length prefix included), for fingerprinting inputs.

@@ -13,10 +13,12 @@
 
 mod forward;
 mod kernels;
+pub mod packed;
 
 use burn_backend::backend::{Backend, BackendTypes, DTypeUsageSet, ExecutionError};
 use burn_backend::DType;
 use burn_ndarray::{NdArray, NdArrayDevice, NdArrayQTensor, NdArrayTensor};
+pub use packed::CpuPackedMatmul;
 
 /// The backend every op not written here is forwarded to.
 type Inner = NdArray<f32>;

@@ -432,7 +432,7 @@ impl ErrStats {
     /// Statistics of the element-wise conversion `x -> f(x)` (no calibration alternative):
     /// lane accumulators flushed to f64 every 4096 elements.
     #[inline(always)]
-    pub(crate) fn of_map(x: &[f32], f: impl Fn(f32) -> f32) -> ErrStats {
+    pub fn of_map(x: &[f32], f: impl Fn(f32) -> f32) -> ErrStats {
         let mut st = ErrStats::default();
         for part in x.chunks(4096) {
             let mut acc = Acc::new();

@@ -66,7 +66,7 @@ pub fn fp8_block_scale(amax: f32) -> u8 {
 simd_dispatch! {
     /// Quantises one band of `x.len() / cols <= block` rows (one row of the tile grid): writes
     /// the band's codes and its `ceil(cols/block)` scales, returns the error statistics.
-    pub(crate) fn quantize_band = quantize_band_impl(
+    pub fn quantize_band = quantize_band_impl(
         x: &[f32],
         cols: usize,
         block: usize,
@@ -163,7 +163,7 @@ pub fn quantize_with_scales(x: &[f32], rows: usize, cols: usize, block: usize, s
 simd_dispatch! {
     /// Dequantises rows `[r0, r0 + out.len()/cols)` of an FP8 block matrix whose full codes and
     /// scales are given. Returns the index (within `out`) of the first NaN code, if any.
-    pub(crate) fn dequantize_rows = dequantize_rows_impl(
+    pub fn dequantize_rows = dequantize_rows_impl(
         codes: &[u8],
         scales: Fp8Scales<'_>,
         cols: usize,

@@ -101,7 +101,7 @@ fn block_error(x: &[f32], w: Option<&[f32]>, sc: u8, sf2: f32) -> f64 {
 simd_dispatch! {
     /// Quantises rows of `cols` values (`cols % 16 == 0`) with tensor scale `sf2` into `packed`
     /// (`[rows, cols/2]`) and E4M3 `scales` (`[rows, cols/16]`).
-    pub(crate) fn quantize_rows = quantize_rows_impl(
+    pub fn quantize_rows = quantize_rows_impl(
         x: &[f32],
         cols: usize,
         sf2: f32,
@@ -211,7 +211,7 @@ simd_dispatch! {
     /// Dequantises rows (`out` is `[n, cols]`, `packed` `[n, cols/2]`, `scales`
     /// `[n, cols/block]`). Returns the index of the first element whose block scale is a NaN
     /// code, if any.
-    pub(crate) fn dequantize_rows = dequantize_rows_impl(
+    pub fn dequantize_rows = dequantize_rows_impl(
         packed: &[u8],
         scales: &[u8],
         scale2: f32,

@@ -75,7 +75,7 @@ fn block_error(x: &[f32], w: Option<&[f32]>, e: u8) -> f64 {
 simd_dispatch! {
     /// Quantises rows of `cols` values (`cols % 32 == 0`) into `packed` (`[rows, cols/2]`) and
     /// `scales` (`[rows, cols/32]`).
-    pub(crate) fn quantize_rows = quantize_rows_impl(
+    pub fn quantize_rows = quantize_rows_impl(
         x: &[f32],
         cols: usize,
         rule: MxRule,
@@ -175,7 +175,7 @@ pub fn quantize(
 simd_dispatch! {
     /// Dequantises rows: `packed` `[n, cols/2]` and `scales` `[n, cols/block]` for the rows in
     /// `out` (`[n, cols]`). Returns the index of the first element with a NaN scale (0xFF), if any.
-    pub(crate) fn dequantize_rows = dequantize_rows_impl(packed: &[u8], scales: &[u8], block: usize, out: &mut [f32]) -> Option<usize>
+    pub fn dequantize_rows = dequantize_rows_impl(packed: &[u8], scales: &[u8], block: usize, out: &mut [f32]) -> Option<usize>
 }
 
 #[inline(always)]

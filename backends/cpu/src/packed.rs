@@ -1,0 +1,869 @@
+//! `y = x W^T` on weights kept in their stored precision ([`PackedMatrix`]), fast on x86-64.
+//!
+//! Two regimes, chosen by the number `n` of rows of `x`:
+//! - decode (`n <= GEMV_MAX_N`): a fused GEMV. Each task streams the packed bytes of a few rows of `W`
+//!   once, decodes 32 columns at a time in registers and multiplies them into every row of `x`; no f32
+//!   copy of `W` is made. This is bound by memory bandwidth on the packed bytes, so FP8 reads a quarter
+//!   and MXFP4 about an eighth of the bytes of an f32 GEMV.
+//! - prefill (larger `n`): each task decodes a panel of up to `PANEL_ROWS` rows with
+//!   [`PackedRows::decode_rows`] into f32 and multiplies it with the `gemm` crate; decoding costs one
+//!   pass over the panel against `n` multiply-adds per weight.
+//!
+//! The fused kernels exist for AVX2 + FMA and three storages: FP8 E4M3 with 128x128 E8M0 tiles,
+//! MXFP4 (E8M0 per 32) and BF16, with whole chunks of 32 columns. Other storages, and every storage on
+//! the portable path (no AVX2, or `V4_CPU_ISA=scalar`), decode each row with
+//! [`PackedRows::decode_rows`] into a buffer and take dot products.
+//!
+//! Both regimes split the work over rayon's pool; call from inside it (as a model's forward pass
+//! does), since a call from another thread pays a thread wake-up per parallel section.
+//!
+//! Every weight is decoded to exactly the f32 that [`PackedMatrix::to_f32`] gives (one rounding of
+//! `value * scale`); results differ from "decode, then multiply in f32" only in the order of the sums.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+use v4_formats::{PackedMatmul, PackedMatrix, PackedRows};
+
+/// Rows of `x` up to which the fused GEMV runs; above, decoded panels go through `gemm`. The GEMV
+/// takes `x` four rows at a time (decoding `W` again for each four), `gemm` packs `x` again for each
+/// panel: on two Zen 3 cores the GEMV is ahead up to about 32 rows and even at 48.
+const GEMV_MAX_N: usize = 32;
+/// Rows of `W` per parallel task of the GEMV: enough bytes per task to amortise scheduling.
+const GEMV_ROWS: usize = 64;
+/// Most rows of `W` per decoded panel (and parallel task) of the prefill product. Every panel's
+/// product packs all of `x` again, so panels should be large; their f32 copy takes
+/// `PANEL_ROWS * cols * 4` bytes per thread.
+const PANEL_ROWS: usize = 256;
+
+/// The kernels a call uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    /// AVX2 + FMA fused kernels (constructed only when the CPU has both).
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// Portable code: decode rows with the formats crate, then dot products.
+    Scalar,
+}
+
+impl Isa {
+    fn name(self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => "avx2",
+            Isa::Scalar => "scalar",
+        }
+    }
+
+    /// The best path this CPU runs, unless `V4_CPU_ISA=scalar` asks for the portable one.
+    fn detect() -> Isa {
+        if std::env::var("V4_CPU_ISA").is_ok_and(|v| v == "scalar") {
+            return Isa::Scalar;
+        }
+        Isa::best()
+    }
+
+    /// The fastest path this CPU runs.
+    fn best() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Isa::Avx2;
+        }
+        Isa::Scalar
+    }
+
+    /// The path of this process, chosen once.
+    fn active() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(Isa::detect)
+    }
+}
+
+/// The kernel path in use: `"avx2"` or `"scalar"` (forced by `V4_CPU_ISA=scalar`).
+pub fn isa() -> &'static str {
+    Isa::active().name()
+}
+
+/// `y = x W^T` on packed weights with the fastest kernels this CPU runs (see the module docs).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuPackedMatmul;
+
+impl PackedMatmul for CpuPackedMatmul {
+    fn matmul_t(&self, x: &[f32], n: usize, w: &PackedMatrix, y: &mut [f32]) {
+        matmul(Isa::active(), x, n, w, y);
+    }
+}
+
+/// `y[n, w.rows] = x[n, w.cols] · W^T` on the `isa` path, one row block of `W` at a time.
+fn matmul(isa: Isa, x: &[f32], n: usize, w: &PackedMatrix, y: &mut [f32]) {
+    assert_eq!(x.len(), n * w.cols, "x is not [n, cols]");
+    assert_eq!(y.len(), n * w.rows, "y is not [n, rows]");
+    if n == 0 {
+        return;
+    }
+    if w.cols == 0 {
+        y.fill(0.0);
+        return;
+    }
+    let mut row0 = 0;
+    for part in w.parts() {
+        if n <= GEMV_MAX_N {
+            gemv_part(isa, part, x, n, row0, y);
+        } else {
+            gemm_part(part, x, n, row0, y);
+        }
+        row0 += part.rows;
+    }
+}
+
+/// Columns `row0 .. row0 + part.rows` of `y` (`[n, total rows]`) for a small `n`.
+fn gemv_part(isa: Isa, part: &PackedRows, x: &[f32], n: usize, row0: usize, y: &mut [f32]) {
+    let rows = part.rows;
+    if n == 1 {
+        return gemv(isa, part, x, 1, &mut y[row0..row0 + rows]);
+    }
+    let total = y.len() / n;
+    let mut yt = vec![0f32; rows * n];
+    gemv(isa, part, x, n, &mut yt);
+    for (j, out) in yt.chunks_exact(n).enumerate() {
+        for (i, &v) in out.iter().enumerate() {
+            y[i * total + row0 + j] = v;
+        }
+    }
+}
+
+/// `yt[r, i] = x_i · W_r`: the product transposed (`[part.rows, n]`), so that each task's rows are
+/// one contiguous slice.
+fn gemv(isa: Isa, part: &PackedRows, x: &[f32], n: usize, yt: &mut [f32]) {
+    match isa {
+        // SAFETY: `Isa::Avx2` is chosen only when the CPU has AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if unsafe { avx2::gemv(part, x, n, yt) } => {}
+        _ => decoded_gemv(part, x, n, yt),
+    }
+}
+
+/// The portable GEMV: each row decoded by the formats crate into a buffer, then `n` dot products.
+fn decoded_gemv(part: &PackedRows, x: &[f32], n: usize, yt: &mut [f32]) {
+    let cols = part.cols;
+    yt.par_chunks_mut(GEMV_ROWS * n).enumerate().for_each(|(t, out)| {
+        let mut w = vec![0f32; cols];
+        for (j, o) in out.chunks_exact_mut(n).enumerate() {
+            part.decode_rows(t * GEMV_ROWS + j, &mut w);
+            for (o, xi) in o.iter_mut().zip(x.chunks_exact(cols)) {
+                *o = dot(xi, &w);
+            }
+        }
+    });
+}
+
+/// `a · b` with eight running sums (so that the loop vectorises).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 8;
+    let mut acc = [0f32; L];
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(p, q)| p * q)
+        .sum();
+    for (p, q) in ca.zip(cb) {
+        for l in 0..L {
+            acc[l] += p[l] * q[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// A pointer to `y` shared by tasks that write disjoint columns of it.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: only used by tasks that write disjoint elements while the owner is borrowed.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer `offset` elements in (a method, so that closures capture the whole wrapper).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// Rows per panel of a `rows`-row block: `PANEL_ROWS`, or fewer so that each thread gets two panels.
+fn panel_rows(rows: usize) -> usize {
+    rows.div_ceil(2 * rayon::current_num_threads())
+        .next_multiple_of(16)
+        .clamp(16, PANEL_ROWS)
+}
+
+/// Columns `row0 .. row0 + part.rows` of `y` (`[n, total rows]`) for a large `n`: in parallel over
+/// panels of rows, each decoded into f32 and multiplied by one single-threaded `gemm`.
+fn gemm_part(part: &PackedRows, x: &[f32], n: usize, row0: usize, y: &mut [f32]) {
+    let (cols, total) = (part.cols, y.len() / n);
+    assert!(
+        x.len() == n * cols && row0 + part.rows <= total,
+        "the row block does not fit x and y"
+    );
+    let out = SharedOut(y.as_mut_ptr());
+    let panel_rows = panel_rows(part.rows);
+    (0..part.rows.div_ceil(panel_rows))
+        .into_par_iter()
+        .for_each_init(Vec::new, |panel, p| {
+            let r0 = p * panel_rows;
+            let rows = panel_rows.min(part.rows - r0);
+            panel.resize(rows * cols, 0f32);
+            part.decode_rows(r0, panel);
+            // SAFETY: dst is the `[n, rows]` window of `y` at column `row0 + r0` (row stride `total`),
+            // inside `y`, and no other task writes its columns; lhs is `x` `[n, cols]` and rhs the
+            // panel read as `[cols, rows]` (column stride `cols`), both fully inside their slices.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    rows,
+                    cols,
+                    out.at(row0 + r0),
+                    1,
+                    total as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    panel.as_ptr(),
+                    cols as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                )
+            }
+        });
+}
+
+/// The fused AVX2 + FMA GEMV kernels.
+///
+/// Each decoder turns 32 columns of a row into four vectors of eight f32 with as few shuffles as it
+/// can (shuffles and shifts share two of Zen's four vector pipes), so the lanes hold the columns in
+/// a fixed order of the decoder's (`Decoder::ORDER`); `x` is permuted once per call to match.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::GEMV_ROWS;
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+    use v4_formats::codec::{e8m0_to_f32, E2M1_VALUES};
+    use v4_formats::{Fp8ScaleKind, PackedRows, Storage};
+
+    /// Runs the fused kernel for `part`'s storage, if it has one: `yt[r, i] = x_i · W_r` with `x`
+    /// `[n, cols]` and `yt` `[part.rows, n]`. Returns whether it did.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    pub(super) unsafe fn gemv(part: &PackedRows, x: &[f32], n: usize, yt: &mut [f32]) -> bool {
+        if !part.cols.is_multiple_of(32) {
+            return false;
+        }
+        assert_eq!(x.len(), n * part.cols, "x is not [n, cols]");
+        assert_eq!(yt.len(), part.rows * n, "yt is not [rows, n]");
+        match part.storage {
+            Storage::Fp8 {
+                block: 128,
+                scale: Fp8ScaleKind::E8m0,
+            } => Fp8::new(part).map(|d| run(&d, x, n, yt)).is_some(),
+            Storage::Mxfp4 { block: 32 } => {
+                run(&Mxfp4::new(part), x, n, yt);
+                true
+            }
+            Storage::Bf16 => {
+                run(&Bf16::new(part), x, n, yt);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A row block whose rows decode 32 columns at a time into registers.
+    trait Decoder: Sync {
+        /// The column (within the chunk) of each lane of the four vectors of [`Decoder::chunk`].
+        const ORDER: [usize; 32];
+
+        /// Columns of a row.
+        fn cols(&self) -> usize;
+
+        /// Columns `32c .. 32c + 32` of row `r`, each exactly the f32 of `PackedRows::decode_rows`,
+        /// lane `l` of vector `v` holding column `32c + ORDER[8v + l]`.
+        ///
+        /// # Safety
+        /// The CPU must have AVX2 and FMA, `r < rows` and `c < cols / 32`.
+        unsafe fn chunk(&self, r: usize, c: usize) -> [__m256; 4];
+    }
+
+    /// Checks the byte lengths the decoders' unchecked reads rely on (`PackedRows::new` checks them,
+    /// but the fields are public).
+    fn check_lengths(part: &PackedRows, data: usize, scales: usize) {
+        assert_eq!(
+            part.data.len(),
+            data,
+            "{} codes of a wrong length",
+            part.storage.name()
+        );
+        assert_eq!(
+            part.scales.len(),
+            scales,
+            "{} scales of a wrong length",
+            part.storage.name()
+        );
+    }
+
+    /// The order of 16-bit values split into the low and high halves of 32-bit lanes: per 16 columns,
+    /// the even ones, then the odd ones.
+    const EVEN_ODD: [usize; 32] = {
+        let mut order = [0; 32];
+        let mut p = 0;
+        while p < 32 {
+            let k = p % 16;
+            order[p] = p - k + if k < 8 { 2 * k } else { 2 * (k - 8) + 1 };
+            p += 1;
+        }
+        order
+    };
+
+    /// `x` (`[n, cols]`) with each chunk of 32 columns in the decoder's order.
+    fn permute<D: Decoder>(x: &[f32]) -> Vec<f32> {
+        x.chunks_exact(32).flat_map(|g| D::ORDER.map(|k| g[k])).collect()
+    }
+
+    /// `yt = (x W^T)^T` in parallel over tasks of `GEMV_ROWS` rows, each taking the rows of `x` in
+    /// groups of up to four (one pass over the task's rows per group).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    unsafe fn run<D: Decoder>(d: &D, x: &[f32], n: usize, yt: &mut [f32]) {
+        let cols = d.cols();
+        let x = permute::<D>(x);
+        yt.par_chunks_mut(GEMV_ROWS * n).enumerate().for_each(|(t, out)| {
+            for (g, xs) in x.chunks(4 * cols).enumerate() {
+                // SAFETY: the caller of `run` has AVX2 and FMA.
+                unsafe {
+                    match xs.len() / cols {
+                        1 => group::<D, 1, 4>(d, t * GEMV_ROWS, xs, 4 * g, n, out),
+                        2 => group::<D, 2, 4>(d, t * GEMV_ROWS, xs, 4 * g, n, out),
+                        3 => group::<D, 3, 2>(d, t * GEMV_ROWS, xs, 4 * g, n, out),
+                        _ => group::<D, 4, 2>(d, t * GEMV_ROWS, xs, 4 * g, n, out),
+                    }
+                }
+            }
+        });
+    }
+
+    /// `out[j, i0 + i] = xs_i · W_{r0 + j}` for the `N` rows of `xs` and every row `j` of `out`
+    /// (`[rows, n]`), with `S` running sums per row of `xs`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn group<D: Decoder, const N: usize, const S: usize>(
+        d: &D,
+        r0: usize,
+        xs: &[f32],
+        i0: usize,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        assert_eq!(xs.len(), N * d.cols(), "x is not [N, cols]");
+        for (j, out) in out.chunks_exact_mut(n).enumerate() {
+            out[i0..i0 + N].copy_from_slice(&dots::<D, N, S>(d, r0 + j, xs));
+        }
+    }
+
+    /// `[xs_i · W_r]` for the `N` rows of `xs` (`[N, cols]`). Each chunk's four vectors feed `S`
+    /// running sums per row of `xs` in turn, so that `N * S` independent chains hide the FMA latency.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA, `r < rows` and `xs.len() == N * cols`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn dots<D: Decoder, const N: usize, const S: usize>(d: &D, r: usize, xs: &[f32]) -> [f32; N] {
+        let cols = d.cols();
+        let x = xs.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); S]; N];
+        for c in 0..cols / 32 {
+            // SAFETY: `r < rows`, `c < cols / 32`, and 32 floats of `xs` at `i * cols + 32 c`.
+            let w = unsafe { d.chunk(r, c) };
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let xc = unsafe { x.add(i * cols + 32 * c) };
+                for (v, &wv) in w.iter().enumerate() {
+                    let xv = unsafe { _mm256_loadu_ps(xc.add(8 * v)) };
+                    acc[v % S] = _mm256_fmadd_ps(wv, xv, acc[v % S]);
+                }
+            }
+        }
+        let mut sums = [0f32; N];
+        for (s, acc) in sums.iter_mut().zip(&acc) {
+            *s = hsum(acc[1..].iter().fold(acc[0], |t, &a| _mm256_add_ps(t, a)));
+        }
+        sums
+    }
+
+    /// The sum of the eight lanes.
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// FP8 E4M3FN codes `[rows, cols]` with one E8M0 scale per 128x128 tile.
+    struct Fp8<'a> {
+        codes: &'a [u8],
+        cols: usize,
+        /// Tiles per row of the scale grid.
+        grid_cols: usize,
+        /// Per tile, `2^(e - 7)` for scale byte `e`: the factor that turns a code's bits placed at
+        /// f32 bit 20 (the code's value times 2^-120) into the code's value times the scale.
+        factors: Vec<f32>,
+    }
+
+    impl<'a> Fp8<'a> {
+        /// `None` if a scale exceeds 2^7 (its factor would overflow; no checkpoint has one).
+        fn new(part: &'a PackedRows) -> Option<Self> {
+            let tiles = part.rows.div_ceil(128) * part.cols.div_ceil(128);
+            check_lengths(part, part.rows * part.cols, tiles);
+            let factor = |e: u8| (e <= 134).then(|| f32::from_bits((e as u32 + 120) << 23));
+            Some(Self {
+                codes: part.data.as_slice(),
+                cols: part.cols,
+                grid_cols: part.cols.div_ceil(128),
+                factors: part
+                    .scales
+                    .as_slice()
+                    .iter()
+                    .map(|&e| factor(e))
+                    .collect::<Option<_>>()?,
+            })
+        }
+    }
+
+    impl Decoder for Fp8<'_> {
+        const ORDER: [usize; 32] = EVEN_ODD;
+
+        fn cols(&self) -> usize {
+            self.cols
+        }
+
+        /// Sign-extends 16 codes to 16 bits; shifting the 32-bit lanes left by 20 (the even code) or
+        /// 4 (the odd one) puts a code's 7 magnitude bits at f32 bits 20..27 and a copy of its sign at
+        /// bit 31, and a mask clears the rest. That is the code's value times 2^-120 (an f32
+        /// subnormal for an E4M3 subnormal, so those are exact too), which one multiplication by the
+        /// tile's factor rounds to `value * scale` as the converter does.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn chunk(&self, r: usize, c: usize) -> [__m256; 4] {
+            // SAFETY (all reads): the tile of (r, 32c) and the 32 codes at (r, 32c) lie inside the
+            // part, whose byte lengths `new` checked.
+            let f =
+                _mm256_set1_ps(unsafe { *self.factors.get_unchecked((r / 128) * self.grid_cols + c / 4) });
+            let codes = unsafe { self.codes.as_ptr().add(r * self.cols + 32 * c) };
+            let mask = _mm256_set1_epi32(0x87F0_0000u32 as i32);
+            let decode = |bits: __m256i| _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(bits, mask)), f);
+            let lo = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(codes.cast()) });
+            let hi = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(codes.add(16).cast()) });
+            [
+                decode(_mm256_slli_epi32(lo, 20)),
+                decode(_mm256_slli_epi32(lo, 4)),
+                decode(_mm256_slli_epi32(hi, 20)),
+                decode(_mm256_slli_epi32(hi, 4)),
+            ]
+        }
+    }
+
+    /// MXFP4: E2M1 codes packed two per byte (low nibble first) `[rows, cols/2]`, one E8M0 scale per
+    /// 32 columns `[rows, cols/32]`.
+    struct Mxfp4<'a> {
+        packed: &'a [u8],
+        scales: &'a [u8],
+        cols: usize,
+        tables: &'static [[u8; 32]; 256],
+    }
+
+    impl<'a> Mxfp4<'a> {
+        fn new(part: &'a PackedRows) -> Self {
+            check_lengths(part, part.rows * part.cols / 2, part.rows * part.cols / 32);
+            Self {
+                packed: part.data.as_slice(),
+                scales: part.scales.as_slice(),
+                cols: part.cols,
+                tables: mx_tables(),
+            }
+        }
+    }
+
+    impl Decoder for Mxfp4<'_> {
+        /// Per 16 columns: 0, 4, 8, 12, 1, 5, 9, 13, then 2, 6, 10, 14, 3, 7, 11, 15.
+        const ORDER: [usize; 32] = {
+            let mut order = [0; 32];
+            let mut p = 0;
+            while p < 32 {
+                let k = p % 8;
+                order[p] = 16 * (p / 16) + 2 * (p / 8 % 2) + 4 * (k % 4) + k / 4;
+                p += 1;
+            }
+            order
+        };
+
+        fn cols(&self) -> usize {
+            self.cols
+        }
+
+        /// The block's 16 bytes go to both 128-bit lanes; the low lane keeps the low nibbles (even
+        /// columns), the high lane the high ones (odd columns). Two byte shuffles look up the top two
+        /// bytes of each `value * scale` in the scale's table; interleaving them gives 16-bit values
+        /// whose 32-bit pairs become two f32 vectors by a shift (low half) and a mask (high half).
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn chunk(&self, r: usize, c: usize) -> [__m256; 4] {
+            // SAFETY (all reads): the scale and the 16 bytes of (r, 32c) lie inside the part, whose
+            // byte lengths `new` checked; a table is 32 bytes.
+            let e = unsafe { *self.scales.get_unchecked(r * (self.cols / 32) + c) };
+            let table = unsafe { self.tables.get_unchecked(e as usize).as_ptr() };
+            let bytes = unsafe { self.packed.as_ptr().add(r * (self.cols / 2) + 16 * c) };
+            let load = |p: *const u8| _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(p.cast()) });
+            let (top, next, v) = (load(table), load(unsafe { table.add(16) }), load(bytes));
+            let shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+            let codes = _mm256_and_si256(_mm256_srlv_epi32(v, shift), _mm256_set1_epi8(0x0F));
+            let (hi, lo) = (_mm256_shuffle_epi8(top, codes), _mm256_shuffle_epi8(next, codes));
+            let (w0, w1) = (_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi));
+            let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+            [
+                _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)),
+                _mm256_castsi256_ps(_mm256_and_si256(w0, high)),
+                _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)),
+                _mm256_castsi256_ps(_mm256_and_si256(w1, high)),
+            ]
+        }
+    }
+
+    /// Per E8M0 byte `e`, the bytes 3 (first 16) and 2 (last 16) of the f32 `E2M1_VALUES[k] *
+    /// 2^(e - 127)` for the 16 codes `k`. These products are exact and have at most two significant
+    /// bits, so their low 16 bits are zero and the two bytes are the whole value.
+    fn mx_tables() -> &'static [[u8; 32]; 256] {
+        static TABLES: OnceLock<Box<[[u8; 32]; 256]>> = OnceLock::new();
+        TABLES.get_or_init(|| {
+            let mut t = Box::new([[0u8; 32]; 256]);
+            for (e, row) in t.iter_mut().enumerate() {
+                for (k, &v) in E2M1_VALUES.iter().enumerate() {
+                    let bits = (v * e8m0_to_f32(e as u8)).to_bits();
+                    debug_assert!(bits & 0xFFFF == 0 || e == 0xFF, "E2M1 {v} * E8M0 {e}");
+                    row[k] = (bits >> 24) as u8;
+                    row[16 + k] = (bits >> 16) as u8;
+                }
+            }
+            t
+        })
+    }
+
+    /// BF16 `[rows, cols]`.
+    struct Bf16<'a> {
+        data: &'a [u8],
+        cols: usize,
+    }
+
+    impl<'a> Bf16<'a> {
+        fn new(part: &'a PackedRows) -> Self {
+            check_lengths(part, 2 * part.rows * part.cols, 0);
+            Self {
+                data: part.data.as_slice(),
+                cols: part.cols,
+            }
+        }
+    }
+
+    impl Decoder for Bf16<'_> {
+        const ORDER: [usize; 32] = EVEN_ODD;
+
+        fn cols(&self) -> usize {
+            self.cols
+        }
+
+        /// Each 32-bit lane holds two values: the low one shifted up, the high one masked, are f32.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn chunk(&self, r: usize, c: usize) -> [__m256; 4] {
+            // SAFETY: the 32 values at (r, 32c) lie inside the part (`new` checked its length).
+            let values = unsafe { self.data.as_ptr().add(2 * (r * self.cols + 32 * c)) };
+            let (lo, hi) = unsafe {
+                (
+                    _mm256_loadu_si256(values.cast()),
+                    _mm256_loadu_si256(values.add(32).cast()),
+                )
+            };
+            let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+            [
+                _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16)),
+                _mm256_castsi256_ps(_mm256_and_si256(lo, high)),
+                _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16)),
+                _mm256_castsi256_ps(_mm256_and_si256(hi, high)),
+            ]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use v4_formats::codec::mxfp4::MxRule;
+    use v4_formats::codec::{f32_to_bf16, fp8, mxfp4, nvfp4, ScaleSearch};
+    use v4_formats::{Bytes, Fp8ScaleKind, Storage};
+
+    /// The paths to test: the portable one, and the CPU's best if that is another.
+    fn isas() -> Vec<Isa> {
+        let mut isas = vec![Isa::Scalar];
+        if Isa::best() != Isa::Scalar {
+            isas.push(Isa::best());
+        }
+        isas
+    }
+
+    /// Deterministic values in [-1, 1) times a power of two in 2^-10..2^10 that changes every 16
+    /// values (so block scales differ), with some zeros.
+    fn data(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut scale = 1f32;
+        (0..len)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                if i % 16 == 0 {
+                    scale = 2f32.powi((s % 21) as i32 - 10);
+                }
+                let u = (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+                if s.is_multiple_of(19) {
+                    0.0
+                } else {
+                    u * scale
+                }
+            })
+            .collect()
+    }
+
+    fn rows(rows: usize, cols: usize, storage: Storage, data: Vec<u8>, scales: Vec<u8>) -> PackedRows {
+        PackedRows::new(
+            rows,
+            cols,
+            storage,
+            Bytes::from_vec(data),
+            Bytes::from_vec(scales),
+        )
+        .unwrap()
+    }
+
+    const FP8: Storage = Storage::Fp8 {
+        block: 128,
+        scale: Fp8ScaleKind::E8m0,
+    };
+
+    fn fp8_rows(w: &[f32], r: usize, c: usize) -> PackedRows {
+        let (q, _) = fp8::quantize(w, r, c, 128);
+        rows(r, c, FP8, q.codes, q.scales)
+    }
+
+    fn mx_rows(w: &[f32], r: usize, c: usize) -> PackedRows {
+        let (packed, scales, _) = mxfp4::quantize(w, r, c, MxRule::Rceil, ScaleSearch::Off);
+        rows(r, c, Storage::Mxfp4 { block: 32 }, packed, scales)
+    }
+
+    fn bf16_rows(w: &[f32], r: usize, c: usize) -> PackedRows {
+        let bytes = w.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect();
+        rows(r, c, Storage::Bf16, bytes, vec![])
+    }
+
+    fn nvfp4_rows(w: &[f32], r: usize, c: usize) -> PackedRows {
+        let (q, _) = nvfp4::quantize(w, r, c, ScaleSearch::Off);
+        let storage = Storage::Nvfp4 {
+            block: 16,
+            scale2: q.scale2,
+        };
+        rows(r, c, storage, q.packed, q.scales)
+    }
+
+    fn matrix(parts: Vec<PackedRows>) -> PackedMatrix {
+        PackedMatrix::new(parts).unwrap()
+    }
+
+    /// On every path and for each `n`, each output is within 1e-5 of `sum |x_i w_i|` of the exact
+    /// product of `x` with the decoded matrix.
+    fn check(w: &PackedMatrix, ns: &[usize]) {
+        let (r, c) = (w.rows, w.cols);
+        let dense = w.to_f32();
+        for &n in ns {
+            let x = data(n * c, n as u64);
+            for isa in isas() {
+                let mut y = vec![f32::NAN; n * r];
+                matmul(isa, &x, n, w, &mut y);
+                for (i, xi) in x.chunks_exact(c).enumerate() {
+                    for (j, wj) in dense.chunks_exact(c).enumerate() {
+                        let terms = xi.iter().zip(wj).map(|(&a, &b)| a as f64 * b as f64);
+                        let exact: f64 = terms.clone().sum();
+                        let size: f64 = terms.map(f64::abs).sum();
+                        let got = y[i * r + j] as f64;
+                        assert!(
+                            (got - exact).abs() <= 1e-5 * size,
+                            "{isa:?} n={n} y[{i}, {j}] = {got}, exact {exact} (sum |x w| {size})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// One-hot rows of `x` (`n` at a time) give back the decoded matrix bit for bit.
+    fn check_exact(w: &PackedMatrix, n: usize) {
+        let (r, c) = (w.rows, w.cols);
+        let dense = w.to_f32();
+        for isa in isas() {
+            for c0 in (0..c).step_by(n) {
+                let k = n.min(c - c0);
+                let mut x = vec![0f32; k * c];
+                for i in 0..k {
+                    x[i * c + c0 + i] = 1.0;
+                }
+                let mut y = vec![f32::NAN; k * r];
+                matmul(isa, &x, k, w, &mut y);
+                for i in 0..k {
+                    for j in 0..r {
+                        assert_eq!(y[i * r + j], dense[j * c + c0 + i], "{isa:?} W[{j}, {}]", c0 + i);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_matches_decode_then_multiply() {
+        for (r, c) in [(200, 320), (130, 384)] {
+            let w = matrix(vec![fp8_rows(&data(r * c, 1), r, c)]);
+            check(&w, &[1, 2, 3, 5, 8, 32, 70]);
+        }
+    }
+
+    #[test]
+    fn fp8_decodes_every_code_and_scale_exactly() {
+        let (r, c) = (130, 256);
+        let codes = (0..r * c)
+            .map(|i| ((i + i / c) % 256) as u8)
+            .map(|b| if b & 0x7F == 0x7F { 0 } else { b });
+        let w = matrix(vec![rows(r, c, FP8, codes.collect(), vec![0, 60, 127, 134])]);
+        check_exact(&w, 1);
+        check_exact(&w, 8);
+    }
+
+    #[test]
+    fn fp8_with_scales_above_2_pow_7_is_still_right() {
+        let (r, c) = (40, 256);
+        let w = fp8_rows(&data(r * c, 2), r, c);
+        let w = matrix(vec![rows(r, c, FP8, w.data.as_slice().to_vec(), vec![140, 127])]);
+        check_exact(&w, 1);
+    }
+
+    #[test]
+    fn mxfp4_matches_decode_then_multiply() {
+        let (r, c) = (96, 256);
+        check(&matrix(vec![mx_rows(&data(r * c, 3), r, c)]), &[1, 5, 300]);
+    }
+
+    #[test]
+    fn mxfp4_decodes_every_code_and_scale_exactly() {
+        let (r, c) = (128, 64);
+        let packed = (0..r * c / 2).map(|i| (i * 37 % 256) as u8).collect();
+        let scales = (0..r * c / 32).map(|i| (i % 253) as u8).collect(); // 6 * 2^(252-127) is finite
+        let w = matrix(vec![rows(r, c, Storage::Mxfp4 { block: 32 }, packed, scales)]);
+        check_exact(&w, 1);
+        check_exact(&w, 4);
+    }
+
+    #[test]
+    fn stacked_mxfp4_parts_fill_their_own_columns() {
+        let c = 128;
+        let w = matrix(vec![
+            mx_rows(&data(24 * c, 4), 24, c),
+            mx_rows(&data(40 * c, 5), 40, c),
+        ]);
+        check(&w, &[1, 3, 40]);
+    }
+
+    #[test]
+    fn bf16_matches_decode_then_multiply() {
+        let (r, c) = (70, 160);
+        let w = matrix(vec![bf16_rows(&data(r * c, 6), r, c)]);
+        check(&w, &[1, 4, 20]);
+        check_exact(&w, 8);
+    }
+
+    #[test]
+    fn generic_storages_match_decode_then_multiply() {
+        let c = 64;
+        let f32_bytes = data(8 * c, 7).iter().flat_map(|v| v.to_le_bytes()).collect();
+        let fp8_f32_scales = Storage::Fp8 {
+            block: 128,
+            scale: Fp8ScaleKind::F32,
+        };
+        let w = matrix(vec![
+            nvfp4_rows(&data(48 * c, 8), 48, c),
+            rows(8, c, Storage::F32, f32_bytes, vec![]),
+            rows(
+                3,
+                c,
+                fp8_f32_scales,
+                vec![0x38; 3 * c],
+                0.25f32.to_le_bytes().to_vec(),
+            ),
+            fp8_rows(&data(20 * c, 9), 20, c),
+        ]);
+        check(&w, &[1, 2, 20]);
+    }
+
+    #[test]
+    fn columns_not_in_whole_chunks_use_the_portable_kernels() {
+        let (r, c) = (20, 100);
+        check(
+            &matrix(vec![
+                fp8_rows(&data(r * c, 10), r, c),
+                bf16_rows(&data(r * c, 11), r, c),
+            ]),
+            &[1, 3, 12],
+        );
+    }
+
+    #[test]
+    fn the_path_in_use_is_named() {
+        assert!(["avx2", "scalar"].contains(&isa()));
+    }
+
+    #[test]
+    fn empty_products_are_empty() {
+        let w = matrix(vec![fp8_rows(&data(8 * 128, 12), 8, 128)]);
+        for isa in isas() {
+            matmul(isa, &[], 0, &w, &mut []);
+        }
+    }
+
+    /// The fused kernels take FP8 (E8M0), MXFP4 and BF16 with whole chunks of columns.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_fused_kernels_cover_their_storages() {
+        if Isa::best() != Isa::Avx2 {
+            return;
+        }
+        let (r, c) = (16, 64);
+        let w = data(r * c, 13);
+        let x = data(c, 14);
+        let mut y = vec![0f32; r];
+        let parts = [
+            fp8_rows(&w, r, c),
+            mx_rows(&w, r, c),
+            bf16_rows(&w, r, c),
+            nvfp4_rows(&w, r, c),
+        ];
+        // SAFETY: the CPU has AVX2 and FMA.
+        let fused = parts.map(|p| unsafe { avx2::gemv(&p, &x, 1, &mut y) });
+        assert_eq!(fused, [true, true, true, false]);
+    }
+}
