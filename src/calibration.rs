@@ -111,7 +111,7 @@ pub fn expert_importance<B: Backend>(
     device: &B::Device,
 ) -> Result<HashMap<String, Vec<f32>>> {
     let config = read_config(dir)?;
-    let source = crate::weights::open(dir)?;
+    let source = v4_checkpoint::open(dir)?;
     let model = V4Model::<B>::load(&config, source.as_ref(), device)?;
     let stats = ExpertActivationStats::new();
     let progress = std::io::stderr().is_terminal();

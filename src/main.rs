@@ -6,7 +6,7 @@ mod calibration;
 mod commands;
 mod device;
 mod io;
-mod weights;
+mod load;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use v4_infer::V4Tokenizer;
 use v4_model::{
-    read_config, HostData, HostTensor, LoadError, RandomWeights, SafetensorsDir, Tokens, V4Config, V4Model,
-    WeightSource,
+    read_config, HostData, HostTensor, LoadError, RandomWeights, SafetensorsDir, TensorSpec, Tokens,
+    V4Config, V4Model, WeightSource,
 };
 
 type B = burn_ndarray::NdArray<f32>;
@@ -47,8 +47,8 @@ impl WeightSource for Recording<'_> {
     fn describe(&self) -> String {
         self.inner.describe()
     }
-    fn read(&self, name: &str, expected: &[usize]) -> Result<HostTensor, LoadError> {
-        let t = self.inner.read(name, expected)?;
+    fn read(&self, name: &str, spec: &TensorSpec<'_>) -> Result<HostTensor, LoadError> {
+        let t = self.inner.read(name, spec)?;
         self.seen.borrow_mut().push((name.to_string(), t.clone()));
         Ok(t)
     }

@@ -14,11 +14,13 @@
 
 use crate::cache::{LayerCache, Segment};
 use crate::compressor::{Compressor, Projected};
-use crate::config::AttentionKind;
+use crate::config::{AttentionKind, V4Config};
 use crate::indexer::{IndexQueries, Indexer, Selection};
+use crate::loader::Weights;
 use crate::norm::{rms_normalize, Linear, RmsNorm};
 use crate::probe::{tap, NoProbe, Probe};
 use crate::rope::Rope;
+use crate::weights::{Init, LoadError};
 use burn::module::{Module, Param};
 use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
 
@@ -49,6 +51,44 @@ pub struct Attention<B: Backend> {
     /// CSA: score all entries under a mask while they number at most this times the top-k, else gather
     /// the picks. Both give the same result; the choice is speed only (0 forces gathering).
     pub dense_selection_factor: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// Loads the attention of a layer of `kind` under `w` (`self_attn`), with its compressor and, for
+    /// CSA, its indexer.
+    pub fn load(cfg: &V4Config, w: &Weights<'_, '_, B>, kind: AttentionKind) -> Result<Self, LoadError> {
+        let (d, h, hd, q) = (cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.q_lora_rank);
+        let (g, r) = (cfg.o_groups, cfg.o_lora_rank);
+        let eps = cfg.rms_norm_eps;
+        let compressor = w.pp("compressor");
+        let (compressor, indexer) = match kind {
+            AttentionKind::Sliding => (None, None),
+            AttentionKind::Hca { rate } => (Some(Compressor::load(cfg, &compressor, hd, rate, false)?), None),
+            AttentionKind::Csa { rate } => (
+                Some(Compressor::load(cfg, &compressor, hd, rate, true)?),
+                Some(Indexer::load(cfg, &compressor.pp("indexer"), rate)?),
+            ),
+        };
+        Ok(Self {
+            wq_a: Linear::load(w, "q_a_proj", q, d)?,
+            q_norm: w.norm("q_a_norm", q, eps)?,
+            wq_b: Linear::load(w, "q_b_proj", h * hd, q)?,
+            wkv: Linear::load(w, "kv_proj", hd, d)?,
+            kv_norm: w.norm("kv_norm", hd, eps)?,
+            wo_a: w.blocks_transposed("o_a_proj.weight", [g, r, h * hd / g], true, Init::FanIn)?,
+            wo_b: Linear::load(w, "o_b_proj", d, g * r)?,
+            sinks: w.plain("sinks", [h], Init::Small)?,
+            compressor,
+            indexer,
+            kind,
+            rope: Rope::for_layer(cfg, kind),
+            num_heads: h,
+            head_dim: hd,
+            window: cfg.sliding_window,
+            norm_eps: eps,
+            dense_selection_factor: DENSE_SELECTION_FACTOR,
+        })
+    }
 }
 
 /// CSA scores every complete entry under a mask (one matmul) while there are at most this many times

@@ -7,10 +7,13 @@
 
 use crate::attention::Attention;
 use crate::cache::Segment;
+use crate::config::V4Config;
 use crate::hyper_connection::HyperConnection;
+use crate::loader::Weights;
 use crate::moe::{ExpertRunner, Moe, Routing};
 use crate::norm::RmsNorm;
 use crate::probe::{tap, Probe};
+use crate::weights::LoadError;
 use burn::module::Module;
 use burn::tensor::{backend::Backend, Tensor};
 
@@ -26,6 +29,20 @@ pub struct Block<B: Backend> {
 }
 
 impl<B: Backend> Block<B> {
+    /// Loads layer `index` under `w` (`model.layers.{index}`).
+    pub fn load(cfg: &V4Config, w: &Weights<'_, '_, B>, index: usize) -> Result<Self, LoadError> {
+        let eps = cfg.rms_norm_eps;
+        Ok(Self {
+            attn_hc: HyperConnection::load(cfg, &w.pp("attn_hc"))?,
+            attn_norm: w.norm("input_layernorm", cfg.hidden_size, eps)?,
+            attn: Attention::load(cfg, &w.pp("self_attn"), cfg.attention[index])?,
+            ffn_hc: HyperConnection::load(cfg, &w.pp("ffn_hc"))?,
+            ffn_norm: w.norm("post_attention_layernorm", cfg.hidden_size, eps)?,
+            ffn: Moe::load(cfg, &w.pp("mlp"), cfg.routing[index])?,
+            index,
+        })
+    }
+
     /// `X: [B, S, c, D]` for the tokens `ids`; `segments` say which columns continue which layer state
     /// at which positions (see [`Segment`]). Returns the new streams and the layer's routing
     /// statistics.

@@ -99,8 +99,7 @@ impl ExpertActivationStats {
 
 impl<B: Backend> ExpertRunner<B> for ExpertActivationStats {
     fn run(&self, layer: usize, experts: &Experts<B>, rows: Tensor<B, 2>, counts: &[usize]) -> Tensor<B, 2> {
-        let [e_total, d, two_i] = experts.w13_t.dims();
-        let i = two_i / 2;
+        let (e_total, d, i) = experts.shape();
         let mut layers = self.layers.borrow_mut();
         let sums = layers.entry(layer).or_insert_with(|| LayerSums {
             rows: vec![0; e_total],
@@ -148,8 +147,12 @@ mod tests {
     fn mean_squares_match_a_hand_computation_and_outputs_match_local_experts() {
         let experts = Experts::<B> {
             // [E, D, 2I]: expert 0 gate = x0, up = x1; expert 1 gate = x0 + x1, up = 1·x0.
-            w13_t: Param::from_tensor(tensor(vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0], [2, 2, 2])),
-            w2_t: Param::from_tensor(tensor(vec![1.0, -1.0, 2.0, 0.5], [2, 1, 2])),
+            w13_t: Some(Param::from_tensor(tensor(
+                vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+                [2, 2, 2],
+            ))),
+            w2_t: Some(Param::from_tensor(tensor(vec![1.0, -1.0, 2.0, 0.5], [2, 1, 2]))),
+            packed: None,
             limit: 10.0,
         };
         let rows = vec![1.0f32, 2.0, -3.0, 0.5, 0.25, -1.0];
@@ -178,8 +181,9 @@ mod tests {
     #[test]
     fn an_expert_without_rows_takes_the_layer_mean() {
         let experts = Experts::<B> {
-            w13_t: Param::from_tensor(tensor(vec![1.0; 8], [2, 2, 2])),
-            w2_t: Param::from_tensor(tensor(vec![1.0; 4], [2, 1, 2])),
+            w13_t: Some(Param::from_tensor(tensor(vec![1.0; 8], [2, 2, 2]))),
+            w2_t: Some(Param::from_tensor(tensor(vec![1.0; 4], [2, 1, 2]))),
+            packed: None,
             limit: 10.0,
         };
         let stats = ExpertActivationStats::new();

@@ -2,7 +2,7 @@
 //! files (sharded through `model.safetensors.index.json`), decoded to f32 / i64 on request.
 
 use crate::config::V4Config;
-use crate::weights::{HostData, HostTensor, LoadError, WeightSource};
+use crate::weights::{HostData, HostTensor, LoadError, TensorSpec, WeightSource};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata, SafeTensors};
 use std::collections::BTreeMap;
@@ -143,7 +143,7 @@ impl WeightSource for SafetensorsDir {
         self.dir.display().to_string()
     }
 
-    fn read(&self, name: &str, _expected: &[usize]) -> Result<HostTensor, LoadError> {
+    fn read(&self, name: &str, _spec: &TensorSpec<'_>) -> Result<HostTensor, LoadError> {
         let (shard, dtype, shape, bytes) = self.bytes(name).ok_or_else(|| LoadError::Missing {
             source: self.describe(),
             name: name.to_string(),

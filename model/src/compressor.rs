@@ -14,8 +14,11 @@
 //! split in two: [`Compressor::project`] is token-wise (run once over a packed batch of sequences) and
 //! [`Compressor::absorb`] continues one sequence's state.
 
+use crate::config::{AttentionKind, V4Config};
+use crate::loader::Weights;
 use crate::norm::{Linear, RmsNorm};
 use crate::rope::Rope;
+use crate::weights::{Init, LoadError};
 use burn::module::{Module, Param};
 use burn::tensor::{activation, backend::Backend, Tensor};
 
@@ -34,6 +37,31 @@ pub struct Compressor<B: Backend> {
     pub width: usize,
     pub overlap: bool,
     pub rope: Rope,
+}
+
+impl<B: Backend> Compressor<B> {
+    /// Loads `kv_proj`, `gate_proj`, `position_bias` and `kv_norm` under `w`: entries of `width`
+    /// channels, one per `rate` tokens, over overlapping windows when `overlap` (CSA).
+    pub fn load(
+        cfg: &V4Config,
+        w: &Weights<'_, '_, B>,
+        width: usize,
+        rate: usize,
+        overlap: bool,
+    ) -> Result<Self, LoadError> {
+        let d = cfg.hidden_size;
+        let channels = if overlap { 2 * width } else { width };
+        Ok(Self {
+            wkv: Linear::load(w, "kv_proj", channels, d)?,
+            wgate: Linear::load(w, "gate_proj", channels, d)?,
+            ape: w.plain("position_bias", [rate, channels], Init::Small)?,
+            norm: w.norm("kv_norm", width, cfg.rms_norm_eps)?,
+            rate,
+            width,
+            overlap,
+            rope: Rope::for_layer(cfg, AttentionKind::Csa { rate }),
+        })
+    }
 }
 
 /// A compressor's projections of some tokens: `[B, S, coff * width]` each.

@@ -6,7 +6,10 @@
 //! the doubly-stochastic matrices by Sinkhorn iterations, mixes the residual streams with each other.
 //! [`HcHead`] collapses the streams once more before the final norm.
 
+use crate::config::V4Config;
+use crate::loader::Weights;
 use crate::norm::rms_normalize;
+use crate::weights::{Init, LoadError};
 use burn::module::{Module, Param};
 use burn::tensor::{activation, backend::Backend, Tensor};
 
@@ -21,6 +24,23 @@ pub struct HyperConnection<B: Backend> {
     pub sinkhorn_iters: usize,
     pub hc_eps: f64,
     pub norm_eps: f64,
+}
+
+impl<B: Backend> HyperConnection<B> {
+    /// Loads the site's `fn [(2+c)c, cD]`, `base` and `scale` under `w` (`attn_hc` or `ffn_hc`).
+    pub fn load(cfg: &V4Config, w: &Weights<'_, '_, B>) -> Result<Self, LoadError> {
+        let (c, d) = (cfg.hc_mult, cfg.hidden_size);
+        let n = (2 + c) * c;
+        Ok(Self {
+            fn_t: w.transposed("fn", [n, c * d], Init::FanIn)?,
+            base: w.plain("base", [n], Init::Small)?,
+            scale: w.plain("scale", [3], Init::Scale)?,
+            hc_mult: c,
+            sinkhorn_iters: cfg.hc_sinkhorn_iters,
+            hc_eps: cfg.hc_eps,
+            norm_eps: cfg.rms_norm_eps,
+        })
+    }
 }
 
 /// The `post` and `comb` mixes of a site, kept between the sub-block's input and output.
@@ -112,6 +132,18 @@ pub struct HcHead<B: Backend> {
 }
 
 impl<B: Backend> HcHead<B> {
+    /// Loads `hc_fn [c, cD]`, `hc_base` and `hc_scale` under `w`.
+    pub fn load(cfg: &V4Config, w: &Weights<'_, '_, B>) -> Result<Self, LoadError> {
+        let (c, d) = (cfg.hc_mult, cfg.hidden_size);
+        Ok(Self {
+            fn_t: w.transposed("hc_fn", [c, c * d], Init::FanIn)?,
+            base: w.plain("hc_base", [c], Init::Small)?,
+            scale: w.plain("hc_scale", [1], Init::Scale)?,
+            hc_eps: cfg.hc_eps,
+            norm_eps: cfg.rms_norm_eps,
+        })
+    }
+
     /// `[B, S, c, D] -> [B, S, D]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 3> {
         let c = x.dims()[2];

@@ -8,7 +8,10 @@
 //! The selection is a set of integers, so it is computed on the host.
 
 use crate::compressor::{Compressor, CompressorState, Projected};
+use crate::config::V4Config;
+use crate::loader::Weights;
 use crate::norm::Linear;
+use crate::weights::LoadError;
 use burn::module::Module;
 use burn::tensor::{activation, backend::Backend, Tensor};
 use std::ops::Range;
@@ -23,6 +26,22 @@ pub struct Indexer<B: Backend> {
     pub heads: usize,
     pub head_dim: usize,
     pub topk: usize,
+}
+
+impl<B: Backend> Indexer<B> {
+    /// Loads the indexer under `w` (`self_attn.compressor.indexer`): its query projection, head weights
+    /// and its own overlapping compressor of `index_head_dim` channels.
+    pub fn load(cfg: &V4Config, w: &Weights<'_, '_, B>, rate: usize) -> Result<Self, LoadError> {
+        let (heads, head_dim) = (cfg.index_heads, cfg.index_head_dim);
+        Ok(Self {
+            wq_b: Linear::load(w, "q_b_proj", heads * head_dim, cfg.q_lora_rank)?,
+            weights_proj: Linear::load(&w.pp("scorer"), "weights_proj", heads, cfg.hidden_size)?,
+            compressor: Compressor::load(cfg, w, head_dim, rate, true)?,
+            heads,
+            head_dim,
+            topk: cfg.index_topk,
+        })
+    }
 }
 
 /// The entries each query reads: `indices[(b * S + s) * k + j]`, `-1` where fewer than `k` are eligible.

@@ -9,7 +9,8 @@
 //! - [`moe`]: routed + shared experts; [`rope`]: partial interleaved RoPE with YaRN; [`norm`]: RMSNorm, Linear;
 //! - [`cache`]: the incremental decoding state; [`probe`]: named probe points for validation;
 //! - [`calibration`]: activation statistics of the experts' inputs for FP4 calibration;
-//! - [`weights`], [`checkpoint`]: where weights come from.
+//! - [`weights`], [`checkpoint`]: where weights come from; [`loader`]: how each module loads its own
+//!   tensors, and where the large matrices live (f32, or their stored precision).
 //!
 //! Probe points, per layer `N`: `layers.N.input` (streams entering the layer), `layers.N.attn.{q,kv,core,
 //! output}`, `layers.N.attn.compressor.entries`, `layers.N.attn.indexer.{scores,topk}`,
@@ -25,6 +26,7 @@ pub mod compressor;
 pub mod config;
 pub mod hyper_connection;
 pub mod indexer;
+pub mod loader;
 pub mod model;
 pub mod moe;
 pub mod norm;
@@ -36,7 +38,10 @@ pub use cache::{ModelCache, SequenceCaches};
 pub use calibration::{ExpertActivationStats, ExpertMeanSquares};
 pub use checkpoint::{read_config, SafetensorsDir};
 pub use config::{AttentionKind, ConfigError, ParamCounts, RoutingKind, V4Config};
-pub use model::{ForwardOutput, InputError, LogitsFor, PaddedTokens, Padding, Tokens, V4Model};
+pub use loader::{Layout, NamedParam, PackedWeight, Residency};
+pub use model::{
+    ForwardOutput, InputError, LogitsFor, PaddedTokens, Padding, ResidentBytes, Tokens, V4Model,
+};
 pub use moe::{ExpertRunner, LocalExperts};
 pub use probe::{NoProbe, Probe, Recorder};
-pub use weights::{HostData, HostTensor, LoadError, RandomWeights, WeightSource};
+pub use weights::{HostData, HostTensor, Init, LoadError, RandomWeights, TensorSpec, WeightSource};

@@ -6,34 +6,42 @@
 //! logits = head(RMSNorm(HcHead(X)))  [B, S, vocab]   (embedding and head are not tied)
 //! ```
 
-use crate::attention::Attention;
 use crate::block::Block;
 use crate::cache::{ModelCache, Segment, SequenceCaches};
-use crate::compressor::Compressor;
-use crate::config::{AttentionKind, RoutingKind, V4Config};
-use crate::hyper_connection::{HcHead, HyperConnection};
-use crate::indexer::Indexer;
-use crate::moe::{ExpertRunner, Experts, LocalExperts, Moe, SharedExpert};
-use crate::norm::{Linear, RmsNorm};
+use crate::config::V4Config;
+use crate::hyper_connection::HcHead;
+use crate::loader::{Loader, NamedParam, Residency};
+use crate::moe::{ExpertRunner, LocalExperts};
+use crate::norm::{Embedding, Linear, RmsNorm};
 use crate::probe::{tap, NoProbe, Probe};
-use crate::rope::Rope;
-use crate::weights::{HostData, LoadError, WeightSource};
-use burn::module::{Module, Param};
+use crate::weights::{LoadError, WeightSource};
+use burn::module::{Module, ParamId};
 use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
-use std::collections::HashSet;
 use std::fmt;
 use std::ops::Range;
 
 #[derive(Module, Debug)]
 pub struct V4Model<B: Backend> {
     /// `[vocab, D]`
-    pub embed: Param<Tensor<B, 2>>,
+    pub embed: Embedding<B>,
     pub layers: Vec<Block<B>>,
     pub hc_head: HcHead<B>,
     pub norm: RmsNorm<B>,
     /// `[vocab, D]`
     pub head: Linear<B>,
     pub config: V4Config,
+    /// Every trainable parameter under its checkpoint name, as the modules loaded them.
+    pub params: Vec<NamedParam>,
+    pub resident: ResidentBytes,
+}
+
+/// The bytes of weights a loaded model holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResidentBytes {
+    /// In their stored precision, on the host (memory-mapped where the file already has that form).
+    pub packed: usize,
+    /// As f32 tensors.
+    pub dense: usize,
 }
 
 /// A batch of token ids, `[batch, seq]` row-major.
@@ -458,12 +466,10 @@ impl<B: Backend> V4Model<B> {
     ) -> (Tensor<B, 4>, Vec<Vec<usize>>, Option<Tensor<B, 1>>) {
         let d = self.config.hidden_size;
         let c = self.config.hc_mult;
-        let device = self.embed.device();
-        let ids_t = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(ids.iter().map(|&t| t as i64).collect::<Vec<_>>(), [batch * seq]),
-            &device,
-        );
-        let x = self.embed.val().select(0, ids_t).reshape([batch, seq, 1, d]);
+        let x = self
+            .embed
+            .forward(ids, &self.device())
+            .reshape([batch, seq, 1, d]);
         let mut x = x.repeat_dim(2, c);
         let mut expert_counts = Vec::with_capacity(self.layers.len());
         let mut balance: Option<Tensor<B, 1>> = None;
@@ -504,349 +510,60 @@ impl<B: Backend> V4Model<B> {
         logits
     }
 
-    /// Builds the model from `source` (HF tensor names), checking every tensor's presence and shape and
-    /// that no tensor is left unused.
+    /// Builds the model from `source` (HF tensor names) with every weight as a trainable f32 tensor,
+    /// checking every tensor's presence and shape and that no tensor is left unused.
     pub fn load(config: &V4Config, source: &dyn WeightSource, device: &B::Device) -> Result<Self, LoadError> {
+        Self::load_with(config, source, device, Residency::Dequantize)
+    }
+
+    /// [`load`](Self::load), with the large matrices where `residency` says.
+    pub fn load_with(
+        config: &V4Config,
+        source: &dyn WeightSource,
+        device: &B::Device,
+        residency: Residency,
+    ) -> Result<Self, LoadError> {
         config.validate().map_err(|error| LoadError::Config {
             path: source.describe(),
             error,
         })?;
-        let mut loader = Loader {
-            source,
-            device,
-            used: HashSet::new(),
-        };
-        let model = Self::build(config, &mut loader)?;
-        let unexpected: Vec<String> = source
-            .names()
-            .into_iter()
-            // HF does not instantiate the MTP block; its tensors may ride along in a checkpoint.
-            .filter(|n| !loader.used.contains(n) && !n.starts_with("mtp.") && !n.contains(".mtp."))
-            .collect();
-        if !unexpected.is_empty() {
-            return Err(LoadError::Unexpected {
-                source: source.describe(),
-                names: unexpected,
-            });
-        }
-        Ok(model)
-    }
-
-    fn build(cfg: &V4Config, w: &mut Loader<'_, B>) -> Result<Self, LoadError> {
-        let (v, d, c) = (cfg.vocab_size, cfg.hidden_size, cfg.hc_mult);
-        let eps = cfg.rms_norm_eps;
-        let mut layers = Vec::with_capacity(cfg.num_layers());
-        for (i, (&kind, &routing)) in cfg.attention.iter().zip(&cfg.routing).enumerate() {
-            let p = format!("model.layers.{i}");
-            let hc = |w: &mut Loader<'_, B>, site: &str| -> Result<HyperConnection<B>, LoadError> {
-                let n = (2 + c) * c;
-                Ok(HyperConnection {
-                    fn_t: Param::from_tensor(w.f32_t(&format!("{p}.{site}.fn"), [n, c * d])?),
-                    base: Param::from_tensor(w.f32(&format!("{p}.{site}.base"), [n])?),
-                    scale: Param::from_tensor(w.f32(&format!("{p}.{site}.scale"), [3])?),
-                    hc_mult: c,
-                    sinkhorn_iters: cfg.hc_sinkhorn_iters,
-                    hc_eps: cfg.hc_eps,
-                    norm_eps: eps,
-                })
-            };
-            layers.push(Block {
-                attn_hc: hc(w, "attn_hc")?,
-                attn_norm: w.norm(&format!("{p}.input_layernorm.weight"), d, eps)?,
-                attn: Self::build_attention(cfg, w, &format!("{p}.self_attn"), kind)?,
-                ffn_hc: hc(w, "ffn_hc")?,
-                ffn_norm: w.norm(&format!("{p}.post_attention_layernorm.weight"), d, eps)?,
-                ffn: Self::build_moe(cfg, w, &format!("{p}.mlp"), routing)?,
-                index: i,
-            });
-        }
-        Ok(Self {
-            embed: Param::from_tensor(w.f32("model.embed_tokens.weight", [v, d])?),
-            layers,
-            hc_head: HcHead {
-                fn_t: Param::from_tensor(w.f32_t("model.hc_head.hc_fn", [c, c * d])?),
-                base: Param::from_tensor(w.f32("model.hc_head.hc_base", [c])?),
-                scale: Param::from_tensor(w.f32("model.hc_head.hc_scale", [1])?),
-                hc_eps: cfg.hc_eps,
-                norm_eps: eps,
-            },
-            norm: w.norm("model.norm.weight", d, eps)?,
-            head: w.linear("lm_head.weight", v, d)?,
-            config: cfg.clone(),
-        })
-    }
-
-    fn build_compressor(
-        cfg: &V4Config,
-        w: &mut Loader<'_, B>,
-        p: &str,
-        width: usize,
-        rate: usize,
-        overlap: bool,
-    ) -> Result<Compressor<B>, LoadError> {
-        let d = cfg.hidden_size;
-        let channels = if overlap { 2 * width } else { width };
-        Ok(Compressor {
-            wkv: w.linear(&format!("{p}.kv_proj.weight"), channels, d)?,
-            wgate: w.linear(&format!("{p}.gate_proj.weight"), channels, d)?,
-            ape: Param::from_tensor(w.f32(&format!("{p}.position_bias"), [rate, channels])?),
-            norm: w.norm(&format!("{p}.kv_norm.weight"), width, cfg.rms_norm_eps)?,
-            rate,
-            width,
-            overlap,
-            rope: Rope::for_layer(cfg, AttentionKind::Csa { rate }),
-        })
-    }
-
-    fn build_attention(
-        cfg: &V4Config,
-        w: &mut Loader<'_, B>,
-        p: &str,
-        kind: AttentionKind,
-    ) -> Result<Attention<B>, LoadError> {
-        let (d, h, hd, q) = (cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.q_lora_rank);
-        let (g, r) = (cfg.o_groups, cfg.o_lora_rank);
-        let eps = cfg.rms_norm_eps;
-        let (compressor, indexer) = match kind {
-            AttentionKind::Sliding => (None, None),
-            AttentionKind::Hca { rate } => (
-                Some(Self::build_compressor(
-                    cfg,
-                    w,
-                    &format!("{p}.compressor"),
-                    hd,
-                    rate,
-                    false,
-                )?),
-                None,
-            ),
-            AttentionKind::Csa { rate } => {
-                let ip = format!("{p}.compressor.indexer");
-                let (hi, di) = (cfg.index_heads, cfg.index_head_dim);
-                let indexer = Indexer {
-                    wq_b: w.linear(&format!("{ip}.q_b_proj.weight"), hi * di, q)?,
-                    weights_proj: w.linear(&format!("{ip}.scorer.weights_proj.weight"), hi, d)?,
-                    compressor: Self::build_compressor(cfg, w, &ip, di, rate, true)?,
-                    heads: hi,
-                    head_dim: di,
-                    topk: cfg.index_topk,
-                };
-                (
-                    Some(Self::build_compressor(
-                        cfg,
-                        w,
-                        &format!("{p}.compressor"),
-                        hd,
-                        rate,
-                        true,
-                    )?),
-                    Some(indexer),
-                )
-            }
-        };
-        let group_in = h * hd / g;
-        Ok(Attention {
-            wq_a: w.linear(&format!("{p}.q_a_proj.weight"), q, d)?,
-            q_norm: w.norm(&format!("{p}.q_a_norm.weight"), q, eps)?,
-            wq_b: w.linear(&format!("{p}.q_b_proj.weight"), h * hd, q)?,
-            wkv: w.linear(&format!("{p}.kv_proj.weight"), hd, d)?,
-            kv_norm: w.norm(&format!("{p}.kv_norm.weight"), hd, eps)?,
-            wo_a: Param::from_tensor(w.f32_blocks_t(&format!("{p}.o_a_proj.weight"), [g, r, group_in])?),
-            wo_b: w.linear(&format!("{p}.o_b_proj.weight"), d, g * r)?,
-            sinks: Param::from_tensor(w.f32(&format!("{p}.sinks"), [h])?),
-            compressor,
-            indexer,
-            kind,
-            rope: Rope::for_layer(cfg, kind),
-            num_heads: h,
-            head_dim: hd,
-            window: cfg.sliding_window,
-            norm_eps: eps,
-            dense_selection_factor: crate::attention::DENSE_SELECTION_FACTOR,
-        })
-    }
-
-    fn build_moe(
-        cfg: &V4Config,
-        w: &mut Loader<'_, B>,
-        p: &str,
-        routing: RoutingKind,
-    ) -> Result<Moe<B>, LoadError> {
-        let (d, e, i, k) = (
-            cfg.hidden_size,
-            cfg.n_routed_experts,
-            cfg.moe_intermediate_size,
-            cfg.experts_per_token,
+        let loader = Loader::new(source, device, residency);
+        let root = loader.root();
+        let (v, d) = (config.vocab_size, config.hidden_size);
+        let model = root.pp("model");
+        let layers = (0..config.num_layers())
+            .map(|i| Block::load(config, &model.pp("layers").pp(i), i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (embed, hc_head, norm, head) = (
+            Embedding::load(&model, "embed_tokens", v, d)?,
+            HcHead::load(config, &model.pp("hc_head"))?,
+            model.norm("norm", d, config.rms_norm_eps)?,
+            Linear::load(&root, "lm_head", v, d)?,
         );
-        let (bias, tid2eid) = match routing {
-            RoutingKind::TopK => (
-                w.host_f32(&format!("{p}.gate.e_score_correction_bias"), [e])?,
-                Vec::new(),
-            ),
-            RoutingKind::Hash => {
-                let name = format!("{p}.gate.tid2eid");
-                let table = w.host_i64(&name, [cfg.vocab_size, k])?;
-                let table = table
-                    .into_iter()
-                    .map(|x| {
-                        u32::try_from(x)
-                            .ok()
-                            .filter(|&x| (x as usize) < e)
-                            .ok_or_else(|| LoadError::Value {
-                                source: w.source.describe(),
-                                name: name.clone(),
-                                message: format!("expert id {x} outside 0..{e}"),
-                            })
-                    })
-                    .collect::<Result<Vec<u32>, _>>()?;
-                (vec![0.0; e], table)
-            }
-        };
-        Ok(Moe {
-            gate: w.linear(&format!("{p}.gate.weight"), e, d)?,
-            bias,
-            tid2eid,
-            experts: Experts {
-                w13_t: Param::from_tensor(
-                    w.f32_blocks_t(&format!("{p}.experts.gate_up_proj"), [e, 2 * i, d])?,
-                ),
-                w2_t: Param::from_tensor(w.f32_blocks_t(&format!("{p}.experts.down_proj"), [e, d, i])?),
-                limit: cfg.swiglu_limit,
+        // HF does not instantiate the MTP block; its tensors may ride along in a checkpoint.
+        let loaded = loader.finish(|n| n.starts_with("mtp.") || n.contains(".mtp."))?;
+        Ok(Self {
+            embed,
+            layers,
+            hc_head,
+            norm,
+            head,
+            config: config.clone(),
+            params: loaded.params,
+            resident: ResidentBytes {
+                packed: loaded.packed_bytes,
+                dense: loaded.dense_bytes,
             },
-            shared: SharedExpert {
-                w1: w.linear(&format!("{p}.shared_experts.gate_proj.weight"), i, d)?,
-                w2: w.linear(&format!("{p}.shared_experts.down_proj.weight"), d, i)?,
-                w3: w.linear(&format!("{p}.shared_experts.up_proj.weight"), i, d)?,
-            },
-            routing,
-            score_func: cfg.score_func,
-            top_k: k,
-            route_scale: cfg.route_scale,
-            sequence_balance: false,
         })
     }
-}
 
-/// Transposes each of the `n` row-major `[rows, cols]` blocks of `data` (checkpoint order <-> the
-/// transposed order the model keeps its projections in).
-pub fn transpose_blocks(data: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; data.len()];
-    for (src, dst) in data
-        .chunks_exact(rows * cols)
-        .zip(out.chunks_exact_mut(rows * cols))
-        .take(n)
-    {
-        for r in 0..rows {
-            for c in 0..cols {
-                dst[c * rows + r] = src[r * cols + c];
-            }
-        }
-    }
-    out
-}
-
-/// Reads tensors by name from a source, checking shapes and remembering what was used.
-struct Loader<'a, B: Backend> {
-    source: &'a dyn WeightSource,
-    device: &'a B::Device,
-    used: HashSet<String>,
-}
-
-impl<B: Backend> Loader<'_, B> {
-    fn read(&mut self, name: &str, shape: &[usize]) -> Result<HostData, LoadError> {
-        self.read_as(name, shape, &[])
+    /// The checkpoint name of parameter `id`.
+    pub fn param_name(&self, id: &ParamId) -> Option<&str> {
+        self.params.iter().find(|p| p.id == *id).map(|p| p.name.as_str())
     }
 
-    /// Reads `name`, accepting `shape` or any of the equivalent `alternatives` (same elements, same order).
-    fn read_as(
-        &mut self,
-        name: &str,
-        shape: &[usize],
-        alternatives: &[&[usize]],
-    ) -> Result<HostData, LoadError> {
-        let tensor = self.source.read(name, shape)?;
-        if tensor.shape != shape && !alternatives.contains(&tensor.shape.as_slice()) {
-            return Err(LoadError::Shape {
-                source: self.source.describe(),
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                found: tensor.shape,
-            });
-        }
-        self.used.insert(name.to_string());
-        Ok(tensor.data)
-    }
-
-    fn host_f32<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Result<Vec<f32>, LoadError> {
-        let data = self.read(name, &shape)?;
-        self.finite_f32(name, data)
-    }
-
-    fn finite_f32(&self, name: &str, data: HostData) -> Result<Vec<f32>, LoadError> {
-        match data {
-            HostData::F32(v) => {
-                if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
-                    return Err(LoadError::Value {
-                        source: self.source.describe(),
-                        name: name.to_string(),
-                        message: format!("contains the non-finite value {bad}"),
-                    });
-                }
-                Ok(v)
-            }
-            HostData::I64(_) => Err(LoadError::Dtype {
-                source: self.source.describe(),
-                name: name.to_string(),
-                dtype: "an integer type".into(),
-                hint: "expected floating-point weights".into(),
-            }),
-        }
-    }
-
-    fn host_i64<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Result<Vec<i64>, LoadError> {
-        match self.read(name, &shape)? {
-            HostData::I64(v) => Ok(v),
-            HostData::F32(_) => Err(LoadError::Dtype {
-                source: self.source.describe(),
-                name: name.to_string(),
-                dtype: "a floating-point type".into(),
-                hint: "expected integer ids".into(),
-            }),
-        }
-    }
-
-    fn f32<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>, LoadError> {
-        let data = self.host_f32(name, shape)?;
-        Ok(Tensor::from_data(TensorData::new(data, shape), self.device))
-    }
-
-    /// A `[rows, cols]` checkpoint matrix, transposed to a contiguous `[cols, rows]` tensor.
-    fn f32_t(&mut self, name: &str, shape: [usize; 2]) -> Result<Tensor<B, 2>, LoadError> {
-        let [rows, cols] = shape;
-        let data = transpose_blocks(&self.host_f32(name, shape)?, 1, rows, cols);
-        Ok(Tensor::from_data(
-            TensorData::new(data, [cols, rows]),
-            self.device,
-        ))
-    }
-
-    /// A `[n, rows, cols]` checkpoint tensor (HF's flat `[n * rows, cols]` accepted too), each block
-    /// transposed: a contiguous `[n, cols, rows]` tensor.
-    fn f32_blocks_t(&mut self, name: &str, shape: [usize; 3]) -> Result<Tensor<B, 3>, LoadError> {
-        let [n, rows, cols] = shape;
-        let data = self.read_as(name, &shape, &[&[n * rows, cols]])?;
-        let data = transpose_blocks(&self.finite_f32(name, data)?, n, rows, cols);
-        Ok(Tensor::from_data(
-            TensorData::new(data, [n, cols, rows]),
-            self.device,
-        ))
-    }
-
-    fn linear(&mut self, name: &str, out: usize, input: usize) -> Result<Linear<B>, LoadError> {
-        Ok(Linear::from_transposed(self.f32_t(name, [out, input])?))
-    }
-
-    fn norm(&mut self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm<B>, LoadError> {
-        Ok(RmsNorm::new(self.f32(name, [dim])?, eps))
+    /// The device the model's tensors live on.
+    pub fn device(&self) -> B::Device {
+        self.norm.weight.device()
     }
 }

@@ -11,28 +11,70 @@
 //! "run these experts on these rows" step goes through [`ExpertRunner`], so expert parallelism can send
 //! the rows to other processes without touching the model.
 
-use crate::config::{RoutingKind, ScoreFunc};
+use crate::config::{RoutingKind, ScoreFunc, V4Config};
+use crate::loader::{PackedWeight, Weights};
 use crate::norm::Linear;
 use crate::probe::{tap, Probe};
+use crate::weights::{Init, LoadError};
 use burn::module::{Module, Param};
 use burn::tensor::{activation, backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
 
-/// The routed experts of one layer, stacked.
+/// The routed experts of one layer: stacked f32 tensors (trainable), or each expert's matrices in their
+/// stored precision. Exactly one of `w13_t`/`w2_t` and `packed` is set.
 #[derive(Module, Debug)]
 pub struct Experts<B: Backend> {
     /// Gate (w1) then up (w3) projections, transposed per expert: `[E, D, 2I]` (HF's `gate_up_proj`
     /// is `[E, 2I, D]`).
-    pub w13_t: Param<Tensor<B, 3>>,
+    pub w13_t: Option<Param<Tensor<B, 3>>>,
     /// Down projections, transposed per expert: `[E, I, D]` (HF's `down_proj` is `[E, D, I]`).
-    pub w2_t: Param<Tensor<B, 3>>,
+    pub w2_t: Option<Param<Tensor<B, 3>>>,
+    /// Per expert, `gate_up [2I, D]` and `down [D, I]` in their stored precision.
+    pub packed: Option<Vec<(PackedWeight, PackedWeight)>>,
     /// SwiGLU clamp `L`.
     pub limit: f64,
 }
 
 impl<B: Backend> Experts<B> {
+    /// Loads HF's fused `gate_up_proj [E, 2I, D]` and `down_proj [E, D, I]` under `w`.
+    pub fn load(w: &Weights<'_, '_, B>, e: usize, d: usize, i: usize, limit: f64) -> Result<Self, LoadError> {
+        let packed_gate_up = w.packed("gate_up_proj", &[e, 2 * i, d])?;
+        let packed_down = w.packed("down_proj", &[e, d, i])?;
+        if let (Some(gate_up), Some(down)) = (packed_gate_up, packed_down) {
+            return Ok(Self {
+                w13_t: None,
+                w2_t: None,
+                packed: Some(gate_up.into_iter().zip(down).collect()),
+                limit,
+            });
+        }
+        Ok(Self {
+            w13_t: Some(w.blocks_transposed("gate_up_proj", [e, 2 * i, d], false, Init::FanIn)?),
+            w2_t: Some(w.blocks_transposed("down_proj", [e, d, i], false, Init::FanIn)?),
+            packed: None,
+            limit,
+        })
+    }
+
+    /// The trainable `(w13_t, w2_t)`; None when the experts are kept in their stored precision.
+    pub fn dense(&self) -> Option<(&Param<Tensor<B, 3>>, &Param<Tensor<B, 3>>)> {
+        self.w13_t.as_ref().zip(self.w2_t.as_ref())
+    }
+
+    /// `(E, D, I)`: experts, model width, hidden width.
+    pub fn shape(&self) -> (usize, usize, usize) {
+        match (&self.w13_t, &self.packed) {
+            (Some(w), _) => {
+                let [e, d, two_i] = w.dims();
+                (e, d, two_i / 2)
+            }
+            (None, Some(p)) => (p.len(), p[0].0.matrix.cols, p[0].1.matrix.cols),
+            (None, None) => (0, 0, 0),
+        }
+    }
+
     /// Number of experts.
     pub fn len(&self) -> usize {
-        self.w13_t.dims()[0]
+        self.shape().0
     }
 
     /// Whether there are no experts.
@@ -48,10 +90,15 @@ impl<B: Backend> Experts<B> {
     /// The hidden activation of expert `e` on `rows: [n, D]`: `silu(min(W1 x, L)) * clamp(W3 x, -L, L)`,
     /// `[n, I]` (the input of its down projection).
     pub fn swiglu(&self, e: usize, rows: Tensor<B, 2>) -> Tensor<B, 2> {
-        let [_, d, two_i] = self.w13_t.dims();
-        let i = two_i / 2;
-        let w13 = self.w13_t.val().narrow(0, e, 1).reshape([d, two_i]);
-        let h = rows.matmul(w13);
+        let h = match (&self.w13_t, &self.packed) {
+            (Some(w13), _) => {
+                let [_, d, two_i] = w13.dims();
+                rows.matmul(w13.val().narrow(0, e, 1).reshape([d, two_i]))
+            }
+            (None, Some(p)) => p[e].0.forward(rows),
+            (None, None) => unreachable!("experts hold weights"),
+        };
+        let i = h.dims()[1] / 2;
         let gate = h.clone().narrow(1, 0, i).clamp_max(self.limit);
         let up = h.narrow(1, i, i).clamp(-self.limit, self.limit);
         activation::silu(gate) * up
@@ -59,8 +106,14 @@ impl<B: Backend> Experts<B> {
 
     /// The down projection of expert `e`: `[n, I] -> [n, D]`.
     pub fn down(&self, e: usize, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
-        let [_, i, d] = self.w2_t.dims();
-        hidden.matmul(self.w2_t.val().narrow(0, e, 1).reshape([i, d]))
+        match (&self.w2_t, &self.packed) {
+            (Some(w2), _) => {
+                let [_, i, d] = w2.dims();
+                hidden.matmul(w2.val().narrow(0, e, 1).reshape([i, d]))
+            }
+            (None, Some(p)) => p[e].1.forward(hidden),
+            (None, None) => unreachable!("experts hold weights"),
+        }
     }
 
     /// Runs `rows: [R, D]`, grouped by expert (`counts[e]` consecutive rows for expert `e`), and returns
@@ -107,6 +160,14 @@ pub struct SharedExpert<B: Backend> {
 }
 
 impl<B: Backend> SharedExpert<B> {
+    pub fn load(w: &Weights<'_, '_, B>, d: usize, i: usize) -> Result<Self, LoadError> {
+        Ok(Self {
+            w1: Linear::load(w, "gate_proj", i, d)?,
+            w2: Linear::load(w, "down_proj", d, i)?,
+            w3: Linear::load(w, "up_proj", i, d)?,
+        })
+    }
+
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         self.w2
             .forward(activation::silu(self.w1.forward(x.clone())) * self.w3.forward(x))
@@ -122,6 +183,8 @@ pub struct Moe<B: Backend> {
     pub bias: Vec<f32>,
     /// Token id -> expert ids of hash layers, `[vocab * K]`.
     pub tid2eid: Vec<u32>,
+    /// The checkpoint name of the routing state (`bias` of top-k layers, `tid2eid` of hash layers).
+    pub state_name: String,
     pub experts: Experts<B>,
     pub shared: SharedExpert<B>,
     pub routing: RoutingKind,
@@ -150,6 +213,51 @@ fn sqrt_softplus<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
 }
 
 impl<B: Backend> Moe<B> {
+    /// Loads the layer's router (`gate.*`), routed experts (`experts.*`) and shared expert
+    /// (`shared_experts.*`) under `w`.
+    pub fn load(cfg: &V4Config, w: &Weights<'_, '_, B>, routing: RoutingKind) -> Result<Self, LoadError> {
+        let (d, e, i, k) = (
+            cfg.hidden_size,
+            cfg.n_routed_experts,
+            cfg.moe_intermediate_size,
+            cfg.experts_per_token,
+        );
+        let gate = w.pp("gate");
+        let state = match routing {
+            RoutingKind::TopK => "e_score_correction_bias",
+            RoutingKind::Hash => "tid2eid",
+        };
+        let (bias, tid2eid) = match routing {
+            RoutingKind::TopK => (gate.host_f32(state, &[e], Init::Small)?, Vec::new()),
+            RoutingKind::Hash => {
+                let table = gate.host_i64(state, &[cfg.vocab_size, k], Init::ExpertIds)?;
+                let table = table
+                    .into_iter()
+                    .map(|x| {
+                        u32::try_from(x)
+                            .ok()
+                            .filter(|&x| (x as usize) < e)
+                            .ok_or_else(|| gate.value_error(state, format!("expert id {x} outside 0..{e}")))
+                    })
+                    .collect::<Result<Vec<u32>, _>>()?;
+                (vec![0.0; e], table)
+            }
+        };
+        Ok(Moe {
+            gate: Linear::load(w, "gate", e, d)?,
+            bias,
+            tid2eid,
+            state_name: gate.name(state),
+            experts: Experts::load(&w.pp("experts"), e, d, i, cfg.swiglu_limit)?,
+            shared: SharedExpert::load(&w.pp("shared_experts"), d, i)?,
+            routing,
+            score_func: cfg.score_func,
+            top_k: k,
+            route_scale: cfg.route_scale,
+            sequence_balance: false,
+        })
+    }
+
     /// Routes and runs `x: [B, S, D]` for the tokens `ids` (`[B * S]`, for hash routing). Returns the
     /// output and the routing statistics.
     pub fn forward(

@@ -1,7 +1,9 @@
-//! RMSNorm and the bias-free linear layer every projection of V4 uses.
+//! RMSNorm, the bias-free linear layer every projection of V4 uses, and the token embedding.
 
+use crate::loader::{PackedWeight, Weights};
+use crate::weights::{Init, LoadError};
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 /// `x / sqrt(mean(x^2) + eps)` over the last dimension, without a weight ("unweighted RMSNorm").
 pub fn rms_normalize<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
@@ -19,13 +21,6 @@ pub struct RmsNorm<B: Backend> {
 }
 
 impl<B: Backend> RmsNorm<B> {
-    pub fn new(weight: Tensor<B, 1>, eps: f64) -> Self {
-        Self {
-            weight: Param::from_tensor(weight),
-            eps,
-        }
-    }
-
     /// Normalizes `[..., dim]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dim = self.weight.dims()[0];
@@ -35,35 +30,131 @@ impl<B: Backend> RmsNorm<B> {
     }
 }
 
-/// `y = x W^T` for a checkpoint weight `W: [out, in]`, kept TRANSPOSED (`[in, out]`, contiguous) so that
-/// every call multiplies by a contiguous matrix instead of copying a transposed view.
+/// `y = x W^T` for a checkpoint weight `W: [out, in]`. As an f32 tensor it is kept TRANSPOSED (`[in, out]`,
+/// contiguous) so that every call multiplies by a contiguous matrix instead of copying a transposed view;
+/// in its checkpoint precision it stays `[out, in]` on the host ([`PackedWeight`]). Exactly one is set.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
-    /// `W^T: [in, out]`
-    pub weight_t: Param<Tensor<B, 2>>,
+    /// `W^T: [in, out]`, trainable.
+    pub weight_t: Option<Param<Tensor<B, 2>>>,
+    /// `W: [out, in]` in its stored precision (never trained).
+    pub packed: Option<PackedWeight>,
 }
 
 impl<B: Backend> Linear<B> {
-    /// From `W^T: [in, out]` (contiguous).
-    pub fn from_transposed(weight_t: Tensor<B, 2>) -> Self {
-        Self {
-            weight_t: Param::from_tensor(weight_t),
+    /// Loads `name.weight` (`[out, in]`): in its stored precision when the load keeps it, else as f32.
+    pub fn load(w: &Weights<'_, '_, B>, name: &str, out: usize, input: usize) -> Result<Self, LoadError> {
+        let name = format!("{name}.weight");
+        if let Some(mut packed) = w.packed(&name, &[out, input])? {
+            return Ok(Self {
+                weight_t: None,
+                packed: packed.pop(),
+            });
+        }
+        Ok(Self {
+            weight_t: Some(w.transposed(&name, [out, input], Init::FanIn)?),
+            packed: None,
+        })
+    }
+
+    /// `[in, out]`.
+    fn dims(&self) -> [usize; 2] {
+        match (&self.weight_t, &self.packed) {
+            (Some(w), _) => w.dims(),
+            (None, Some(p)) => [p.matrix.cols, p.matrix.rows],
+            (None, None) => unreachable!("a Linear holds a weight"),
         }
     }
 
     /// Output features.
     pub fn out_features(&self) -> usize {
-        self.weight_t.dims()[1]
+        self.dims()[1]
     }
 
     /// `[..., in] -> [..., out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dims = x.dims();
-        let [input, out] = self.weight_t.dims();
+        let [input, out] = self.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
-        let y = x.reshape([rows, input]).matmul(self.weight_t.val());
+        let x = x.reshape([rows, input]);
+        let y = match (&self.weight_t, &self.packed) {
+            (Some(w), _) => x.matmul(w.val()),
+            (None, Some(p)) => p.forward(x),
+            (None, None) => unreachable!("a Linear holds a weight"),
+        };
         let mut out_dims = dims;
         out_dims[D - 1] = out;
         y.reshape(out_dims)
+    }
+}
+
+impl PackedWeight {
+    /// `x: [n, in] -> x W^T: [n, out]`: on the stored bytes by the host kernel, or (without one, or
+    /// when gradients must flow to `x`) through `W` dequantised for this call only.
+    pub fn forward<B: Backend>(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let device = x.device();
+        let [n, _] = x.dims();
+        let m = &self.matrix;
+        match &self.kernel {
+            Some(kernel) if !B::ad_enabled(&device) => {
+                let x = x.into_data().convert::<f32>();
+                let x = x.as_slice::<f32>().expect("f32 after convert");
+                let mut y = vec![0f32; n * m.rows];
+                kernel.matmul_t(x, n, m, &mut y);
+                Tensor::from_data(TensorData::new(y, [n, m.rows]), &device)
+            }
+            _ => {
+                let w = Tensor::<B, 2>::from_data(TensorData::new(m.to_f32(), [m.rows, m.cols]), &device);
+                x.matmul(w.transpose())
+            }
+        }
+    }
+}
+
+/// The token embedding `[vocab, D]`: an f32 tensor (trainable), or rows decoded from the stored
+/// precision as tokens need them. Exactly one is set.
+#[derive(Module, Debug)]
+pub struct Embedding<B: Backend> {
+    pub weight: Option<Param<Tensor<B, 2>>>,
+    pub packed: Option<PackedWeight>,
+}
+
+impl<B: Backend> Embedding<B> {
+    /// Loads `name.weight` (`[vocab, dim]`).
+    pub fn load(w: &Weights<'_, '_, B>, name: &str, vocab: usize, dim: usize) -> Result<Self, LoadError> {
+        let name = format!("{name}.weight");
+        if let Some(mut packed) = w.packed(&name, &[vocab, dim])? {
+            return Ok(Self {
+                weight: None,
+                packed: packed.pop(),
+            });
+        }
+        Ok(Self {
+            weight: Some(w.plain(&name, [vocab, dim], Init::FanIn)?),
+            packed: None,
+        })
+    }
+
+    /// The rows of `ids`: `[ids.len(), D]`.
+    pub fn forward(&self, ids: &[u32], device: &B::Device) -> Tensor<B, 2> {
+        match (&self.weight, &self.packed) {
+            (Some(w), _) => {
+                let ids = ids.iter().map(|&t| t as i64).collect::<Vec<_>>();
+                let len = ids.len();
+                w.val().select(
+                    0,
+                    Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [len]), device),
+                )
+            }
+            (None, Some(p)) => {
+                let d = p.matrix.cols;
+                let mut rows = vec![0f32; ids.len() * d];
+                for (row, &id) in rows.chunks_exact_mut(d).zip(ids) {
+                    p.matrix.decode_rows(id as usize..id as usize + 1, row);
+                }
+                Tensor::from_data(TensorData::new(rows, [ids.len(), d]), device)
+            }
+            (None, None) => unreachable!("an Embedding holds a weight"),
+        }
     }
 }

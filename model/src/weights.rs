@@ -6,6 +6,7 @@
 
 use crate::config::ConfigError;
 use std::fmt;
+use v4_formats::PackedMatrix;
 
 /// A tensor on the host, as read from a source.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,18 +105,48 @@ impl fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
+/// How a generated source fills a tensor (a file source ignores it): the role of the tensor, said by
+/// the module that owns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    /// A projection: uniform with the variance of a fan-in scaled init (fan-in = the last dimension).
+    FanIn,
+    /// A norm's weight: near 1.
+    Ones,
+    /// An mHC scale: near 1, wider.
+    Scale,
+    /// Biases, sinks, position biases: small around 0.
+    Small,
+    /// A hash-routing table `[vocab, K]`: K distinct expert ids per row.
+    ExpertIds,
+}
+
+/// What the model asks a source for: the shape the config implies, and the tensor's role.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorSpec<'a> {
+    pub shape: &'a [usize],
+    pub init: Init,
+}
+
 /// A provider of weights under HF tensor names.
 pub trait WeightSource {
     /// Where the weights come from (a path), for error messages.
     fn describe(&self) -> String;
-    /// Reads tensor `name`; `expected` is the shape the model needs (generated sources use it).
-    fn read(&self, name: &str, expected: &[usize]) -> Result<HostTensor, LoadError>;
+    /// Reads tensor `name` decoded to f32 / i64; `spec` says what the model needs (generated sources
+    /// use it).
+    fn read(&self, name: &str, spec: &TensorSpec<'_>) -> Result<HostTensor, LoadError>;
+    /// Tensor `name` in its stored precision, without decoding: one matrix for a `[out, in]` `shape`, or
+    /// `shape[0]` for stacked experts `[n, out, in]`. `None` when the source has no stored form to
+    /// offer (generated weights), and the model reads f32 instead.
+    fn read_packed(&self, _name: &str, _shape: &[usize]) -> Result<Option<Vec<PackedMatrix>>, LoadError> {
+        Ok(None)
+    }
     /// Every tensor name the source holds (so that unused tensors can be reported); empty if generated.
     fn names(&self) -> Vec<String>;
 }
 
-/// Seeded pseudo-random weights with realistic magnitudes: projections ~ N(0, 0.02^2)-like scaled by
-/// fan-in, norm weights near 1, mHC scales near 1, small biases and sinks, valid hash tables.
+/// Seeded pseudo-random weights with realistic magnitudes, by each tensor's [`Init`]: projections scaled
+/// by fan-in, norm weights near 1, mHC scales near 1, small biases and sinks, valid hash tables.
 #[derive(Debug, Clone)]
 pub struct RandomWeights {
     pub seed: u64,
@@ -152,37 +183,36 @@ impl WeightSource for RandomWeights {
         format!("random weights (seed {})", self.seed)
     }
 
-    fn read(&self, name: &str, expected: &[usize]) -> Result<HostTensor, LoadError> {
+    fn read(&self, name: &str, spec: &TensorSpec<'_>) -> Result<HostTensor, LoadError> {
         let mut rng = SplitMix(self.seed ^ name_hash(name));
+        let expected = spec.shape;
         let len: usize = expected.iter().product();
-        let data = if name.ends_with("tid2eid") {
-            // Each row: K distinct experts.
-            let k = expected[1];
-            let mut ids = Vec::with_capacity(len);
-            for _ in 0..expected[0] {
-                let mut row: Vec<i64> = Vec::with_capacity(k);
-                while row.len() < k {
-                    let e = (rng.next() % self.experts as u64) as i64;
-                    if !row.contains(&e) {
-                        row.push(e);
-                    }
-                }
-                ids.extend(row);
-            }
-            HostData::I64(ids)
-        } else {
-            let (center, spread) = if name.ends_with("norm.weight") || name.ends_with("layernorm.weight") {
-                (1.0, 0.1)
-            } else if name.ends_with(".scale") || name.ends_with("hc_scale") {
-                (1.0, 0.2)
-            } else if expected.len() == 1 || name.ends_with("position_bias") {
-                (0.0, 0.1)
-            } else {
-                // Uniform with the variance of a fan-in scaled init.
-                let fan_in = *expected.last().unwrap_or(&1) as f32;
-                (0.0, (3.0 / fan_in).sqrt())
-            };
+        let uniform = |center: f32, spread: f32, rng: &mut SplitMix| {
             HostData::F32((0..len).map(|_| center + spread * rng.uniform()).collect())
+        };
+        let data = match spec.init {
+            Init::ExpertIds => {
+                let k = expected[1];
+                let mut ids = Vec::with_capacity(len);
+                for _ in 0..expected[0] {
+                    let mut row: Vec<i64> = Vec::with_capacity(k);
+                    while row.len() < k {
+                        let e = (rng.next() % self.experts as u64) as i64;
+                        if !row.contains(&e) {
+                            row.push(e);
+                        }
+                    }
+                    ids.extend(row);
+                }
+                HostData::I64(ids)
+            }
+            Init::Ones => uniform(1.0, 0.1, &mut rng),
+            Init::Scale => uniform(1.0, 0.2, &mut rng),
+            Init::Small => uniform(0.0, 0.1, &mut rng),
+            Init::FanIn => {
+                let fan_in = *expected.last().unwrap_or(&1) as f32;
+                uniform(0.0, (3.0 / fan_in).sqrt(), &mut rng)
+            }
         };
         Ok(HostTensor {
             shape: expected.to_vec(),

@@ -5,11 +5,12 @@
 use crate::commands::generate::{load_tokenizer, SamplingArgs};
 use crate::device::{with_backend, Device};
 use crate::io::Result;
+use crate::load::{load_model, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use v4_infer::{ChatSession, Flow, Generator, InferError, StopStrings, TextStream};
-use v4_model::{read_config, V4Model};
+use v4_model::read_config;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,6 +31,8 @@ pub struct Args {
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
+    #[command(flatten)]
+    load: LoadArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -47,8 +50,7 @@ fn chat<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         )
     })?;
     let params = args.sampling.params(&config)?;
-    let source = crate::weights::open(&args.model)?;
-    let model = V4Model::<B>::load(&config, source.as_ref(), device)?;
+    let model = load_model::<B>(&args.model, &config, args.device, args.load, device)?;
     let generator = Generator::new(&model);
     let mut session = ChatSession::<B>::new(&tokenizer, args.system.as_deref(), args.think);
 

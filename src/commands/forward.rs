@@ -2,10 +2,11 @@
 
 use crate::device::{with_backend, Device};
 use crate::io::{read_input_ids, write_safetensors, Output, Result};
+use crate::load::{load_model, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use v4_model::{read_config, LocalExperts, ModelCache, Recorder, Tokens, V4Model};
+use v4_model::{read_config, LocalExperts, ModelCache, Recorder, Tokens};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -23,6 +24,8 @@ pub struct Args {
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
+    #[command(flatten)]
+    load: LoadArgs,
     /// NPU precision policy and chip sheet (TOML), for `--device npu`.
     #[arg(long)]
     npu_config: Option<PathBuf>,
@@ -40,8 +43,7 @@ fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let tokens = Tokens::new(&ids, batch, seq, config.vocab_size)
         .map_err(|e| format!("{}: {e}", args.input.display()))?;
     let started = Instant::now();
-    let source = crate::weights::open(&args.model)?;
-    let model = V4Model::<B>::load(&config, source.as_ref(), device)?;
+    let model = load_model::<B>(&args.model, &config, args.device, args.load, device)?;
     let loaded = started.elapsed();
 
     let layers = config.num_layers();

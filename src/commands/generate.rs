@@ -3,6 +3,7 @@
 
 use crate::device::{with_backend, Device};
 use crate::io::Result;
+use crate::load::{load_model, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use v4_infer::{
     cache_footprint, check_prompt, encode_chat, Flow, GenerateParams, Generator, InferError, Message, Role,
     SamplingParams, StopStrings, TextStream, V4Tokenizer,
 };
-use v4_model::{read_config, V4Config, V4Model};
+use v4_model::{read_config, V4Config};
 
 /// Sampling and stopping flags, shared with `v4 chat`.
 #[derive(clap::Args, Clone)]
@@ -109,6 +110,8 @@ pub struct Args {
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
+    #[command(flatten)]
+    load: LoadArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -177,8 +180,7 @@ fn generate<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let params = args.sampling.params(&config)?;
 
     let started = Instant::now();
-    let source = crate::weights::open(&args.model)?;
-    let model = V4Model::<B>::load(&config, source.as_ref(), device)?;
+    let model = load_model::<B>(&args.model, &config, args.device, args.load, device)?;
     let load_s = started.elapsed().as_secs_f64();
     let generator = Generator::new(&model);
 

@@ -3,9 +3,10 @@
 
 use crate::device::{with_backend, Device};
 use crate::io::{read_input_ids, Result};
+use crate::load::{load_model, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::path::{Path, PathBuf};
-use v4_model::{read_config, Tokens, V4Model};
+use v4_model::{read_config, Tokens};
 use v4_validate::{trace::TraceInfo, ProbeFilter, TraceMode};
 
 #[derive(clap::Args)]
@@ -34,6 +35,8 @@ pub struct Args {
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
+    #[command(flatten)]
+    load: LoadArgs,
     /// NPU precision policy and chip sheet (TOML), for `--device npu`.
     #[arg(long)]
     npu_config: Option<PathBuf>,
@@ -128,8 +131,7 @@ fn trace<B: Backend>(args: &Args, info: TraceInfo, device: &B::Device) -> Result
     let (ids, batch, seq) = read_input_ids(&args.input)?;
     let tokens = Tokens::new(&ids, batch, seq, config.vocab_size)
         .map_err(|e| format!("{}: {e}", args.input.display()))?;
-    let source = crate::weights::open(&args.model)?;
-    let model = V4Model::<B>::load(&config, source.as_ref(), device)?;
+    let model = load_model::<B>(&args.model, &config, args.device, args.load, device)?;
     let trace = v4_validate::run::trace(
         &model,
         &tokens,

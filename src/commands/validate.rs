@@ -4,9 +4,10 @@
 use crate::commands::trace::backend_info;
 use crate::device::{with_backend, Device};
 use crate::io::Result;
+use crate::load::{load_model, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::path::PathBuf;
-use v4_model::{read_config, V4Model};
+use v4_model::read_config;
 use v4_validate::{trace::TraceInfo, Dtype, RunMode, Tolerances, Trace, ValidateOptions};
 
 #[derive(clap::Args)]
@@ -41,6 +42,8 @@ pub struct Args {
     /// The candidate backend.
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
+    #[command(flatten)]
+    load: LoadArgs,
     /// NPU precision policy and chip sheet (TOML), for `--device npu`.
     #[arg(long)]
     npu_config: Option<PathBuf>,
@@ -82,8 +85,7 @@ fn validate<B: Backend>(args: &Args, info: TraceInfo, device: &B::Device) -> Res
     };
     let dtype = Dtype::parse(tolerances.dtype.as_deref().unwrap_or(&info.dtype))?;
     let config = read_config(&args.model)?;
-    let source = crate::weights::open(&args.model)?;
-    let model = V4Model::<B>::load(&config, source.as_ref(), device)?;
+    let model = load_model::<B>(&args.model, &config, args.device, args.load, device)?;
     let opts = ValidateOptions {
         mode: args.mode.parse::<RunMode>()?,
         dtype,

@@ -47,9 +47,13 @@ pub fn grouped_experts<I: Backend, C: CheckpointStrategy>(
     rows: Tensor<Autodiff<I, C>, 2>,
     counts: &[usize],
 ) -> Tensor<Autodiff<I, C>, 2> {
+    // Experts kept in their stored precision are frozen: the model's own path differentiates in the rows.
+    let Some((w13, w2)) = experts.dense() else {
+        return experts.forward_grouped(rows, counts);
+    };
     let x = rows.into_primitive().tensor();
-    let w13 = experts.w13_t.val().into_primitive().tensor();
-    let w2 = experts.w2_t.val().into_primitive().tensor();
+    let w13 = w13.val().into_primitive().tensor();
+    let w2 = w2.val().into_primitive().tensor();
     let state = FusedState {
         x: x.primitive.clone(),
         w13: w13.primitive.clone(),
@@ -76,8 +80,9 @@ fn inner<I: Backend, const D: usize>(p: I::FloatTensorPrimitive) -> Tensor<I, D>
 /// The experts on the inner backend (the model's own forward code, without autodiff).
 fn inner_experts<I: Backend>(state: &FusedState<I>) -> Experts<I> {
     Experts {
-        w13_t: Param::from_tensor(inner(state.w13.clone())),
-        w2_t: Param::from_tensor(inner(state.w2.clone())),
+        w13_t: Some(Param::from_tensor(inner(state.w13.clone()))),
+        w2_t: Some(Param::from_tensor(inner(state.w2.clone()))),
+        packed: None,
         limit: state.limit,
     }
 }
@@ -174,8 +179,9 @@ mod tests {
         };
         let (e, d, i) = (4, 8, 6);
         let experts = Experts {
-            w13_t: Param::from_tensor(seeded(1, [e, d, 2 * i]).require_grad()),
-            w2_t: Param::from_tensor(seeded(2, [e, i, d]).require_grad()),
+            w13_t: Some(Param::from_tensor(seeded(1, [e, d, 2 * i]).require_grad())),
+            w2_t: Some(Param::from_tensor(seeded(2, [e, i, d]).require_grad())),
+            packed: None,
             // Small enough that both clamps cut some of the activations.
             limit: 1.5,
         };
@@ -192,8 +198,8 @@ mod tests {
         (
             values(out.inner()),
             values(rows.grad(&grads).unwrap()),
-            flat(experts.w13_t.val().grad(&grads).unwrap()),
-            flat(experts.w2_t.val().grad(&grads).unwrap()),
+            flat(experts.w13_t.as_ref().unwrap().val().grad(&grads).unwrap()),
+            flat(experts.w2_t.as_ref().unwrap().val().grad(&grads).unwrap()),
         )
     }
 

@@ -80,7 +80,7 @@ pub fn run_isolated<B: Backend>(
     tokens: &Tokens,
     wants: &dyn Fn(&str) -> bool,
 ) -> Result<(Records, Vec<usize>)> {
-    let device = model.embed.device();
+    let device = model.device();
     let mut records = Vec::new();
     let mut skipped = Vec::new();
     let tensor4 = |shape: &[usize], v: &[f32]| -> Result<Tensor<B, 4>> {

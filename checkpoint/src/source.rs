@@ -1,14 +1,16 @@
 //! Opening a model directory in either checkpoint layout as a [`WeightSource`] for the model.
 //!
 //! HF-layout directories (f32 / bf16) are read by the model crate's own memory-mapped reader; DeepSeek's
-//! release layout (FP8 + E8M0, FP4 experts, BF16, F32, I64) by the converter's reader, which dequantizes
-//! at load and presents HF names: a user can run a real checkpoint without converting it first.
+//! release layout (FP8 + E8M0, FP4 experts, BF16, F32, I64) by the converter's reader, which presents HF
+//! names and offers each weight in its stored form or dequantised: a user can run a real checkpoint
+//! without converting it first.
 
 use std::path::Path;
 use v4_convert::{Checkpoint, Layout};
-use v4_model::{HostData, HostTensor, LoadError, SafetensorsDir, WeightSource};
+use v4_formats::PackedMatrix;
+use v4_model::{HostData, HostTensor, LoadError, SafetensorsDir, TensorSpec, WeightSource};
 
-/// A DeepSeek-release-layout checkpoint, dequantized on read.
+/// A DeepSeek-release-layout checkpoint: weights in their stored form, or dequantised on read.
 struct ReleaseCheckpoint(Checkpoint);
 
 impl WeightSource for ReleaseCheckpoint {
@@ -16,7 +18,7 @@ impl WeightSource for ReleaseCheckpoint {
         self.0.dir().display().to_string()
     }
 
-    fn read(&self, name: &str, _expected: &[usize]) -> Result<HostTensor, LoadError> {
+    fn read(&self, name: &str, _spec: &TensorSpec<'_>) -> Result<HostTensor, LoadError> {
         let shape = self.0.hf_shape(name).ok_or_else(|| LoadError::Missing {
             source: self.describe(),
             name: name.to_string(),
@@ -31,6 +33,13 @@ impl WeightSource for ReleaseCheckpoint {
             HostData::F32(self.0.read_hf_f32(name).map_err(failed)?)
         };
         Ok(HostTensor { shape, data })
+    }
+
+    fn read_packed(&self, name: &str, _shape: &[usize]) -> Result<Option<Vec<PackedMatrix>>, LoadError> {
+        self.0.read_hf_packed(name).map_err(|e| LoadError::File {
+            path: self.describe(),
+            message: e.to_string(),
+        })
     }
 
     fn names(&self) -> Vec<String> {

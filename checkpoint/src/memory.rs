@@ -1,0 +1,87 @@
+//! Will the weights fit? The resident bytes of a load, computed from the checkpoint's headers before
+//! anything is read, against the memory this machine has available.
+
+use std::fmt;
+use std::path::Path;
+use v4_convert::{Checkpoint, Layout};
+
+/// The bytes a load would keep resident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    /// Weights kept in their stored precision (memory-mapped).
+    pub packed: u64,
+    /// Weights decoded to f32.
+    pub dense: u64,
+}
+
+impl Estimate {
+    pub fn total(&self) -> u64 {
+        self.packed + self.dense
+    }
+}
+
+/// A load that would not fit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryError {
+    pub dir: String,
+    pub needed: u64,
+    pub available: u64,
+    pub dequantize: bool,
+}
+
+impl fmt::Display for MemoryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let gb = |b: u64| b as f64 / 1e9;
+        write!(
+            f,
+            "{}: the weights need {:.1} GB resident, this machine has {:.1} GB available; ",
+            self.dir,
+            gb(self.needed),
+            gb(self.available)
+        )?;
+        if self.dequantize {
+            write!(
+                f,
+                "drop --dequantize to keep the weights in their stored precision"
+            )
+        } else {
+            write!(
+                f,
+                "use a quantized checkpoint (v4 convert --to fp8 or fp4-mx) or a machine with more memory"
+            )
+        }
+    }
+}
+
+impl std::error::Error for MemoryError {}
+
+/// The resident bytes of loading the checkpoint in `dir` with every weight as f32 (`dequantize`) or
+/// with the large matrices in their stored precision. Integer tensors (hash tables) count as stored.
+pub fn estimate(dir: &Path, dequantize: bool) -> Result<Estimate, String> {
+    let checkpoint = Checkpoint::open(dir).map_err(|e| e.to_string())?;
+    let mut estimate = Estimate { packed: 0, dense: 0 };
+    for name in checkpoint.hf_tensor_names() {
+        let shape = checkpoint.hf_shape(&name).unwrap_or_default();
+        let numel: u64 = shape.iter().map(|&d| d as u64).product();
+        let stored = checkpoint.hf_stored_bytes(&name).unwrap_or(4 * numel);
+        // Matrices stored narrower than f32 stay as stored, except the grouped output projection.
+        let packable = checkpoint.layout() == Layout::DeepSeek
+            && stored < 4 * numel
+            && shape.len() >= 2
+            && !name.ends_with("o_a_proj.weight");
+        if !dequantize && packable {
+            estimate.packed += stored;
+        } else {
+            estimate.dense += 4 * numel;
+        }
+    }
+    Ok(estimate)
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes; None where it cannot be read.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,367 @@
+//! Building the model from a [`WeightSource`]: every module loads its own tensors through a scoped
+//! [`Weights`] (`w.pp("self_attn").linear("q_a_proj", ..)`, as candle's `VarBuilder`), so each
+//! checkpoint name is written once, in the module that owns the tensor.
+//!
+//! The loader checks every tensor's shape and finiteness, reports tensors nobody used, and records
+//! which parameter came from which name ([`NamedParam`]): training writes its checkpoints from that
+//! record, and calibration finds the experts by it.
+//!
+//! Where a weight lives is [`Residency`]: trainable f32 on the device (training, `--dequantize`), or
+//! the large matrices in their checkpoint precision on the host ([`PackedWeight`]), computed on by a
+//! host kernel or dequantised one at a time at the point of use.
+
+use crate::norm::RmsNorm;
+use crate::weights::{HostData, Init, LoadError, TensorSpec, WeightSource};
+use burn::module::{Param, ParamId};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+use v4_formats::{PackedMatmul, PackedMatrix};
+
+/// How a stored parameter maps to its checkpoint tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Same shape and order.
+    Plain,
+    /// Stored `[a, b]`, checkpoint `[b, a]`.
+    Transposed,
+    /// Stored `[n, a, b]`, checkpoint `[n, b, a]` (`flat`: written as `[n * b, a]`).
+    BlocksTransposed { flat: bool },
+}
+
+/// A parameter of the model under its checkpoint (HF) name.
+#[derive(Debug, Clone)]
+pub struct NamedParam {
+    pub name: String,
+    pub id: ParamId,
+    pub layout: Layout,
+}
+
+/// Where the large matrices (projections, experts, head, embedding) live.
+#[derive(Clone, Default)]
+pub enum Residency {
+    /// Everything as trainable f32 tensors on the device (training; `--dequantize`).
+    #[default]
+    Dequantize,
+    /// In their checkpoint precision on the host. With a kernel, `x W^T` runs on the stored bytes
+    /// (backends whose tensors live on the host); without one, each weight is dequantised at its point
+    /// of use and dropped (every backend).
+    Packed(Option<Arc<dyn PackedMatmul>>),
+}
+
+impl fmt::Debug for Residency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Residency::Dequantize => write!(f, "Dequantize"),
+            Residency::Packed(Some(k)) => write!(f, "Packed({k:?})"),
+            Residency::Packed(None) => write!(f, "Packed(dequantize at use)"),
+        }
+    }
+}
+
+/// A matrix kept in its checkpoint precision, with the kernel that multiplies by it.
+#[derive(Clone, Debug)]
+pub struct PackedWeight {
+    /// `[out, in]`, the checkpoint's orientation.
+    pub matrix: Arc<PackedMatrix>,
+    /// `None`: dequantise at the point of use.
+    pub kernel: Option<Arc<dyn PackedMatmul>>,
+}
+
+struct State {
+    used: HashSet<String>,
+    params: Vec<NamedParam>,
+    /// Bytes of weights held in stored precision, and as f32 tensors.
+    packed_bytes: usize,
+    dense_bytes: usize,
+}
+
+/// The shared state of one load.
+pub(crate) struct Loader<'a, B: Backend> {
+    source: &'a dyn WeightSource,
+    device: &'a B::Device,
+    residency: Residency,
+    state: RefCell<State>,
+}
+
+/// What a finished load reports besides the model.
+#[derive(Debug)]
+pub(crate) struct Loaded {
+    pub params: Vec<NamedParam>,
+    pub packed_bytes: usize,
+    pub dense_bytes: usize,
+}
+
+impl<'a, B: Backend> Loader<'a, B> {
+    pub fn new(source: &'a dyn WeightSource, device: &'a B::Device, residency: Residency) -> Self {
+        Self {
+            source,
+            device,
+            residency,
+            state: RefCell::new(State {
+                used: HashSet::new(),
+                params: Vec::new(),
+                packed_bytes: 0,
+                dense_bytes: 0,
+            }),
+        }
+    }
+
+    /// The root scope (no prefix).
+    pub fn root(&self) -> Weights<'_, 'a, B> {
+        Weights {
+            loader: self,
+            prefix: String::new(),
+        }
+    }
+
+    /// Fails on tensors of the source that no module read (other than those `ignored` accepts).
+    pub fn finish(self, ignored: impl Fn(&str) -> bool) -> Result<Loaded, LoadError> {
+        let state = self.state.into_inner();
+        let unexpected: Vec<String> = self
+            .source
+            .names()
+            .into_iter()
+            .filter(|n| !state.used.contains(n) && !ignored(n))
+            .collect();
+        if !unexpected.is_empty() {
+            return Err(LoadError::Unexpected {
+                source: self.source.describe(),
+                names: unexpected,
+            });
+        }
+        Ok(Loaded {
+            params: state.params,
+            packed_bytes: state.packed_bytes,
+            dense_bytes: state.dense_bytes,
+        })
+    }
+}
+
+/// A scope of a load: the tensors under one name prefix.
+pub struct Weights<'l, 'a, B: Backend> {
+    loader: &'l Loader<'a, B>,
+    prefix: String,
+}
+
+impl<'l, 'a, B: Backend> Weights<'l, 'a, B> {
+    /// The sub-scope `name` (`model.layers.3` -> `model.layers.3.self_attn`).
+    pub fn pp(&self, name: impl fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Self {
+            loader: self.loader,
+            prefix,
+        }
+    }
+
+    /// The full checkpoint name of `name` in this scope.
+    pub fn name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    pub fn device(&self) -> &B::Device {
+        self.loader.device
+    }
+
+    fn describe(&self) -> String {
+        self.loader.source.describe()
+    }
+
+    /// Reads `name` with one of `shapes` (the first is the one the config implies; the others hold the
+    /// same elements in the same order).
+    fn read(&self, name: &str, shapes: &[&[usize]], init: Init) -> Result<HostData, LoadError> {
+        let full = self.name(name);
+        let spec = TensorSpec {
+            shape: shapes[0],
+            init,
+        };
+        let tensor = self.loader.source.read(&full, &spec)?;
+        if !shapes.contains(&tensor.shape.as_slice()) {
+            return Err(LoadError::Shape {
+                source: self.describe(),
+                name: full,
+                expected: shapes[0].to_vec(),
+                found: tensor.shape,
+            });
+        }
+        self.loader.state.borrow_mut().used.insert(full);
+        Ok(tensor.data)
+    }
+
+    /// `name` as finite f32 values on the host.
+    pub fn host_f32(&self, name: &str, shape: &[usize], init: Init) -> Result<Vec<f32>, LoadError> {
+        let data = self.read(name, &[shape], init)?;
+        self.finite(name, data)
+    }
+
+    fn finite(&self, name: &str, data: HostData) -> Result<Vec<f32>, LoadError> {
+        match data {
+            HostData::F32(v) => match v.iter().find(|x| !x.is_finite()) {
+                Some(bad) => Err(self.value_error(name, format!("contains the non-finite value {bad}"))),
+                None => Ok(v),
+            },
+            HostData::I64(_) => Err(LoadError::Dtype {
+                source: self.describe(),
+                name: self.name(name),
+                dtype: "an integer type".into(),
+                hint: "expected floating-point weights".into(),
+            }),
+        }
+    }
+
+    /// `name` as integers on the host.
+    pub fn host_i64(&self, name: &str, shape: &[usize], init: Init) -> Result<Vec<i64>, LoadError> {
+        match self.read(name, &[shape], init)? {
+            HostData::I64(v) => Ok(v),
+            HostData::F32(_) => Err(LoadError::Dtype {
+                source: self.describe(),
+                name: self.name(name),
+                dtype: "a floating-point type".into(),
+                hint: "expected integer ids".into(),
+            }),
+        }
+    }
+
+    /// An error about the values of tensor `name`.
+    pub fn value_error(&self, name: &str, message: String) -> LoadError {
+        LoadError::Value {
+            source: self.describe(),
+            name: self.name(name),
+            message,
+        }
+    }
+
+    /// Records a new trainable parameter.
+    fn param<const D: usize>(
+        &self,
+        name: &str,
+        data: Vec<f32>,
+        shape: [usize; D],
+        layout: Layout,
+    ) -> Param<Tensor<B, D>> {
+        let mut state = self.loader.state.borrow_mut();
+        state.dense_bytes += data.len() * 4;
+        let param = Param::from_tensor(Tensor::from_data(
+            TensorData::new(data, shape),
+            self.loader.device,
+        ));
+        state.params.push(NamedParam {
+            name: self.name(name),
+            id: param.id,
+            layout,
+        });
+        param
+    }
+
+    /// A parameter stored as the checkpoint has it.
+    pub fn plain<const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+        init: Init,
+    ) -> Result<Param<Tensor<B, D>>, LoadError> {
+        let data = self.host_f32(name, &shape, init)?;
+        Ok(self.param(name, data, shape, Layout::Plain))
+    }
+
+    /// A `[rows, cols]` checkpoint matrix kept transposed: `[cols, rows]`, contiguous.
+    pub fn transposed(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        init: Init,
+    ) -> Result<Param<Tensor<B, 2>>, LoadError> {
+        let [rows, cols] = shape;
+        let data = transpose_blocks(&self.host_f32(name, &shape, init)?, 1, rows, cols);
+        Ok(self.param(name, data, [cols, rows], Layout::Transposed))
+    }
+
+    /// A `[n, rows, cols]` checkpoint tensor (`[n * rows, cols]` accepted when `flat`), each block
+    /// transposed: `[n, cols, rows]`, contiguous.
+    pub fn blocks_transposed(
+        &self,
+        name: &str,
+        shape: [usize; 3],
+        flat: bool,
+        init: Init,
+    ) -> Result<Param<Tensor<B, 3>>, LoadError> {
+        let [n, rows, cols] = shape;
+        let flat_shape = [n * rows, cols];
+        let shapes: &[&[usize]] = if flat { &[&shape, &flat_shape] } else { &[&shape] };
+        let data = self.read(name, shapes, init)?;
+        let data = transpose_blocks(&self.finite(name, data)?, n, rows, cols);
+        Ok(self.param(name, data, [n, cols, rows], Layout::BlocksTransposed { flat }))
+    }
+
+    /// An RMSNorm's weight `name.weight`.
+    pub fn norm(&self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm<B>, LoadError> {
+        let weight = self.plain(&format!("{name}.weight"), [dim], Init::Ones)?;
+        Ok(RmsNorm { weight, eps })
+    }
+
+    /// With [`Residency::Packed`], the matrices of tensor `name` (`shape`: `[out, in]`, or `[n, out, in]`
+    /// for `n` stacked experts) in their stored precision; `None` when the weights are dequantised
+    /// or the source only has f32 (random weights).
+    pub fn packed(&self, name: &str, shape: &[usize]) -> Result<Option<Vec<PackedWeight>>, LoadError> {
+        let Residency::Packed(kernel) = &self.loader.residency else {
+            return Ok(None);
+        };
+        let full = self.name(name);
+        let Some(matrices) = self.loader.source.read_packed(&full, shape)? else {
+            return Ok(None);
+        };
+        let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+        let count = if shape.len() == 3 { shape[0] } else { 1 };
+        if matrices.len() != count || matrices.iter().any(|m| m.rows != rows || m.cols != cols) {
+            let found = matrices
+                .first()
+                .map_or(vec![], |m| vec![matrices.len(), m.rows, m.cols]);
+            return Err(LoadError::Shape {
+                source: self.describe(),
+                name: full,
+                expected: shape.to_vec(),
+                found,
+            });
+        }
+        let mut state = self.loader.state.borrow_mut();
+        state.packed_bytes += matrices.iter().map(PackedMatrix::stored_bytes).sum::<usize>();
+        state.used.insert(full);
+        Ok(Some(
+            matrices
+                .into_iter()
+                .map(|m| PackedWeight {
+                    matrix: Arc::new(m),
+                    kernel: kernel.clone(),
+                })
+                .collect(),
+        ))
+    }
+}
+
+/// Transposes each of the `n` row-major `[rows, cols]` blocks of `data` (checkpoint order <-> the
+/// transposed order the model keeps its projections in).
+pub fn transpose_blocks(data: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    for (src, dst) in data
+        .chunks_exact(rows * cols)
+        .zip(out.chunks_exact_mut(rows * cols))
+        .take(n)
+    {
+        for r in 0..rows {
+            for c in 0..cols {
+                dst[c * rows + r] = src[r * cols + c];
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,58 @@
+//! Loading a model directory for a command: the memory check, then the weights where the backend wants
+//! them (in their stored precision unless `--dequantize`).
+
+use crate::device::Device;
+use crate::io::Result;
+use burn::tensor::backend::Backend;
+use std::path::Path;
+use std::sync::Arc;
+use v4_model::{Residency, V4Config, V4Model};
+
+/// The loading flags every command that runs a checkpoint shares.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct LoadArgs {
+    /// Decode every weight to f32 at load (the behaviour before v4 kept weights in their checkpoint
+    /// precision; what training does). By default the large matrices of a quantized checkpoint (FP8,
+    /// FP4, BF16) stay as stored, memory-mapped, and are computed on as such.
+    #[arg(long)]
+    pub dequantize: bool,
+}
+
+/// Where the large matrices live on `device`: multiplied on their stored bytes by v4-cpu's kernels on the
+/// CPU backends, dequantized one at a time at the point of use elsewhere; all f32 with `dequantize`.
+fn residency(device: Device, dequantize: bool) -> Residency {
+    match device {
+        _ if dequantize => Residency::Dequantize,
+        Device::Cpu | Device::Ndarray => Residency::Packed(Some(Arc::new(v4_cpu::CpuPackedMatmul))),
+        _ => Residency::Packed(None),
+    }
+}
+
+/// Loads the checkpoint in `dir` for `kind` after checking that its weights fit in memory.
+pub fn load_model<B: Backend>(
+    dir: &Path,
+    config: &V4Config,
+    kind: Device,
+    args: LoadArgs,
+    device: &B::Device,
+) -> Result<V4Model<B>> {
+    let estimate = v4_checkpoint::estimate(dir, args.dequantize)?;
+    if let Some(available) = v4_checkpoint::available_memory() {
+        if estimate.total() > available {
+            return Err(v4_checkpoint::MemoryError {
+                dir: dir.display().to_string(),
+                needed: estimate.total(),
+                available,
+                dequantize: args.dequantize,
+            }
+            .into());
+        }
+    }
+    let source = v4_checkpoint::open(dir)?;
+    Ok(V4Model::<B>::load_with(
+        config,
+        source.as_ref(),
+        device,
+        residency(kind, args.dequantize),
+    )?)
+}
