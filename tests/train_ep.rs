@@ -45,16 +45,22 @@ fn train(ranks: usize, args: &[&str]) -> Output {
 
 /// A 3-step run of the tiny model (global batch 4 x 32 byte tokens, bias balancing on) on `ranks` ranks.
 fn config(dir: &Path, ranks: usize, extra: &str) -> PathBuf {
+    config_with(dir, ranks, 4, extra)
+}
+
+/// [`config`] with the global batch of 4 taken as `4 / micro` micro-batches of `micro` sequences.
+fn config_with(dir: &Path, ranks: usize, micro: usize, extra: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let text = format!(
         "[model]\ncheckpoint = \"{}\"\n\n[data]\ntrain = \"{}\"\ntokenizer = \"bytes\"\nseq_len = 32\n\n\
-         [optimizer]\nlr = 3e-3\n\n[schedule]\nsteps = 3\nwarmup = 1\n\n[training]\nbatch = 4\n\n\
+         [optimizer]\nlr = 3e-3\n\n[schedule]\nsteps = 3\nwarmup = 1\n\n[training]\nbatch = {micro}\ngrad_accum = {accum}\n\n\
          [moe]\ngamma = 0.001\n\n[parallel]\nexpert_parallel = {ranks}\n\n[checkpoint]\ndir = \"{}\"\n{extra}\n\
          [logging]\ntensorboard = \"{}\"\n",
         root.join("tests/fixtures/v4-tiny-a/hf").display(),
         root.join("tests/fixtures/data/shakespeare/train.jsonl").display(),
         dir.join("ckpt").display(),
         dir.join("tb").display(),
+        accum = 4 / micro,
     );
     let path = dir.join(format!("ep{ranks}.toml"));
     std::fs::write(&path, text).unwrap();
@@ -103,20 +109,28 @@ fn norm(v: &[f32]) -> f64 {
 
 #[test]
 fn expert_parallel_runs_equal_one_process_and_reshard_on_resume() {
+    // The uninterrupted one-process run that the resumed runs must continue.
     let single = scratch("1");
-    let grads_1 = single.join("grads.safetensors");
-    train(
-        1,
-        &[
-            config(&single, 1, "").to_str().unwrap(),
-            "--dump-gradients",
-            grads_1.to_str().unwrap(),
-        ],
-    );
-    let reference = f32_tensors(&grads_1);
-    let reference_losses = losses(&metrics(&single));
+    train(1, &[config(&single, 1, "").to_str().unwrap()]);
+    let uninterrupted = losses(&metrics(&single));
 
     for ranks in [2, 4] {
+        // The exact reference: one process taking the batch in the same groups of 4 / ranks sequences
+        // (a different grouping changes the compressors' gradients by up to 1.1e-4 on an AMD EPYC).
+        let same = scratch(&format!("1-as-{ranks}"));
+        let same_grads = same.join("grads.safetensors");
+        let cfg = config_with(&same, 1, 4 / ranks, "");
+        train(
+            1,
+            &[
+                cfg.to_str().unwrap(),
+                "--dump-gradients",
+                same_grads.to_str().unwrap(),
+            ],
+        );
+        let reference = f32_tensors(&same_grads);
+        let reference_losses = losses(&metrics(&same));
+
         let dir = scratch(&format!("{ranks}"));
         let grads = dir.join("grads.safetensors");
         let cfg = config(&dir, ranks, "interval = 1\n");
@@ -125,8 +139,7 @@ fn expert_parallel_runs_equal_one_process_and_reshard_on_resume() {
             &[cfg.to_str().unwrap(), "--dump-gradients", grads.to_str().unwrap()],
         );
 
-        // The same gradients, tensor by tensor, up to f32 summation order. (One process accumulating the
-        // batch as 2 x 2 instead of 4 sequences differs from the 4-sequence step by up to 2.3e-5.)
+        // The same gradients, tensor by tensor, up to the order of the ranks' sum (measured <= 8.9e-7).
         let got = f32_tensors(&grads);
         assert_eq!(
             got.keys().collect::<Vec<_>>(),
@@ -137,7 +150,7 @@ fn expert_parallel_runs_equal_one_process_and_reshard_on_resume() {
             let diff: Vec<f32> = g.iter().zip(r).map(|(a, b)| a - b).collect();
             let rel = norm(&diff) / norm(r).max(1e-12);
             assert!(
-                rel <= 1e-4,
+                rel <= 5e-6,
                 "EP={ranks}: gradient of {name} differs by {rel:.2e} (relative)"
             );
         }
@@ -175,9 +188,9 @@ fn expert_parallel_runs_equal_one_process_and_reshard_on_resume() {
         );
         let last = metrics(&sub)[&("train/loss".to_string(), 3)];
         assert!(
-            (last - reference_losses[2]).abs() <= 2e-5 * reference_losses[2],
+            (last - uninterrupted[2]).abs() <= 2e-5 * uninterrupted[2],
             "resumed on {ranks} rank(s): step-3 loss {last}, uninterrupted one process: {}",
-            reference_losses[2]
+            uninterrupted[2]
         );
     }
 }
