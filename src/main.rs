@@ -46,6 +46,8 @@ struct Cli {
 enum Command {
     /// Summarise a model directory: config, layer schedule, parameter counts, tensor dtypes.
     Info(commands::info::Args),
+    /// Write a seeded random checkpoint (HF layout, f32) of a config, to convert and run at any size.
+    Synth(commands::synth::Args),
     /// Run a full-sequence forward pass and write logits and per-layer streams to a safetensors file.
     Forward(commands::forward::Args),
     /// Time the full-sequence forward pass on random weights for a config.
@@ -93,6 +95,7 @@ fn on_compute_threads<T: Send>(job: impl FnOnce() -> T + Send) -> T {
 fn run(cli: Cli) -> io::Result<()> {
     match cli.command {
         Command::Info(args) => commands::info::run(args),
+        Command::Synth(args) => commands::synth::run(args),
         Command::Forward(args) => commands::forward::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Convert(args) => commands::convert::run(args),

@@ -72,6 +72,20 @@ impl<B: Backend> Experts<B> {
         }
     }
 
+    /// Bytes the weights occupy as held (stored precision, or f32).
+    pub fn held_bytes(&self) -> usize {
+        match &self.packed {
+            Some(p) => p
+                .iter()
+                .map(|(a, b)| a.matrix.stored_bytes() + b.matrix.stored_bytes())
+                .sum(),
+            None => {
+                let (e, d, i) = self.shape();
+                4 * 3 * e * d * i
+            }
+        }
+    }
+
     /// Number of experts.
     pub fn len(&self) -> usize {
         self.shape().0

@@ -135,6 +135,15 @@ impl<B: Backend> Embedding<B> {
         })
     }
 
+    /// Bytes the table occupies as held (stored precision, or f32).
+    pub fn held_bytes(&self) -> usize {
+        match (&self.weight, &self.packed) {
+            (Some(w), _) => 4 * w.dims().iter().product::<usize>(),
+            (None, Some(p)) => p.matrix.stored_bytes(),
+            (None, None) => 0,
+        }
+    }
+
     /// The rows of `ids`: `[ids.len(), D]`.
     pub fn forward(&self, ids: &[u32], device: &B::Device) -> Tensor<B, 2> {
         match (&self.weight, &self.packed) {

@@ -4,20 +4,26 @@
 
 use crate::device::{with_backend, Device};
 use crate::io::{random_ids, read_config_file, Result};
+use crate::load::{load_model, LoadArgs};
 use burn::tensor::backend::Backend;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use v4_infer::sampling::argmax;
 use v4_infer::scaling::{slopes, svg, ScalingRow};
 use v4_infer::{cache_footprint, human_bytes, scalars_per_token, Generator};
-use v4_model::{RandomWeights, V4Config, V4Model};
+use v4_model::{read_config, RandomWeights, V4Config, V4Model};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Model config (HF config.json or DeepSeek inference config), e.g.
-    /// tests/fixtures/bench/v4-small.hf-config.json.
+    /// tests/fixtures/bench/v4-small.hf-config.json: random weights.
+    #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+    config: Option<PathBuf>,
+    /// Or a checkpoint directory (either layout; quantized weights stay as stored unless --dequantize).
     #[arg(long)]
-    config: PathBuf,
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    load: LoadArgs,
     /// Sequences decoded together.
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -50,6 +56,16 @@ pub struct Args {
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
+}
+
+impl Args {
+    /// The config file or checkpoint directory benchmarked.
+    fn source(&self) -> &Path {
+        self.model
+            .as_deref()
+            .or(self.config.as_deref())
+            .expect("clap requires --config or --model")
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -97,21 +113,19 @@ fn memory_bandwidth(threads: usize) -> f64 {
     best
 }
 
-/// f32 weight bytes one decode step of `batch` tokens reads: everything but the routed experts and the
-/// embedding table, the embedding rows, and the experts the batch is expected to touch per layer.
-fn weight_bytes_per_step(config: &V4Config, batch: usize) -> f64 {
-    let p = config.param_counts();
-    let (d, e, k) = (
-        config.hidden_size as f64,
-        config.n_routed_experts as f64,
-        config.experts_per_token as f64,
-    );
-    let expert = 3.0 * config.moe_intermediate_size as f64 * d;
-    let layers = config.num_layers() as f64;
-    let embedding = config.vocab_size as f64 * d;
-    let dense = p.total as f64 - layers * e * expert - embedding;
-    let touched = e * (1.0 - (1.0 - k / e).powi(batch as i32));
-    4.0 * (dense + batch as f64 * d + layers * touched * expert)
+/// Weight bytes one decode step of `batch` tokens reads, as the model holds them (f32, or the stored
+/// precision): everything but the routed experts and the embedding table, the embedding rows, and the
+/// share of the experts the batch is expected to touch per layer.
+fn weight_bytes_per_step<B: Backend>(model: &V4Model<B>, batch: usize) -> f64 {
+    let config = &model.config;
+    let (e, k) = (config.n_routed_experts as f64, config.experts_per_token as f64);
+    let experts: usize = model.layers.iter().map(|l| l.ffn.experts.held_bytes()).sum();
+    let embedding = model.embed.held_bytes();
+    let total = model.resident.packed + model.resident.dense;
+    let rest = (total - experts - embedding) as f64;
+    let rows = batch as f64 * embedding as f64 / config.vocab_size as f64;
+    let touched = 1.0 - (1.0 - k / e).powi(batch as i32);
+    rest + rows + touched * experts as f64
 }
 
 /// Greedy decode of `steps` tokens for every sequence of `batch`; returns the seconds taken.
@@ -131,7 +145,11 @@ fn decode<B: Backend>(
 }
 
 fn bench<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
-    let config = read_config_file(&args.config)?;
+    let config = match (&args.config, &args.model) {
+        (Some(path), _) => read_config_file(path)?,
+        (None, Some(dir)) => read_config(dir)?,
+        (None, None) => unreachable!("clap requires --config or --model"),
+    };
     if args.batch == 0 || args.prompt == 0 {
         return Err("--batch and --prompt must be at least 1".into());
     }
@@ -139,18 +157,26 @@ fn bench<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         cache_table(args, &config);
         return Ok(());
     }
-    let source = RandomWeights {
-        seed: args.seed,
-        experts: config.n_routed_experts,
+    let model = match &args.model {
+        Some(dir) => load_model::<B>(dir, &config, args.device, args.load, device)?,
+        None => {
+            let source = RandomWeights {
+                seed: args.seed,
+                experts: config.n_routed_experts,
+            };
+            V4Model::<B>::load(&config, &source, device)?
+        }
     };
-    let model = V4Model::<B>::load(&config, &source, device)?;
     let generator = Generator::new(&model);
     let threads = threads();
+    let what = args.source();
     println!(
-        "v4 bench-infer: {} ({} params, {} active), {:?}, threads: {threads}",
-        args.config.display(),
+        "v4 bench-infer: {} ({} params, {} active; weights held: {} stored, {} f32), {:?}, threads: {threads}",
+        what.display(),
         config.param_counts().total,
         config.param_counts().active,
+        human_bytes(model.resident.packed as f64),
+        human_bytes(model.resident.dense as f64),
         args.device
     );
     // Warm-up: allocations and thread pools.
@@ -199,12 +225,12 @@ fn bench<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         args.generate
     );
     let bandwidth = memory_bandwidth(threads);
-    let weights = weight_bytes_per_step(&config, args.batch);
+    let weights = weight_bytes_per_step(&model, args.batch);
     let mid = args.prompt + steps / 2;
     let cache = (args.batch * cache_footprint(&config, mid).total() * 4) as f64;
     let bound = args.batch as f64 * bandwidth / (weights + cache);
     println!(
-        "memory bound: read bandwidth {:.1} GB/s ({threads} threads); a decode step reads {} of f32 weights + {} of cache \
+        "memory bound: read bandwidth {:.1} GB/s ({threads} threads); a decode step reads {} of weights + {} of cache \
          -> at most {:.1} tok/s; measured decode is {:.1}% of it",
         bandwidth / 1e9,
         human_bytes(weights),
@@ -305,7 +331,7 @@ fn contexts<B: Backend>(args: &Args, config: &V4Config, generator: &Generator<'_
     if let Some(path) = &args.plot {
         let title = format!(
             "{}: batch 1, {} threads",
-            args.config
+            args.source()
                 .file_name()
                 .map_or(String::new(), |n| n.to_string_lossy().into_owned()),
             threads()
@@ -321,7 +347,7 @@ fn cache_table(args: &Args, config: &V4Config) {
     let per_token = scalars_per_token(config);
     println!(
         "decoding state of {} (batch 1): grows by {:.0} scalars/token = {} f32, {} bf16 per token",
-        args.config.display(),
+        args.source().display(),
         per_token,
         human_bytes(4.0 * per_token),
         human_bytes(2.0 * per_token)
