@@ -118,3 +118,60 @@ fn stored_precision_gives_the_logits_and_ids_of_dequantize_at_load() {
         );
     }
 }
+
+#[test]
+fn a_synthesized_checkpoint_converts_and_runs_in_its_stored_precision() {
+    let dir = scratch("synth");
+    let config = fixtures().join("hf/config.json");
+    let synth = |dir: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_v4"))
+            .args([
+                "synth",
+                dir.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+                "--seed",
+                "7",
+            ])
+            .output()
+            .unwrap()
+    };
+    assert!(synth(&dir).status.success());
+    let again = synth(&dir);
+    assert!(!again.status.success(), "synth overwrote an existing directory");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let release = scratch("synth-fp4-mx");
+    v4(&[
+        "convert",
+        "--input",
+        dir.to_str().unwrap(),
+        "--output",
+        release.to_str().unwrap(),
+        "--to",
+        "fp4-mx",
+    ]);
+    let f32_logits = logits(&dir, "synth-f32", &[]);
+    let resident = logits(&release, "synth-resident", &[]);
+    let dequantized = logits(&release, "synth-dequantized", &["--dequantize"]);
+    assert_eq!(resident.len(), f32_logits.len());
+    assert_eq!(resident.len(), dequantized.len());
+    let scale = dequantized.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = resident
+        .iter()
+        .zip(&dequantized)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        diff <= 2e-6 * scale,
+        "synth: logits differ by {diff} (scale {scale})"
+    );
+    // FP4 experts and FP8 projections move the logits, but not far from the f32 weights they encode.
+    let num: f64 = resident
+        .iter()
+        .zip(&f32_logits)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let den: f64 = f32_logits.iter().map(|b| (*b as f64).powi(2)).sum();
+    let rel = (num / den).sqrt();
+    println!("synth: fp4-mx vs f32 logits rel L2 {rel:.4}");
+    assert!(rel > 0.0 && rel < 0.2, "fp4-mx vs f32 rel L2 {rel}");
+}

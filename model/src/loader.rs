@@ -286,7 +286,7 @@ impl<'l, 'a, B: Backend> Weights<'l, 'a, B> {
         Ok(self.param(name, data, [cols, rows], Layout::Transposed))
     }
 
-    /// A `[n, rows, cols]` checkpoint tensor (`[n * rows, cols]` accepted when `flat`), each block
+    /// A `[n, rows, cols]` checkpoint tensor (when `flat`, `[n * rows, cols]` as HF writes it), each block
     /// transposed: `[n, cols, rows]`, contiguous.
     pub fn blocks_transposed(
         &self,
@@ -297,7 +297,8 @@ impl<'l, 'a, B: Backend> Weights<'l, 'a, B> {
     ) -> Result<Param<Tensor<B, 3>>, LoadError> {
         let [n, rows, cols] = shape;
         let flat_shape = [n * rows, cols];
-        let shapes: &[&[usize]] = if flat { &[&shape, &flat_shape] } else { &[&shape] };
+        // HF writes the grouped projection flat: ask for that form first.
+        let shapes: &[&[usize]] = if flat { &[&flat_shape, &shape] } else { &[&shape] };
         let data = self.read(name, shapes, init)?;
         let data = transpose_blocks(&self.finite(name, data)?, n, rows, cols);
         Ok(self.param(name, data, [n, cols, rows], Layout::BlocksTransposed { flat }))

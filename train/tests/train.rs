@@ -149,9 +149,10 @@ fn resume_reproduces_the_uninterrupted_run() {
     let full_losses: Vec<f64> = a.steps.iter().map(|s| s.loss).collect();
     let resumed: Vec<f64> = b1.steps[..2].iter().chain(&b2.steps).map(|s| s.loss).collect();
     println!("uninterrupted: {full_losses:?}\nresumed:       {resumed:?}");
-    // burn-ndarray's kernels are not bitwise deterministic from run to run (two identical uninterrupted runs
-    // in one process already differ in the last bits after a step or two), so the resumed run is compared
-    // to f32 rounding; the resumed state itself (data position, step, tokens) must match exactly.
+    // Training is not bitwise repeatable from run to run: two identical runs already differ in the last
+    // bits at step 2, before any checkpoint, with one rayon thread as with two, and by up to 1.3e-5 in
+    // the loss after four steps on an AMD EPYC (measured; the source is not found yet). So the losses
+    // are compared to 3e-5; the resumed state itself (data position, step, tokens) must match exactly.
     let rel = |x: f64, y: f64| (x - y).abs() / x.abs().max(1e-12);
     let worst = full_losses
         .iter()
@@ -159,7 +160,8 @@ fn resume_reproduces_the_uninterrupted_run() {
         .map(|(x, y)| rel(*x, *y))
         .fold(0.0, f64::max);
     println!("largest relative loss difference: {worst:.2e}");
-    assert!(worst < 1e-5, "resume diverged: {full_losses:?} vs {resumed:?}");
+    assert_eq!(full_losses.len(), resumed.len());
+    assert!(worst < 3e-5, "resume diverged: {full_losses:?} vs {resumed:?}");
     assert_eq!(full_losses[0], resumed[0]);
     let state =
         |d: &Path| std::fs::read_to_string(d.join("ckpt/step-00000004/training/trainer_state.json")).unwrap();
