@@ -2,6 +2,8 @@
 //! on every reshape and every slice, contiguous or not) and the transcendental maps (burn-ndarray calls scalar libm per element
 //! on one thread; sigmoid goes through six passes of burn's default composition).
 
+use crate::isa::Isa;
+use crate::sgemm::View;
 use crate::Inner;
 use burn_backend::ops::{FloatTensorOps, IntTensorOps};
 use burn_backend::{FloatDType, Scalar, Shape, Slice};
@@ -90,25 +92,20 @@ pub fn matmul_f32(lhs: ArrayViewD<'_, f32>, rhs: ArrayViewD<'_, f32>) -> ArrayD<
         // SAFETY: the offsets and strides come from valid ndarray views of these shapes, and
         // each batch writes its own contiguous m x n block of `out`.
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
+            crate::sgemm::matmul(
+                (m, n, k),
                 dst.0.add(b * m * n),
-                1,
                 n as isize,
-                false,
-                lhs,
-                ls[rank - 1],
-                ls[rank - 2],
-                rhs,
-                rs[rank - 1],
-                rs[rank - 2],
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
+                View {
+                    ptr: lhs,
+                    row_stride: ls[rank - 2],
+                    col_stride: ls[rank - 1],
+                },
+                View {
+                    ptr: rhs,
+                    row_stride: rs[rank - 2],
+                    col_stride: rs[rank - 1],
+                },
                 parallelism,
             )
         }
@@ -309,11 +306,19 @@ unsafe fn map_avx2(src: &[f32], dst: &mut [f32], f: impl Fn(f32) -> f32) {
     map_generic(src, dst, f)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn map_avx512(src: &[f32], dst: &mut [f32], f: impl Fn(f32) -> f32) {
+    map_generic(src, dst, f)
+}
+
 fn map_slice(src: &[f32], dst: &mut [f32], f: impl Fn(f32) -> f32) {
+    // SAFETY: `Isa::active()` names only paths whose features the CPU has.
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { map_avx2(src, dst, f) };
+    match Isa::active() {
+        Isa::Avx512 => return unsafe { map_avx512(src, dst, f) },
+        Isa::Avx2 => return unsafe { map_avx2(src, dst, f) },
+        Isa::Scalar => {}
     }
     map_generic(src, dst, f)
 }
@@ -399,12 +404,59 @@ fn binary_f32(
     )
 }
 
-/// One output row of [`binary_f32`]: `dst[j] = f(x[j * sx], y[j * sy])`.
+/// One output row of [`binary_f32`] on the widest vectors [`Isa::active`] allows.
 ///
 /// # Safety
 /// `x` and `y` must be readable at every `j * stride` for `j < dst.len()`.
-#[inline(always)]
 unsafe fn binary_row(
+    dst: &mut [f32],
+    x: *const f32,
+    sx: isize,
+    y: *const f32,
+    sy: isize,
+    f: impl Fn(f32, f32) -> f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    match Isa::active() {
+        Isa::Avx512 => return binary_row_avx512(dst, x, sx, y, sy, f),
+        Isa::Avx2 => return binary_row_avx2(dst, x, sx, y, sy, f),
+        Isa::Scalar => {}
+    }
+    binary_row_generic(dst, x, sx, y, sy, f)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn binary_row_avx2(
+    dst: &mut [f32],
+    x: *const f32,
+    sx: isize,
+    y: *const f32,
+    sy: isize,
+    f: impl Fn(f32, f32) -> f32,
+) {
+    binary_row_generic(dst, x, sx, y, sy, f)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn binary_row_avx512(
+    dst: &mut [f32],
+    x: *const f32,
+    sx: isize,
+    y: *const f32,
+    sy: isize,
+    f: impl Fn(f32, f32) -> f32,
+) {
+    binary_row_generic(dst, x, sx, y, sy, f)
+}
+
+/// `dst[j] = f(x[j * sx], y[j * sy])`, with the common stride pairs as plain loops that vectorize.
+///
+/// # Safety
+/// As [`binary_row`].
+#[inline(always)]
+unsafe fn binary_row_generic(
     dst: &mut [f32],
     x: *const f32,
     sx: isize,

@@ -12,12 +12,15 @@
 //! `scripts/gen-cpu-forwarding.py`).
 
 mod forward;
+pub mod isa;
 mod kernels;
 pub mod packed;
+mod sgemm;
 
 use burn_backend::backend::{Backend, BackendTypes, DTypeUsageSet, ExecutionError};
 use burn_backend::DType;
 use burn_ndarray::{NdArray, NdArrayDevice, NdArrayQTensor, NdArrayTensor};
+pub use isa::{isa, Isa};
 pub use packed::CpuPackedMatmul;
 
 /// The backend every op not written here is forwarded to.

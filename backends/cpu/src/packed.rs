@@ -20,9 +20,10 @@
 //! Every weight is decoded to exactly the f32 that [`PackedMatrix::to_f32`] gives (one rounding of
 //! `value * scale`); results differ from "decode, then multiply in f32" only in the order of the sums.
 
+use crate::isa::Isa;
+use crate::sgemm::View;
 use gemm::Parallelism;
 use rayon::prelude::*;
-use std::sync::OnceLock;
 use v4_formats::{PackedMatmul, PackedMatrix, PackedRows};
 
 /// Rows of `x` up to which the fused GEMV runs; above, decoded panels go through `gemm`. The GEMV
@@ -35,54 +36,6 @@ const GEMV_ROWS: usize = 64;
 /// product packs all of `x` again, so panels should be large; their f32 copy takes
 /// `PANEL_ROWS * cols * 4` bytes per thread.
 const PANEL_ROWS: usize = 256;
-
-/// The kernels a call uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
-    /// AVX2 + FMA fused kernels (constructed only when the CPU has both).
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    /// Portable code: decode rows with the formats crate, then dot products.
-    Scalar,
-}
-
-impl Isa {
-    fn name(self) -> &'static str {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => "avx2",
-            Isa::Scalar => "scalar",
-        }
-    }
-
-    /// The best path this CPU runs, unless `V4_CPU_ISA=scalar` asks for the portable one.
-    fn detect() -> Isa {
-        if std::env::var("V4_CPU_ISA").is_ok_and(|v| v == "scalar") {
-            return Isa::Scalar;
-        }
-        Isa::best()
-    }
-
-    /// The fastest path this CPU runs.
-    fn best() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Isa::Avx2;
-        }
-        Isa::Scalar
-    }
-
-    /// The path of this process, chosen once.
-    fn active() -> Isa {
-        static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(Isa::detect)
-    }
-}
-
-/// The kernel path in use: `"avx2"` or `"scalar"` (forced by `V4_CPU_ISA=scalar`).
-pub fn isa() -> &'static str {
-    Isa::active().name()
-}
 
 /// `y = x W^T` on packed weights with the fastest kernels this CPU runs (see the module docs).
 #[derive(Clone, Copy, Debug, Default)]
@@ -136,9 +89,10 @@ fn gemv_part(isa: Isa, part: &PackedRows, x: &[f32], n: usize, row0: usize, y: &
 /// one contiguous slice.
 fn gemv(isa: Isa, part: &PackedRows, x: &[f32], n: usize, yt: &mut [f32]) {
     match isa {
-        // SAFETY: `Isa::Avx2` is chosen only when the CPU has AVX2 and FMA.
+        // SAFETY: `Isa::Avx2` and above are chosen only when the CPU has AVX2 and FMA. AVX-512 runs the
+        // AVX2 kernels: they are bound by memory bandwidth, not by vector width.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if unsafe { avx2::gemv(part, x, n, yt) } => {}
+        Isa::Avx2 | Isa::Avx512 if unsafe { avx2::gemv(part, x, n, yt) } => {}
         _ => decoded_gemv(part, x, n, yt),
     }
 }
@@ -218,25 +172,20 @@ fn gemm_part(part: &PackedRows, x: &[f32], n: usize, row0: usize, y: &mut [f32])
             // inside `y`, and no other task writes its columns; lhs is `x` `[n, cols]` and rhs the
             // panel read as `[cols, rows]` (column stride `cols`), both fully inside their slices.
             unsafe {
-                gemm::gemm(
-                    n,
-                    rows,
-                    cols,
+                crate::sgemm::matmul(
+                    (n, rows, cols),
                     out.at(row0 + r0),
-                    1,
                     total as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    cols as isize,
-                    panel.as_ptr(),
-                    cols as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
+                    View {
+                        ptr: x.as_ptr(),
+                        row_stride: cols as isize,
+                        col_stride: 1,
+                    },
+                    View {
+                        ptr: panel.as_ptr(),
+                        row_stride: 1,
+                        col_stride: cols as isize,
+                    },
                     Parallelism::None,
                 )
             }
@@ -615,8 +564,8 @@ mod tests {
     /// The paths to test: the portable one, and the CPU's best if that is another.
     fn isas() -> Vec<Isa> {
         let mut isas = vec![Isa::Scalar];
-        if Isa::best() != Isa::Scalar {
-            isas.push(Isa::best());
+        if Isa::best() >= Isa::Avx2 {
+            isas.push(Isa::Avx2);
         }
         isas
     }
@@ -833,11 +782,6 @@ mod tests {
     }
 
     #[test]
-    fn the_path_in_use_is_named() {
-        assert!(["avx2", "scalar"].contains(&isa()));
-    }
-
-    #[test]
     fn empty_products_are_empty() {
         let w = matrix(vec![fp8_rows(&data(8 * 128, 12), 8, 128)]);
         for isa in isas() {
@@ -849,7 +793,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_fused_kernels_cover_their_storages() {
-        if Isa::best() != Isa::Avx2 {
+        if Isa::best() < Isa::Avx2 {
             return;
         }
         let (r, c) = (16, 64);
