@@ -144,6 +144,7 @@ fn info_reports_flash_parameter_counts() {
 }
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "compared slices differ in length");
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den).sqrt()
@@ -183,6 +184,7 @@ fn forward_on_the_npu_emulator_matches_in_f32_and_drifts_boundedly_in_bf16() {
         let got = f32s(&SafeTensors::deserialize(&bytes).unwrap(), "logits");
         match bound {
             None => {
+                assert_eq!(got.len(), reference.len(), "{policy}: logits length");
                 let d = got
                     .iter()
                     .zip(&reference)

@@ -63,7 +63,13 @@ fn logits_with(dir: &Path, tag: &str, extra: &[&str]) -> Vec<f32> {
     f32s(&out, "logits")
 }
 
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "compared slices differ in length");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "compared slices differ in length");
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den).sqrt()
@@ -75,11 +81,8 @@ fn release_layout_runs_directly_and_converted_hf_reproduces_it() {
     let expected = f32s(&io, "native_logits");
     // The DeepSeek-layout fixture (FP8 + FP4), dequantized at load.
     let native = logits(&fixtures().join("native"), "native");
-    let d = native
-        .iter()
-        .zip(&expected)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
+    let d = max_abs_diff(&native, &expected);
+    println!("native logits: max |diff| {d:.2e}");
     assert!(d <= 1e-4, "native logits differ by {d}");
 
     // hf -> DeepSeek layout, MXFP4 experts (RCEIL): the same model as the release.
@@ -95,11 +98,8 @@ fn release_layout_runs_directly_and_converted_hf_reproduces_it() {
         "fp4-mx",
     ]);
     let again = logits(&converted, "converted");
-    let d = again
-        .iter()
-        .zip(&expected)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
+    let d = max_abs_diff(&again, &expected);
+    println!("converted logits: max |diff| {d:.2e}");
     assert!(d <= 1e-4, "converted logits differ from native_logits by {d}");
 }
 

@@ -465,9 +465,25 @@ fn calibration_lowers_error_against_rtn() {
             .map(|(i, (a, b))| w[i % 256] as f64 * ((a - b) as f64).powi(2))
             .sum::<f64>()
     };
-    let (e_cal, e_rtn) = (werr(&cal), werr(&rtn));
-    println!("importance-weighted squared error of {key}: RTN {e_rtn:.4e}, search {e_cal:.4e}");
-    assert!(e_cal < e_rtn);
+    // The same search without importances (the FP4-MX run above): it must lose on the weighted error,
+    // or the importances were ignored.
+    let unweighted = Checkpoint::open(&s.join(Target::Fp4Mx.name()))
+        .unwrap()
+        .read_hf_f32(key)
+        .unwrap();
+    assert_eq!(
+        (x.len(), cal.len(), rtn.len()),
+        (unweighted.len(), x.len(), x.len())
+    );
+    let (e_cal, e_rtn, e_plain) = (werr(&cal), werr(&rtn), werr(&unweighted));
+    println!(
+        "importance-weighted squared error of {key}: RTN {e_rtn:.4e}, unweighted search {e_plain:.4e}, \
+         weighted search {e_cal:.4e}"
+    );
+    assert!(
+        e_cal < e_plain && e_plain < e_rtn,
+        "{e_cal} !< {e_plain} !< {e_rtn}"
+    );
 }
 
 /// The lossless directions: V4 FP4 experts re-encode exactly as FP8 with 32x32 tiles; FP8

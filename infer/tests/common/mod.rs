@@ -1,6 +1,7 @@
 //! The v4-tiny-a fixture (HF transformers' weights and outputs), shared by the tests.
 #![allow(dead_code)]
 
+use burn::tensor::backend::Backend;
 use burn_ndarray::NdArray;
 use safetensors::SafeTensors;
 use std::path::PathBuf;
@@ -14,8 +15,8 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-pub struct Fixture {
-    pub model: V4Model<B>,
+pub struct Fixture<M: Backend = B> {
+    pub model: V4Model<M>,
     /// `[2, 80]`
     pub ids: Vec<u32>,
     /// `[2, 35, 1024]`: HF's logits of positions 45..79 from its own cache (prefill 45, then 1 per call).
@@ -24,7 +25,7 @@ pub struct Fixture {
     pub logits: Vec<f32>,
 }
 
-impl Fixture {
+impl<M: Backend> Fixture<M> {
     pub fn row(&self, b: usize) -> &[u32] {
         &self.ids[b * SEQ..(b + 1) * SEQ]
     }
@@ -39,7 +40,13 @@ fn f32s(io: &SafeTensors, name: &str) -> Vec<f32> {
         .collect()
 }
 
+/// The fixture on plain burn-ndarray.
 pub fn fixture() -> Fixture {
+    fixture_on::<B>()
+}
+
+/// The fixture with its model on backend `M`.
+pub fn fixture_on<M: Backend>() -> Fixture<M> {
     let dir = root().join("tests/fixtures/v4-tiny-a");
     let config = read_config(&dir.join("hf")).unwrap();
     let model = V4Model::load(
@@ -66,7 +73,7 @@ pub fn fixture() -> Fixture {
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
+    assert_eq!(a.len(), b.len(), "compared slices differ in length");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
@@ -79,4 +86,18 @@ pub fn argmax(row: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// Instantiates each generic test `fn name<M: Backend>()` of the calling file on plain burn-ndarray and on
+/// the `cpu` backend that `generate`, `bench-infer` and `train` use.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod ndarray {
+            $(#[test] fn $name() { super::$name::<burn_ndarray::NdArray<f32>>() })*
+        }
+        mod cpu {
+            $(#[test] fn $name() { super::$name::<v4_cpu::Cpu>() })*
+        }
+    };
 }
