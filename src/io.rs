@@ -111,3 +111,41 @@ pub fn random_ids(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
         })
         .collect()
 }
+
+/// The ids a benchmark runs on: the first `n` token ids of `path` when given (JSONL, each record
+/// `{"ids": [..]}`, concatenated in order: the file `scripts/bench-peers.sh` writes once for v4 and for
+/// HF), else `n` seeded random ids ([`random_ids`]).
+pub fn bench_ids(path: Option<&Path>, seed: u64, n: usize, vocab: usize) -> Result<Vec<u32>> {
+    let Some(path) = path else {
+        return Ok(random_ids(seed, n, vocab));
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut ids = Vec::with_capacity(n);
+    for (line_no, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let at = || format!("{}:{}", path.display(), line_no + 1);
+        let record: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("{}: {e}", at()))?;
+        let list = record["ids"]
+            .as_array()
+            .ok_or_else(|| format!("{}: expected a record {{\"ids\": [..]}}", at()))?;
+        for id in list {
+            match id.as_u64() {
+                Some(id) if (id as usize) < vocab => ids.push(id as u32),
+                _ => {
+                    return Err(
+                        format!("{}: token id {id} is not in the vocabulary [0, {vocab})", at()).into(),
+                    )
+                }
+            }
+        }
+        if ids.len() >= n {
+            ids.truncate(n);
+            return Ok(ids);
+        }
+    }
+    Err(format!(
+        "{}: holds {} token ids, the benchmark needs {n}",
+        path.display(),
+        ids.len()
+    )
+    .into())
+}

@@ -1,7 +1,7 @@
 //! `v4 bench --config CONFIG`: full-sequence forward throughput on random weights.
 
 use crate::device::{with_backend, Device};
-use crate::io::{random_ids, read_config_file, Result};
+use crate::io::{bench_ids, read_config_file, Result};
 use burn::tensor::{backend::Backend, Distribution, Tensor};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -25,6 +25,10 @@ pub struct Args {
     /// Seed of the random weights and tokens.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Token ids to run on instead of seeded random ones: JSONL records `{"ids": [..]}`, the first
+    /// batch x seq taken in order (the file `scripts/bench-peers.sh` writes for both v4 and HF).
+    #[arg(long)]
+    ids: Option<PathBuf>,
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
@@ -61,20 +65,21 @@ fn bench<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     };
     let model = V4Model::<B>::load(&config, &source, device)?;
     let n = args.batch * args.seq;
-    let ids: Vec<i64> = random_ids(args.seed, n, config.vocab_size)
+    let ids: Vec<i64> = bench_ids(args.ids.as_deref(), args.seed, n, config.vocab_size)?
         .into_iter()
         .map(i64::from)
         .collect();
     let tokens = Tokens::new(&ids, args.batch, args.seq, config.vocab_size)?;
-    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into());
     println!(
-        "v4 bench: {} ({} params, {} active), batch {} x {} tokens, {:?}, threads: {threads}",
+        "v4 bench: {} ({} params, {} active), batch {} x {} tokens, {:?}, threads: {}, cpu kernels: {}",
         args.config.display(),
         config.param_counts().total,
         config.param_counts().active,
         args.batch,
         args.seq,
-        args.device
+        args.device,
+        rayon::current_num_threads(),
+        v4_cpu::isa()
     );
     // Reading one logit waits for the whole forward on asynchronous backends without timing a 64 MB
     // host copy (HF's forward hands its logits back in place, too).

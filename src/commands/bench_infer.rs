@@ -3,7 +3,7 @@
 //! with the context length.
 
 use crate::device::{with_backend, Device};
-use crate::io::{random_ids, read_config_file, Result};
+use crate::io::{bench_ids, random_ids, read_config_file, Result};
 use crate::load::{load_model, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::path::{Path, PathBuf};
@@ -53,6 +53,10 @@ pub struct Args {
     /// Seed of the random weights and prompt.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Prompt token ids instead of seeded random ones: JSONL records `{"ids": [..]}`, the first
+    /// batch x prompt taken in order (the file `scripts/bench-peers.sh` writes for both v4 and HF).
+    #[arg(long)]
+    ids: Option<PathBuf>,
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
@@ -72,13 +76,6 @@ pub fn run(args: Args) -> Result<()> {
     with_backend!(args.device, None::<&std::path::Path>, |B, device| bench::<B>(
         &args, &device
     ))
-}
-
-fn threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Best-of-5 read bandwidth (bytes/s) of summing 256 MiB of f32 with `threads` threads.
@@ -168,16 +165,17 @@ fn bench<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         }
     };
     let generator = Generator::new(&model);
-    let threads = threads();
+    let threads = rayon::current_num_threads();
     let what = args.source();
     println!(
-        "v4 bench-infer: {} ({} params, {} active; weights held: {} stored, {} f32), {:?}, threads: {threads}",
+        "v4 bench-infer: {} ({} params, {} active; weights held: {} stored, {} f32), {:?}, threads: {threads}, cpu kernels: {}",
         what.display(),
         config.param_counts().total,
         config.param_counts().active,
         human_bytes(model.resident.packed as f64),
         human_bytes(model.resident.dense as f64),
-        args.device
+        args.device,
+        v4_cpu::isa()
     );
     // Warm-up: allocations and thread pools.
     let warm = random_ids(args.seed ^ 1, 16, config.vocab_size);
@@ -188,7 +186,12 @@ fn bench<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         return contexts(args, &config, &generator);
     }
 
-    let ids = random_ids(args.seed, args.batch * args.prompt, config.vocab_size);
+    let ids = bench_ids(
+        args.ids.as_deref(),
+        args.seed,
+        args.batch * args.prompt,
+        config.vocab_size,
+    )?;
     let prompts: Vec<&[u32]> = ids.chunks_exact(args.prompt).collect();
     let chunk = args.prefill_chunk.filter(|&c| c > 0);
     let mut prefill_runs = Vec::new();
@@ -334,7 +337,7 @@ fn contexts<B: Backend>(args: &Args, config: &V4Config, generator: &Generator<'_
             args.source()
                 .file_name()
                 .map_or(String::new(), |n| n.to_string_lossy().into_owned()),
-            threads()
+            rayon::current_num_threads()
         );
         crate::io::write_atomically(path, svg(&rows, &title).as_bytes())?;
         println!("plot: {}", path.display());

@@ -98,6 +98,8 @@ struct Message {
 struct Record {
     text: Option<String>,
     messages: Option<Vec<Message>>,
+    /// Token ids already tokenized (all targets): e.g. the ids `scripts/bench-peers.sh` gives both v4 and HF.
+    ids: Option<Vec<u32>>,
 }
 
 /// Reads `path` (JSONL) into windows of `seq_len + 1` tokens. `text` records are all targets; chat records
@@ -127,9 +129,14 @@ pub fn load_windows(
         records += 1;
         let record: Record =
             serde_json::from_str(line).map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
-        match (record.text, record.messages) {
-            (Some(t), None) => push(&format!("{t}\n\n"), true, &mut tokens, &mut mask),
-            (None, Some(messages)) => {
+        match (record.text, record.messages, record.ids) {
+            (Some(t), None, None) => push(&format!("{t}\n\n"), true, &mut tokens, &mut mask),
+            (None, None, Some(ids)) => {
+                mask.extend(std::iter::repeat_n(true, ids.len()));
+                tokens.extend(ids);
+                Ok(())
+            }
+            (None, Some(messages), None) => {
                 if let Some(m) = messages
                     .iter()
                     .find(|m| !["system", "user", "assistant"].contains(&m.role.as_str()))
@@ -142,7 +149,7 @@ pub fn load_windows(
                         .try_for_each(|(text, target)| push(text, *target, &mut tokens, &mut mask))
                 }
             }
-            _ => Err("a record needs exactly one of `text` or `messages`".to_string()),
+            _ => Err("a record needs exactly one of `text`, `messages` or `ids`".to_string()),
         }
         .map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
     }

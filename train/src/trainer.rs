@@ -319,6 +319,22 @@ where
             tokenizer.vocab_size()
         ));
     }
+    // Pre-tokenized `ids` records bypass the tokenizer: check them against the model.
+    for (windows, path) in [
+        (&train_windows, Some(&cfg.data.train)),
+        (&valid_windows, cfg.data.validation.as_ref()),
+    ] {
+        if let Some(id) = windows
+            .iter()
+            .flat_map(|w| &w.tokens)
+            .find(|&&id| id as usize >= vocab)
+        {
+            let path = path.map_or(String::new(), |p| p.display().to_string());
+            return Err(format!(
+                "{path}: token id {id} is not in the model's vocabulary [0, {vocab})"
+            ));
+        }
+    }
 
     if !model.config.n_routed_experts.is_multiple_of(ranks) {
         return Err(format!(
@@ -337,8 +353,10 @@ where
             block.ffn.sequence_balance = block.ffn.routing == RoutingKind::TopK;
         }
     }
-    // Training FLOPs per token: forward + backward, 2 + 4 per active parameter.
-    let flops_per_token = 6.0 * model.config.param_counts().active as f64;
+    // Training FLOPs per token: forward + backward (twice the forward's), the forward counting every
+    // active parameter but the embedding table (a lookup) plus attention's score and value products.
+    let seq = cfg.data.seq_len.max(1);
+    let flops_per_token = 3.0 * model.config.forward_flops(seq) / seq as f64;
     let mut sizes = Sizes(HashMap::new());
     model.visit(&mut sizes);
     let named: Vec<NamedParam> = named_params(&model);
