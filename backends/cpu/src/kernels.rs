@@ -10,6 +10,7 @@ use burn_backend::{FloatDType, Scalar, Shape, Slice};
 use burn_ndarray::{NdArrayDevice, NdArrayTensor};
 use ndarray::{ArcArray, ArrayD, ArrayViewD, Axis, IxDyn};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Elements per parallel task of the elementwise kernels (below this, one thread does all).
 const CHUNK: usize = 1 << 15;
@@ -27,6 +28,24 @@ pub(crate) fn matmul(lhs: NdArrayTensor, rhs: NdArrayTensor) -> NdArrayTensor {
         }
         (lhs, rhs) => Inner::float_matmul(lhs, rhs),
     }
+}
+
+/// A buffer of `len` f32 for a kernel to write in full before [`assume_init`]. `vec![0.0; len]` costs a
+/// zeroing pass (mimalloc memsets every zeroed block it hands out again): ~10% of a forward pass.
+fn uninit_vec(len: usize) -> Vec<MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialisation.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// The buffer of [`uninit_vec`] as f32.
+///
+/// # Safety
+/// Every element must have been written.
+unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity())
 }
 
 /// A raw pointer that may cross threads: every task writes a disjoint output matrix.
@@ -61,11 +80,12 @@ pub fn matmul_f32(lhs: ArrayViewD<'_, f32>, rhs: ArrayViewD<'_, f32>) -> ArrayD<
         .collect();
     let mut out_shape = batch_dims.clone();
     out_shape.extend([m, n]);
-    let mut out = ArrayD::<f32>::zeros(IxDyn(&out_shape));
     let batches: usize = batch_dims.iter().product();
     if m == 0 || n == 0 || k == 0 || batches == 0 {
-        return out;
+        return ArrayD::<f32>::zeros(IxDyn(&out_shape));
     }
+    // Every element is written by one product below (gemm overwrites, it does not accumulate).
+    let mut out = uninit_vec(batches * m * n);
 
     let (ls, rs) = (lhs.strides(), rhs.strides());
     // Element offset of batch `b` in an operand: broadcast dims (size 1) stay at index 0.
@@ -82,7 +102,7 @@ pub fn matmul_f32(lhs: ArrayViewD<'_, f32>, rhs: ArrayViewD<'_, f32>) -> ArrayD<
         off
     };
     let (lp, rp) = (lhs.as_ptr() as usize, rhs.as_ptr() as usize);
-    let dst = SendPtr(out.as_mut_ptr());
+    let dst = SendPtr(out.as_mut_ptr().cast::<f32>());
     let product = |b: usize, parallelism: gemm::Parallelism| {
         // capture the whole Send wrapper, not its raw-pointer field (edition 2021 closures capture fields)
         #[allow(clippy::redundant_locals)]
@@ -124,7 +144,9 @@ pub fn matmul_f32(lhs: ArrayViewD<'_, f32>, rhs: ArrayViewD<'_, f32>) -> ArrayD<
         };
         (0..batches).for_each(|b| product(b, parallelism));
     }
-    out
+    // SAFETY: the products wrote all batches x m x n elements.
+    let out = unsafe { assume_init(out) };
+    ArrayD::from_shape_vec(IxDyn(&out_shape), out).expect("shape matches")
 }
 
 /// `tensor` as a standard-layout (row-major, contiguous) array: shared as is when it already is one,
@@ -282,10 +304,12 @@ fn map_f32(
     };
     let input = standard(storage.into_shared());
     let src = input.as_slice().expect("standard layout");
-    let mut out = vec![0f32; src.len()];
+    let mut out = uninit_vec(src.len());
     out.par_chunks_mut(CHUNK)
         .zip(src.par_chunks(CHUNK))
         .for_each(|(dst, src)| map_slice(src, dst, f));
+    // SAFETY: the chunks cover `out`, and map_slice writes every element of its chunk.
+    let out = unsafe { assume_init(out) };
     NdArrayTensor::from(
         ArrayD::from_shape_vec(IxDyn(input.shape()), out)
             .expect("same length")
@@ -294,25 +318,26 @@ fn map_f32(
 }
 
 #[inline(always)]
-fn map_generic(src: &[f32], dst: &mut [f32], f: impl Fn(f32) -> f32) {
+fn map_generic(src: &[f32], dst: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32) {
+    assert_eq!(src.len(), dst.len());
     for (d, &s) in dst.iter_mut().zip(src) {
-        *d = f(s);
+        d.write(f(s));
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn map_avx2(src: &[f32], dst: &mut [f32], f: impl Fn(f32) -> f32) {
+unsafe fn map_avx2(src: &[f32], dst: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32) {
     map_generic(src, dst, f)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn map_avx512(src: &[f32], dst: &mut [f32], f: impl Fn(f32) -> f32) {
+unsafe fn map_avx512(src: &[f32], dst: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32) {
     map_generic(src, dst, f)
 }
 
-fn map_slice(src: &[f32], dst: &mut [f32], f: impl Fn(f32) -> f32) {
+fn map_slice(src: &[f32], dst: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32) {
     // SAFETY: `Isa::active()` names only paths whose features the CPU has.
     #[cfg(target_arch = "x86_64")]
     match Isa::active() {
@@ -350,7 +375,7 @@ fn binary_f32(
     };
     let (sa, sb) = (strides_of(&a), strides_of(&b));
     let len: usize = shape.iter().product();
-    let mut out = vec![0f32; len];
+    let mut out = uninit_vec(len);
     if let (Some(x), Some(y)) = (a.as_slice(), b.as_slice()) {
         if x.len() == len && y.len() == len {
             // same shape, both contiguous: one flat pass
@@ -359,6 +384,8 @@ fn binary_f32(
                 // SAFETY: both slices have dst.len() elements.
                 unsafe { binary_row(dst, x.as_ptr(), 1, y.as_ptr(), 1, f) }
             });
+            // SAFETY: the chunks cover `out`, and binary_row writes every element of its row.
+            let out = unsafe { assume_init(out) };
             return NdArrayTensor::from(
                 ArrayD::from_shape_vec(IxDyn(&shape), out)
                     .expect("shape")
@@ -397,6 +424,8 @@ fn binary_f32(
                 }
             });
     }
+    // SAFETY: the rows cover `out` (len = 0 has nothing to write), and binary_row writes each in full.
+    let out = unsafe { assume_init(out) };
     NdArrayTensor::from(
         ArrayD::from_shape_vec(IxDyn(&shape), out)
             .expect("shape matches")
@@ -409,7 +438,7 @@ fn binary_f32(
 /// # Safety
 /// `x` and `y` must be readable at every `j * stride` for `j < dst.len()`.
 unsafe fn binary_row(
-    dst: &mut [f32],
+    dst: &mut [MaybeUninit<f32>],
     x: *const f32,
     sx: isize,
     y: *const f32,
@@ -428,7 +457,7 @@ unsafe fn binary_row(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn binary_row_avx2(
-    dst: &mut [f32],
+    dst: &mut [MaybeUninit<f32>],
     x: *const f32,
     sx: isize,
     y: *const f32,
@@ -441,7 +470,7 @@ unsafe fn binary_row_avx2(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn binary_row_avx512(
-    dst: &mut [f32],
+    dst: &mut [MaybeUninit<f32>],
     x: *const f32,
     sx: isize,
     y: *const f32,
@@ -457,7 +486,7 @@ unsafe fn binary_row_avx512(
 /// As [`binary_row`].
 #[inline(always)]
 unsafe fn binary_row_generic(
-    dst: &mut [f32],
+    dst: &mut [MaybeUninit<f32>],
     x: *const f32,
     sx: isize,
     y: *const f32,
@@ -469,24 +498,24 @@ unsafe fn binary_row_generic(
         (1, 1) => {
             let (x, y) = (std::slice::from_raw_parts(x, n), std::slice::from_raw_parts(y, n));
             for j in 0..n {
-                dst[j] = f(x[j], y[j]);
+                dst[j].write(f(x[j], y[j]));
             }
         }
         (1, 0) => {
             let (x, y) = (std::slice::from_raw_parts(x, n), *y);
             for j in 0..n {
-                dst[j] = f(x[j], y);
+                dst[j].write(f(x[j], y));
             }
         }
         (0, 1) => {
             let (x, y) = (*x, std::slice::from_raw_parts(y, n));
             for j in 0..n {
-                dst[j] = f(x, y[j]);
+                dst[j].write(f(x, y[j]));
             }
         }
         _ => {
             for (j, d) in dst.iter_mut().enumerate() {
-                *d = f(*x.offset(j as isize * sx), *y.offset(j as isize * sy));
+                d.write(f(*x.offset(j as isize * sx), *y.offset(j as isize * sy)));
             }
         }
     }
@@ -582,7 +611,7 @@ pub(crate) fn float_cat(tensors: Vec<NdArrayTensor>, dim: usize) -> NdArrayTenso
         .map(|p| (p.as_slice().expect("standard layout"), p.shape()[dim] * inner))
         .collect();
     let row = shape[dim] * inner;
-    let mut out = vec![0f32; outer * row];
+    let mut out = uninit_vec(outer * row);
     if let Some(rows_per_task) = CHUNK.checked_div(row).map(|r| r.max(1)) {
         out.par_chunks_mut(rows_per_task * row)
             .enumerate()
@@ -591,12 +620,17 @@ pub(crate) fn float_cat(tensors: Vec<NdArrayTensor>, dim: usize) -> NdArrayTenso
                     let o = task * rows_per_task + i;
                     let mut at = 0;
                     for &(src, run) in &runs {
-                        dst_row[at..at + run].copy_from_slice(&src[o * run..][..run]);
+                        let src = &src[o * run..][..run];
+                        let dst = &mut dst_row[at..at + run];
+                        // SAFETY: two distinct allocations, `run` elements each.
+                        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast::<f32>(), run) };
                         at += run;
                     }
                 }
             });
     }
+    // SAFETY: the runs of all parts fill each row (row = sum of the runs); row = 0 leaves nothing.
+    let out = unsafe { assume_init(out) };
     NdArrayTensor::from(
         ArrayD::from_shape_vec(IxDyn(&shape), out)
             .expect("shape matches")
