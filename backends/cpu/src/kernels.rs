@@ -19,6 +19,9 @@ const CHUNK: usize = 1 << 15;
 /// splitting one product across threads.
 const SMALL_PRODUCT: usize = 1 << 21;
 
+/// Products with at most this many rows are split over the threads by columns (see [`matmul_f32`]).
+const FEW_ROWS: usize = 16;
+
 /// `lhs @ rhs` over the last two dims, batch dims broadcast (burn's matmul contract).
 /// f32 goes to [`matmul_f32`]; other dtypes to burn-ndarray.
 pub(crate) fn matmul(lhs: NdArrayTensor, rhs: NdArrayTensor) -> NdArrayTensor {
@@ -103,18 +106,20 @@ pub fn matmul_f32(lhs: ArrayViewD<'_, f32>, rhs: ArrayViewD<'_, f32>) -> ArrayD<
     };
     let (lp, rp) = (lhs.as_ptr() as usize, rhs.as_ptr() as usize);
     let dst = SendPtr(out.as_mut_ptr().cast::<f32>());
-    let product = |b: usize, parallelism: gemm::Parallelism| {
+    // Columns `cols` of batch `b`'s product.
+    let product = |b: usize, cols: std::ops::Range<usize>, parallelism: gemm::Parallelism| {
         // capture the whole Send wrapper, not its raw-pointer field (edition 2021 closures capture fields)
         #[allow(clippy::redundant_locals)]
         let dst = dst;
         let lhs = (lp as *const f32).wrapping_offset(offset(b, lhs.shape(), ls));
-        let rhs = (rp as *const f32).wrapping_offset(offset(b, rhs.shape(), rs));
+        let rhs = (rp as *const f32)
+            .wrapping_offset(offset(b, rhs.shape(), rs) + cols.start as isize * rs[rank - 1]);
         // SAFETY: the offsets and strides come from valid ndarray views of these shapes, and
-        // each batch writes its own contiguous m x n block of `out`.
+        // each call writes its own columns of its batch's contiguous m x n block of `out`.
         unsafe {
             crate::sgemm::matmul(
-                (m, n, k),
-                dst.0.add(b * m * n),
+                (m, cols.len(), k),
+                dst.0.add(b * m * n + cols.start),
                 n as isize,
                 View {
                     ptr: lhs,
@@ -135,14 +140,22 @@ pub fn matmul_f32(lhs: ArrayViewD<'_, f32>, rhs: ArrayViewD<'_, f32>) -> ArrayD<
     if batches > 1 && m * n * k < SMALL_PRODUCT {
         (0..batches)
             .into_par_iter()
-            .for_each(|b| product(b, gemm::Parallelism::None));
+            .for_each(|b| product(b, 0..n, gemm::Parallelism::None));
+    } else if m <= FEW_ROWS && threads > 1 && n >= 64 * threads {
+        // gemm's few-row path (a GEMV for one row: decode) runs on one thread; split the columns.
+        let block = n.div_ceil(4 * threads).next_multiple_of(16);
+        for b in 0..batches {
+            (0..n.div_ceil(block))
+                .into_par_iter()
+                .for_each(|j| product(b, j * block..n.min((j + 1) * block), gemm::Parallelism::None));
+        }
     } else {
         let parallelism = if threads > 1 {
             gemm::Parallelism::Rayon(threads)
         } else {
             gemm::Parallelism::None
         };
-        (0..batches).for_each(|b| product(b, parallelism));
+        (0..batches).for_each(|b| product(b, 0..n, parallelism));
     }
     // SAFETY: the products wrote all batches x m x n elements.
     let out = unsafe { assume_init(out) };
@@ -623,7 +636,9 @@ pub(crate) fn float_cat(tensors: Vec<NdArrayTensor>, dim: usize) -> NdArrayTenso
                         let src = &src[o * run..][..run];
                         let dst = &mut dst_row[at..at + run];
                         // SAFETY: two distinct allocations, `run` elements each.
-                        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast::<f32>(), run) };
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast::<f32>(), run)
+                        };
                         at += run;
                     }
                 }
@@ -764,6 +779,9 @@ mod tests {
     fn matches_the_triple_loop_for_contiguous_transposed_and_broadcast_operands() {
         // one row (the decode shape), a large product split across threads, a batch of small ones
         check(filled(&[1, 64], 1).view(), filled(&[64, 300], 2).view());
+        // a few rows against a transposed weight (decode's shape), split by columns over the threads
+        let weight = filled(&[300, 40], 13);
+        check(filled(&[4, 40], 14).view(), weight.t().into_dyn());
         check(filled(&[130, 257], 3).view(), filled(&[257, 129], 4).view());
         check(filled(&[3, 2, 5, 7], 5).view(), filled(&[3, 2, 7, 4], 6).view());
         // transposed rhs and a sliced lhs, read in place
