@@ -143,6 +143,21 @@ fn info_reports_flash_parameter_counts() {
     );
 }
 
+/// A directory with a config.json and no weights is described, and said to hold no weights.
+#[test]
+fn info_describes_a_directory_with_a_config_and_no_weights() {
+    let dir = scratch("info-config-only");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deepseek-v4-flash/config.json");
+    std::fs::copy(&config, dir.join("config.json")).unwrap();
+    let run = v4(&["info", dir.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains("284.33B total"), "{stdout}");
+    assert!(stdout.contains("weights: none"), "{stdout}");
+}
+
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "compared slices differ in length");
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();

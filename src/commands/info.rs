@@ -2,7 +2,7 @@
 
 use crate::io::{read_config_file, Result};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use v4_model::{read_config, AttentionKind, RoutingKind, SafetensorsDir};
 
 #[derive(clap::Args)]
@@ -98,7 +98,12 @@ pub fn run(args: Args) -> Result<()> {
             String::new()
         }
     );
-    if let Some(dir) = dir {
+    if let Some(dir) = dir.filter(|d| !has_weights(d)) {
+        println!(
+            "weights: none ({} holds a config and no .safetensors files)",
+            dir.display()
+        );
+    } else if let Some(dir) = dir {
         let source = SafetensorsDir::open(dir)?;
         let mut by_dtype: BTreeMap<String, (usize, u64)> = BTreeMap::new();
         let names = v4_model::WeightSource::names(&source);
@@ -115,4 +120,13 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `dir` holds any `.safetensors` file (a config alone describes a model without weights).
+fn has_weights(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+    })
 }
