@@ -34,6 +34,9 @@ pub struct Experts<B: Backend> {
     pub limit: f64,
 }
 
+/// The experts' f32 weight stacks: `w13_t [E, D, 2I]` (gate and up, fused) and `w2_t [E, I, D]`.
+pub type DenseExperts<'a, B> = (&'a Param<Tensor<B, 3>>, &'a Param<Tensor<B, 3>>);
+
 impl<B: Backend> Experts<B> {
     /// Loads HF's fused `gate_up_proj [E, 2I, D]` and `down_proj [E, D, I]` under `w`.
     pub fn load(w: &Weights<'_, '_, B>, e: usize, d: usize, i: usize, limit: f64) -> Result<Self, LoadError> {
@@ -56,7 +59,7 @@ impl<B: Backend> Experts<B> {
     }
 
     /// The trainable `(w13_t, w2_t)`; None when the experts are kept in their stored precision.
-    pub fn dense(&self) -> Option<(&Param<Tensor<B, 3>>, &Param<Tensor<B, 3>>)> {
+    pub fn dense(&self) -> Option<DenseExperts<'_, B>> {
         self.w13_t.as_ref().zip(self.w2_t.as_ref())
     }
 
