@@ -2,6 +2,10 @@
 //! any prefill chunking, and batches of sequences of different lengths (fed chunks of different lengths)
 //! give each sequence's own result.
 
+#[macro_use]
+#[path = "../../tests/support/backends.rs"]
+mod backends;
+
 mod common;
 
 use burn::tensor::backend::Backend;

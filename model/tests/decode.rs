@@ -1,6 +1,10 @@
 //! Incremental decoding with the cache reproduces the fixture's `decode_logits` (HF's prefill of 45
 //! tokens, then one token per call), and any chunking of the same tokens gives the same logits.
 
+#[macro_use]
+#[path = "../../tests/support/backends.rs"]
+mod backends;
+
 use burn::tensor::backend::Backend;
 use safetensors::SafeTensors;
 use std::path::PathBuf;
@@ -286,18 +290,6 @@ fn bad_masks_and_mismatched_states_are_refused<B: Backend>() {
     assert_eq!((caches.position(0), caches.position(1)), (0, 0));
 }
 
-/// Every test above, on plain burn-ndarray and on the `cpu` backend that `generate`, `bench-infer`
-/// and `train` use (its own GEMM, elementwise kernels and packed weights).
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod ndarray {
-            $(#[test] fn $name() { super::$name::<burn_ndarray::NdArray<f32>>() })*
-        }
-        mod cpu {
-            $(#[test] fn $name() { super::$name::<v4_cpu::Cpu>() })*
-        }
-    };
-}
 on_both_backends!(
     prefill_then_single_token_decode_matches_hf,
     chunks_of_seven_give_the_same_logits_as_one_pass,

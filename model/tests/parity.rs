@@ -1,6 +1,10 @@
 //! Parity with HF transformers' DeepseekV4ForCausalLM on the `v4-tiny-a` fixture (see
 //! tests/fixtures/v4-tiny-a/PROVENANCE.md): logits and the residual streams entering every layer.
 
+#[macro_use]
+#[path = "../../tests/support/backends.rs"]
+mod backends;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::TensorData;
 use safetensors::SafeTensors;
@@ -107,17 +111,6 @@ fn gathered_and_dense_csa_paths_agree_with_hf<B: Backend>() {
     assert!(diff <= 2e-5, "gathered CSA: logits max |diff| {diff} > 2e-5");
 }
 
-/// Every test above, on plain burn-ndarray and on the `cpu` backend that the CLI uses by default.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod ndarray {
-            $(#[test] fn $name() { super::$name::<burn_ndarray::NdArray<f32>>() })*
-        }
-        mod cpu {
-            $(#[test] fn $name() { super::$name::<v4_cpu::Cpu>() })*
-        }
-    };
-}
 on_both_backends!(
     full_forward_matches_hf_logits_and_streams,
     gathered_and_dense_csa_paths_agree_with_hf

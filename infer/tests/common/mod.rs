@@ -87,17 +87,3 @@ pub fn argmax(row: &[f32]) -> u32 {
     }
     best as u32
 }
-
-/// Instantiates each generic test `fn name<M: Backend>()` of the calling file on plain burn-ndarray and on
-/// the `cpu` backend that `generate`, `bench-infer` and `train` use.
-#[macro_export]
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod ndarray {
-            $(#[test] fn $name() { super::$name::<burn_ndarray::NdArray<f32>>() })*
-        }
-        mod cpu {
-            $(#[test] fn $name() { super::$name::<v4_cpu::Cpu>() })*
-        }
-    };
-}
