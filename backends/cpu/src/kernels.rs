@@ -12,6 +12,24 @@ use ndarray::{ArcArray, ArrayD, ArrayViewD, Axis, IxDyn};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+/// `$avx2` and `$avx512`: `$generic` compiled for AVX2 + FMA and for AVX-512, so that its plain loops
+/// vectorize to the wider registers; callers pick one by [`Isa::active`] (the CPU must have the features).
+macro_rules! isa_clones {
+    ($avx2:ident, $avx512:ident = $generic:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $avx2($($arg: $ty),*) {
+            $generic($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn $avx512($($arg: $ty),*) {
+            $generic($($arg),*)
+        }
+    };
+}
+
 /// Elements per parallel task of the elementwise kernels (below this, one thread does all).
 const CHUNK: usize = 1 << 15;
 
@@ -338,17 +356,7 @@ fn map_generic(src: &[f32], dst: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn map_avx2(src: &[f32], dst: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32) {
-    map_generic(src, dst, f)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn map_avx512(src: &[f32], dst: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32) {
-    map_generic(src, dst, f)
-}
+isa_clones!(map_avx2, map_avx512 = map_generic(src: &[f32], dst: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32));
 
 fn map_slice(src: &[f32], dst: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32) {
     // SAFETY: `Isa::active()` names only paths whose features the CPU has.
@@ -467,31 +475,14 @@ unsafe fn binary_row(
     binary_row_generic(dst, x, sx, y, sy, f)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn binary_row_avx2(
+isa_clones!(binary_row_avx2, binary_row_avx512 = binary_row_generic(
     dst: &mut [MaybeUninit<f32>],
     x: *const f32,
     sx: isize,
     y: *const f32,
     sy: isize,
-    f: impl Fn(f32, f32) -> f32,
-) {
-    binary_row_generic(dst, x, sx, y, sy, f)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn binary_row_avx512(
-    dst: &mut [MaybeUninit<f32>],
-    x: *const f32,
-    sx: isize,
-    y: *const f32,
-    sy: isize,
-    f: impl Fn(f32, f32) -> f32,
-) {
-    binary_row_generic(dst, x, sx, y, sy, f)
-}
+    f: impl Fn(f32, f32) -> f32
+));
 
 /// `dst[j] = f(x[j * sx], y[j * sy])`, with the common stride pairs as plain loops that vectorize.
 ///
