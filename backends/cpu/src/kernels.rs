@@ -3,7 +3,7 @@
 //! on one thread; sigmoid goes through six passes of burn's default composition).
 
 use crate::isa::Isa;
-use crate::sgemm::View;
+use crate::sgemm::{Product, View};
 use crate::Inner;
 use burn_backend::ops::{FloatTensorOps, IntTensorOps};
 use burn_backend::{FloatDType, Scalar, Shape, Slice};
@@ -136,18 +136,20 @@ pub fn matmul_f32(lhs: ArrayViewD<'_, f32>, rhs: ArrayViewD<'_, f32>) -> ArrayD<
         // each call writes its own columns of its batch's contiguous m x n block of `out`.
         unsafe {
             crate::sgemm::matmul(
-                (m, cols.len(), k),
-                dst.0.add(b * m * n + cols.start),
-                n as isize,
-                View {
-                    ptr: lhs,
-                    row_stride: ls[rank - 2],
-                    col_stride: ls[rank - 1],
-                },
-                View {
-                    ptr: rhs,
-                    row_stride: rs[rank - 2],
-                    col_stride: rs[rank - 1],
+                Product {
+                    dims: (m, cols.len(), k),
+                    dst: dst.0.add(b * m * n + cols.start),
+                    dst_row_stride: n as isize,
+                    lhs: View {
+                        ptr: lhs,
+                        row_stride: ls[rank - 2],
+                        col_stride: ls[rank - 1],
+                    },
+                    rhs: View {
+                        ptr: rhs,
+                        row_stride: rs[rank - 2],
+                        col_stride: rs[rank - 1],
+                    },
                 },
                 parallelism,
             )

@@ -21,7 +21,7 @@
 //! `value * scale`); results differ from "decode, then multiply in f32" only in the order of the sums.
 
 use crate::isa::Isa;
-use crate::sgemm::View;
+use crate::sgemm::{Product, View};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use v4_formats::{PackedMatmul, PackedMatrix, PackedRows};
@@ -173,18 +173,20 @@ fn gemm_part(part: &PackedRows, x: &[f32], n: usize, row0: usize, y: &mut [f32])
             // panel read as `[cols, rows]` (column stride `cols`), both fully inside their slices.
             unsafe {
                 crate::sgemm::matmul(
-                    (n, rows, cols),
-                    out.at(row0 + r0),
-                    total as isize,
-                    View {
-                        ptr: x.as_ptr(),
-                        row_stride: cols as isize,
-                        col_stride: 1,
-                    },
-                    View {
-                        ptr: panel.as_ptr(),
-                        row_stride: 1,
-                        col_stride: cols as isize,
+                    Product {
+                        dims: (n, rows, cols),
+                        dst: out.at(row0 + r0),
+                        dst_row_stride: total as isize,
+                        lhs: View {
+                            ptr: x.as_ptr(),
+                            row_stride: cols as isize,
+                            col_stride: 1,
+                        },
+                        rhs: View {
+                            ptr: panel.as_ptr(),
+                            row_stride: 1,
+                            col_stride: cols as isize,
+                        },
                     },
                     Parallelism::None,
                 )

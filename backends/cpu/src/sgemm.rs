@@ -10,27 +10,21 @@ use crate::isa::Isa;
 use gemm::Parallelism;
 
 /// `gemm_basic_generic` on `gemm-f32`'s `$kernels` microkernels with SIMD type `$simd` of `$lanes`
-/// f32 lanes. Like `gemm::gemm`, it first transposes the problem when `dst` is row-major (the
-/// microkernels write column-major tiles): `dst^T = rhs^T · lhs^T`.
+/// f32 lanes, for the [`Product`] `$p`. Like `gemm::gemm`, it first transposes the problem when `dst`
+/// is row-major (the microkernels write column-major tiles): `dst^T = rhs^T · lhs^T`.
 macro_rules! explicit {
-    ($kernels:ident, $simd:ident, $lanes:expr, $dims:expr, $dst:expr, $dst_rs:expr, $lhs:expr, $rhs:expr, $par:expr) => {{
+    ($kernels:ident, $simd:ident, $lanes:expr, $p:expr, $par:expr) => {{
         use gemm_common::simd::MixedSimd;
         use gemm_f32::microkernel::$kernels::f32 as ukr;
-        let (m, n, k) = $dims;
-        let (dst_rs, lhs, rhs): (isize, View, View) = ($dst_rs, $lhs, $rhs);
-        let transpose = 1 < dst_rs.abs();
-        let (m, n, dst_cs, dst_rs, a, b) = if transpose {
-            let t = |v: View| View {
-                ptr: v.ptr,
-                row_stride: v.col_stride,
-                col_stride: v.row_stride,
-            };
-            (n, m, dst_rs, 1, t(rhs), t(lhs))
+        let p: &Product = $p;
+        let (m, n, k) = p.dims;
+        let (m, n, dst_cs, dst_rs, a, b) = if 1 < p.dst_row_stride.abs() {
+            (n, m, p.dst_row_stride, 1, p.rhs.transposed(), p.lhs.transposed())
         } else {
-            (m, n, 1, dst_rs, lhs, rhs)
+            (m, n, 1, p.dst_row_stride, p.lhs, p.rhs)
         };
         let simd = <gemm_common::simd::$simd as MixedSimd<f32, f32, f32, f32>>::try_new()
-            .expect("Isa::active() checked the CPU's features");
+            .expect("the caller checked the CPU's features");
         gemm_common::gemm::gemm_basic_generic::<
             _,
             f32,
@@ -45,7 +39,7 @@ macro_rules! explicit {
             m,
             n,
             k,
-            $dst,
+            p.dst,
             dst_cs,
             dst_rs,
             false,
@@ -77,73 +71,75 @@ pub(crate) struct View {
     pub col_stride: isize,
 }
 
-/// `dst[m, n] = lhs[m, k] · rhs[k, n]`, overwriting `dst` (rows `dst_row_stride` apart, columns
-/// contiguous).
+impl View {
+    /// The same elements read as the transposed matrix.
+    fn transposed(self) -> View {
+        View {
+            ptr: self.ptr,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+}
+
+/// `dst[m, n] = lhs[m, k] · rhs[k, n]` (`dims = (m, n, k)`), overwriting `dst`, whose rows are
+/// `dst_row_stride` apart and whose columns are contiguous.
+pub(crate) struct Product {
+    pub dims: (usize, usize, usize),
+    pub dst: *mut f32,
+    pub dst_row_stride: isize,
+    pub lhs: View,
+    pub rhs: View,
+}
+
+/// Computes `p` on the path [`Isa::active`] picks.
 ///
 /// # Safety
 /// Every element the shapes and strides address must lie inside its allocation, and `dst` must not
 /// overlap the operands nor be written by anyone else during the call.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_row_stride: isize,
-    lhs: View,
-    rhs: View,
-    parallelism: Parallelism,
-) {
-    let negative = [
-        lhs.row_stride,
-        lhs.col_stride,
-        rhs.row_stride,
-        rhs.col_stride,
-        dst_row_stride,
-    ]
-    .iter()
-    .any(|&s| s < 0);
-    match Isa::active() {
-        // `gemm::gemm` also normalises negative strides, which the explicit paths below do not.
-        Isa::Avx512 => crate_gemm((m, n, k), dst, dst_row_stride, lhs, rhs, parallelism),
-        _ if negative => crate_gemm((m, n, k), dst, dst_row_stride, lhs, rhs, parallelism),
+pub(crate) unsafe fn matmul(p: Product, parallelism: Parallelism) {
+    matmul_on(Isa::active(), &p, parallelism)
+}
+
+/// Computes `p` on the path `isa`, which the CPU must have. `gemm::gemm` (its own kernel choice:
+/// AVX-512 when present) serves AVX-512, and any negative stride, which only it normalises.
+///
+/// # Safety
+/// As [`matmul`].
+unsafe fn matmul_on(isa: Isa, p: &Product, parallelism: Parallelism) {
+    let strides = [
+        p.lhs.row_stride,
+        p.lhs.col_stride,
+        p.rhs.row_stride,
+        p.rhs.col_stride,
+        p.dst_row_stride,
+    ];
+    match isa {
+        Isa::Avx512 => crate_gemm(p, parallelism),
+        _ if strides.iter().any(|&s| s < 0) => crate_gemm(p, parallelism),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => explicit!(fma, V3, 8, (m, n, k), dst, dst_row_stride, lhs, rhs, parallelism),
-        _ => explicit!(
-            scalar,
-            Scalar,
-            1,
-            (m, n, k),
-            dst,
-            dst_row_stride,
-            lhs,
-            rhs,
-            parallelism
-        ),
+        Isa::Avx2 => explicit!(fma, V3, 8, p, parallelism),
+        _ => explicit!(scalar, Scalar, 1, p, parallelism),
     }
 }
 
 /// `gemm::gemm` with its own kernel choice.
-unsafe fn crate_gemm(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_row_stride: isize,
-    lhs: View,
-    rhs: View,
-    parallelism: Parallelism,
-) {
+unsafe fn crate_gemm(p: &Product, parallelism: Parallelism) {
+    let (m, n, k) = p.dims;
     gemm::gemm(
         m,
         n,
         k,
-        dst,
+        p.dst,
         1,
-        dst_row_stride,
+        p.dst_row_stride,
         false,
-        lhs.ptr,
-        lhs.col_stride,
-        lhs.row_stride,
-        rhs.ptr,
-        rhs.col_stride,
-        rhs.row_stride,
+        p.lhs.ptr,
+        p.lhs.col_stride,
+        p.lhs.row_stride,
+        p.rhs.ptr,
+        p.rhs.col_stride,
+        p.rhs.row_stride,
         0.0,
         1.0,
         false,
@@ -176,61 +172,28 @@ mod tests {
                         .sum()
                 })
                 .collect();
-            let views = (
-                View {
-                    ptr: lhs.as_ptr(),
-                    row_stride: k as isize,
-                    col_stride: 1,
-                },
-                View {
-                    ptr: rhs.as_ptr(),
-                    row_stride: 1,
-                    col_stride: k as isize,
-                },
-            );
-            let mut got = vec![f32::NAN; m * n];
-            let dims = (m, n, k);
-            let run = |isa: Isa, got: &mut Vec<f32>| unsafe {
-                match isa {
-                    Isa::Avx512 => crate_gemm(
-                        dims,
-                        got.as_mut_ptr(),
-                        n as isize,
-                        views.0,
-                        views.1,
-                        Parallelism::None,
-                    ),
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => explicit!(
-                        fma,
-                        V3,
-                        8,
-                        dims,
-                        got.as_mut_ptr(),
-                        n as isize,
-                        views.0,
-                        views.1,
-                        Parallelism::None
-                    ),
-                    _ => explicit!(
-                        scalar,
-                        Scalar,
-                        1,
-                        dims,
-                        got.as_mut_ptr(),
-                        n as isize,
-                        views.0,
-                        views.1,
-                        Parallelism::None
-                    ),
-                }
-            };
             for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512]
                 .into_iter()
                 .filter(|&i| i <= Isa::best())
             {
-                got.fill(f32::NAN);
-                run(isa, &mut got);
+                let mut got = vec![f32::NAN; m * n];
+                let product = Product {
+                    dims: (m, n, k),
+                    dst: got.as_mut_ptr(),
+                    dst_row_stride: n as isize,
+                    lhs: View {
+                        ptr: lhs.as_ptr(),
+                        row_stride: k as isize,
+                        col_stride: 1,
+                    },
+                    rhs: View {
+                        ptr: rhs.as_ptr(),
+                        row_stride: 1,
+                        col_stride: k as isize,
+                    },
+                };
+                // SAFETY: the views and dst cover exactly their vectors; the CPU has `isa`.
+                unsafe { matmul_on(isa, &product, Parallelism::None) };
                 assert_eq!(got.len(), want.len());
                 for (g, w) in got.iter().zip(&want) {
                     assert!(
