@@ -12,7 +12,7 @@
 //! Queries are processed in chunks, each against only the keys its window can reach, so the cost of a
 //! prefill grows linearly with its length.
 
-use crate::cache::{LayerCache, Segment};
+use crate::cache::{Journal, LayerCache, Segment};
 use crate::compressor::{Compressor, Projected};
 use crate::config::{AttentionKind, V4Config};
 use crate::indexer::{IndexQueries, Indexer, Selection};
@@ -196,19 +196,11 @@ impl<B: Backend> Attention<B> {
         tap(probe, &format!("{name}.q"), &q);
         tap(probe, &format!("{name}.kv"), &kv);
 
-        // Window keys: the cached tail of earlier calls, then this call's tokens.
-        let (keys, key_start) = match cache.window.take() {
-            Some(previous) => {
-                let held = previous.dims()[1];
-                (Tensor::cat(vec![previous, kv], 1), start - held)
-            }
-            None => (kv, start),
-        };
-        let total = keys.dims()[1];
-        let keep = total.min(self.window.saturating_sub(1));
-        if keep > 0 {
-            cache.window = Some(keys.clone().narrow(1, total - keep, keep));
+        if let Some(journal) = cache.journal.as_mut() {
+            journal.record(&kv, compressed.as_ref(), index.as_ref().map(IndexQueries::keys));
         }
+        let key_start = start - cache.window.as_ref().map_or(0, |w| w.dims()[1]);
+        let keys = self.extend_window(cache, kv);
 
         let compressed = match (&self.compressor, compressed) {
             (Some(c), Some(projected)) => c.absorb(projected, &mut cache.compressor),
@@ -246,6 +238,49 @@ impl<B: Backend> Attention<B> {
         let o = self.attend(q, &keys, key_start, start, extra.as_ref());
         tap(probe, &format!("{name}.core"), &o);
         tables.apply(o, true)
+    }
+
+    /// Appends new keys `kv: [B, n, d]` to the cached window; returns the cached keys then the new ones,
+    /// and keeps the last `W - 1` of them in `cache`.
+    fn extend_window(&self, cache: &mut LayerCache<B>, kv: Tensor<B, 3>) -> Tensor<B, 3> {
+        let keys = match cache.window.take() {
+            Some(previous) => Tensor::cat(vec![previous, kv], 1),
+            None => kv,
+        };
+        let total = keys.dims()[1];
+        let keep = total.min(self.window.saturating_sub(1));
+        if keep > 0 {
+            cache.window = Some(keys.clone().narrow(1, total - keep, keep));
+        }
+        keys
+    }
+
+    /// Ends a speculative step on `cache` ([`crate::ModelCache::speculate`]): the state becomes what it
+    /// would be had only the first `keep` speculative tokens been fed.
+    pub(crate) fn rewind(&self, cache: &mut LayerCache<B>, keep: usize) {
+        let Some(journal) = cache.journal.take() else {
+            return;
+        };
+        let Journal {
+            before,
+            keys,
+            compressed,
+            indexed,
+        } = *journal;
+        *cache = before;
+        if keep == 0 {
+            return;
+        }
+        let prefix = 0..keep;
+        if let Some(keys) = keys {
+            self.extend_window(cache, keys.narrow(1, 0, keep));
+        }
+        if let (Some(c), Some(p)) = (&self.compressor, compressed) {
+            c.absorb(p.columns(&prefix), &mut cache.compressor);
+        }
+        if let (Some(i), Some(p)) = (&self.indexer, indexed) {
+            i.compressor.absorb(p.columns(&prefix), &mut cache.indexer);
+        }
     }
 
     /// The compression rate of this layer's compressor (1 for sliding-only layers).

@@ -25,27 +25,30 @@ pub struct Block<B: Backend> {
     pub ffn_hc: HyperConnection<B>,
     pub ffn_norm: RmsNorm<B>,
     pub ffn: Moe<B>,
+    /// Position in the stack: main layers first, then the MTP layers.
     pub index: usize,
 }
 
 impl<B: Backend> Block<B> {
-    /// Loads layer `index` under `w` (`model.layers.{index}`).
+    /// Loads block `index` under `w` (`model.layers.{index}`, or `model.mtp.{k}` for index
+    /// `num_layers + k`).
     pub fn load(cfg: &V4Config, w: &Weights<'_, '_, B>, index: usize) -> Result<Self, LoadError> {
         let eps = cfg.rms_norm_eps;
+        let (attention, routing) = cfg.block_kinds(index);
         Ok(Self {
             attn_hc: HyperConnection::load(cfg, &w.pp("attn_hc"))?,
             attn_norm: w.norm("input_layernorm", cfg.hidden_size, eps)?,
-            attn: Attention::load(cfg, &w.pp("self_attn"), cfg.attention[index])?,
+            attn: Attention::load(cfg, &w.pp("self_attn"), attention)?,
             ffn_hc: HyperConnection::load(cfg, &w.pp("ffn_hc"))?,
             ffn_norm: w.norm("post_attention_layernorm", cfg.hidden_size, eps)?,
-            ffn: Moe::load(cfg, &w.pp("mlp"), cfg.routing[index])?,
+            ffn: Moe::load(cfg, &w.pp("mlp"), routing)?,
             index,
         })
     }
 
     /// `X: [B, S, c, D]` for the tokens `ids`; `segments` say which columns continue which layer state
     /// at which positions (see [`Segment`]). Returns the new streams and the layer's routing
-    /// statistics.
+    /// statistics. `name` prefixes the probe points (`layers.N`, `mtp.K`).
     pub fn forward(
         &self,
         x: Tensor<B, 4>,
@@ -53,8 +56,8 @@ impl<B: Backend> Block<B> {
         segments: &mut [Segment<'_, B>],
         runner: &dyn ExpertRunner<B>,
         probe: &mut dyn Probe,
+        name: &str,
     ) -> (Tensor<B, 4>, Routing<B>) {
-        let name = format!("layers.{}", self.index);
         let (input, mix) = self.attn_hc.pre(&x);
         let input = self.attn_norm.forward(input);
         tap(probe, &format!("{name}.attn.input"), &input);

@@ -2,7 +2,7 @@
 //! on compressed layers, the compressors' states (incomplete window, overlap halves, entries so far).
 //! Its size is bounded by `W + S/m` entries per layer, which is what makes million-token contexts affordable.
 
-use crate::compressor::CompressorState;
+use crate::compressor::{CompressorState, Projected};
 use burn::tensor::{backend::Backend, Tensor};
 use std::ops::Range;
 
@@ -15,6 +15,8 @@ pub struct LayerCache<B: Backend> {
     pub(crate) compressor: CompressorState<B>,
     /// The indexer's compressor (CSA).
     pub(crate) indexer: CompressorState<B>,
+    /// While speculating: the state before, and what the speculative tokens added.
+    pub(crate) journal: Option<Box<Journal<B>>>,
 }
 
 impl<B: Backend> Default for LayerCache<B> {
@@ -23,7 +25,45 @@ impl<B: Backend> Default for LayerCache<B> {
             window: None,
             compressor: CompressorState::default(),
             indexer: CompressorState::default(),
+            journal: None,
         }
+    }
+}
+
+/// A layer's state before speculative tokens, and their contributions to it (RoPE'd keys, the
+/// compressors' projections), so that a rejected suffix can be taken back exactly: restore `before`, then
+/// re-absorb the accepted prefix. No matmul is repeated. Tensors are handle clones (no copy).
+#[derive(Debug, Clone)]
+pub(crate) struct Journal<B: Backend> {
+    pub before: LayerCache<B>,
+    /// `[B, n, d]`
+    pub keys: Option<Tensor<B, 3>>,
+    pub compressed: Option<Projected<B>>,
+    pub indexed: Option<Projected<B>>,
+}
+
+impl<B: Backend> Journal<B> {
+    /// Appends one forward's contributions (speculation may span several forwards).
+    pub fn record(
+        &mut self,
+        keys: &Tensor<B, 3>,
+        compressed: Option<&Projected<B>>,
+        indexed: Option<&Projected<B>>,
+    ) {
+        self.keys = Some(match self.keys.take() {
+            Some(old) => Tensor::cat(vec![old, keys.clone()], 1),
+            None => keys.clone(),
+        });
+        let append = |slot: &mut Option<Projected<B>>, new: Option<&Projected<B>>| {
+            if let Some(new) = new {
+                *slot = Some(match slot.take() {
+                    Some(old) => old.append(new),
+                    None => new.clone(),
+                });
+            }
+        };
+        append(&mut self.compressed, compressed);
+        append(&mut self.indexed, indexed);
     }
 }
 
@@ -43,6 +83,8 @@ impl<B: Backend> LayerCache<B> {
 pub struct ModelCache<B: Backend> {
     pub(crate) layers: Vec<LayerCache<B>>,
     pub(crate) position: usize,
+    /// The position where the current speculative step began ([`ModelCache::speculate`]).
+    pub(crate) speculative_start: Option<usize>,
 }
 
 impl<B: Backend> ModelCache<B> {
@@ -51,6 +93,7 @@ impl<B: Backend> ModelCache<B> {
         Self {
             layers: (0..num_layers).map(|_| LayerCache::default()).collect(),
             position: 0,
+            speculative_start: None,
         }
     }
 
@@ -62,6 +105,24 @@ impl<B: Backend> ModelCache<B> {
     /// Scalars held by the whole state.
     pub fn num_elements(&self) -> usize {
         self.layers.iter().map(LayerCache::num_elements).sum()
+    }
+
+    /// Starts a speculative step: the forwards that follow are journaled, so that
+    /// [`V4Model::rewind`](crate::V4Model::rewind) can keep any prefix of their tokens. Speculating again
+    /// before rewinding keeps the earlier start.
+    pub fn speculate(&mut self) {
+        for layer in &mut self.layers {
+            if layer.journal.is_none() {
+                let before = layer.clone();
+                layer.journal = Some(Box::new(Journal {
+                    before,
+                    keys: None,
+                    compressed: None,
+                    indexed: None,
+                }));
+            }
+        }
+        self.speculative_start.get_or_insert(self.position);
     }
 }
 
@@ -94,6 +155,11 @@ impl<B: Backend> SequenceCaches<B> {
     /// Tokens consumed so far by sequence `i`.
     pub fn position(&self, i: usize) -> usize {
         self.rows[i].position
+    }
+
+    /// Sequence `i`'s state.
+    pub fn row_mut(&mut self, i: usize) -> &mut ModelCache<B> {
+        &mut self.rows[i]
     }
 
     /// Scalars held by all states.

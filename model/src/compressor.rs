@@ -72,6 +72,14 @@ pub struct Projected<B: Backend> {
 }
 
 impl<B: Backend> Projected<B> {
+    /// These tokens followed by `next`'s.
+    pub fn append(self, next: &Self) -> Self {
+        Self {
+            kv: Tensor::cat(vec![self.kv, next.kv.clone()], 1),
+            gate: Tensor::cat(vec![self.gate, next.gate.clone()], 1),
+        }
+    }
+
     /// The tokens of columns `cols` (one sequence of a packed batch).
     pub fn columns(&self, cols: &std::ops::Range<usize>) -> Self {
         Self {

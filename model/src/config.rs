@@ -103,8 +103,9 @@ pub struct V4Config {
     pub compress_rope_theta: f64,
     pub yarn: Option<Yarn>,
     pub max_position_embeddings: usize,
-    /// Multi-token-prediction layers in the checkpoint (not part of the main forward).
-    pub num_mtp_layers: usize,
+    /// Attention variant of each multi-token-prediction layer (its length is the number of MTP layers;
+    /// V4 has one, sliding-window). MTP layers route by top-k: they follow the hash layers.
+    pub mtp_attention: Vec<AttentionKind>,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
 }
@@ -232,6 +233,14 @@ fn kinds_from_ratios(key: &str, ratios: &[Value]) -> Result<Vec<AttentionKind>, 
                 format!("entry {i} is {v}: expected 0 (sliding), 4 (CSA) or a rate > 4 (HCA)"),
             )),
         })
+        .collect()
+}
+
+/// The attention of the `count` MTP layers: the entries after the `num_layers` main layers in a list that
+/// covers them (DeepSeek's `compress_ratios`), sliding-window where the list stops at the main layers.
+fn mtp_attention(all: &[AttentionKind], num_layers: usize, count: usize) -> Vec<AttentionKind> {
+    (0..count)
+        .map(|k| all.get(num_layers + k).copied().unwrap_or(AttentionKind::Sliding))
         .collect()
 }
 
@@ -388,6 +397,7 @@ impl V4Config {
         let config = V4Config {
             vocab_size: k.usize("vocab_size")?,
             hidden_size: k.usize("hidden_size")?,
+            mtp_attention: mtp_attention(&attention, num_layers, k.usize_or("num_nextn_predict_layers", 0)?),
             attention: attention.into_iter().take(num_layers).collect(),
             routing: routing.into_iter().take(num_layers).collect(),
             num_heads: k.usize("num_attention_heads")?,
@@ -414,7 +424,6 @@ impl V4Config {
             compress_rope_theta,
             yarn,
             max_position_embeddings: k.usize_or("max_position_embeddings", 1 << 20)?,
-            num_mtp_layers: k.usize_or("num_nextn_predict_layers", 0)?,
             bos_token_id: k.token_id("bos_token_id")?,
             eos_token_id: k.token_id("eos_token_id")?,
         };
@@ -569,7 +578,9 @@ impl V4Config {
             ));
         }
         // The list also covers the MTP layers, which follow the main layers.
-        let attention = kinds_from_ratios("compress_ratios", &ratios[..num_layers])?;
+        let all = kinds_from_ratios("compress_ratios", ratios)?;
+        let mtp_attention = mtp_attention(&all, num_layers, num_mtp_layers);
+        let attention = all[..num_layers].to_vec();
         let n_hash = k.usize_or("n_hash_layers", 0)?;
         let routing = (0..num_layers)
             .map(|i| {
@@ -628,7 +639,7 @@ impl V4Config {
             yarn,
             // DeepSeek's code sizes its caches from max_seq_len; the architecture's limit is 1M positions.
             max_position_embeddings: 1 << 20,
-            num_mtp_layers,
+            mtp_attention,
             bos_token_id: Some(0),
             eos_token_id: Some(1),
         };
@@ -693,6 +704,7 @@ impl V4Config {
         let has_csa = self
             .attention
             .iter()
+            .chain(&self.mtp_attention)
             .any(|a| matches!(a, AttentionKind::Csa { .. }));
         if has_csa {
             for (key, value) in [
@@ -714,7 +726,7 @@ impl V4Config {
                 ));
             }
         }
-        for (i, a) in self.attention.iter().enumerate() {
+        for (i, a) in self.attention.iter().chain(&self.mtp_attention).enumerate() {
             if let AttentionKind::Csa { rate } | AttentionKind::Hca { rate } = a {
                 if *rate < 2 {
                     return Err(err(
@@ -754,6 +766,20 @@ impl V4Config {
         self.attention.len()
     }
 
+    /// Number of multi-token-prediction layers.
+    pub fn num_mtp_layers(&self) -> usize {
+        self.mtp_attention.len()
+    }
+
+    /// The attention and routing of block `index`: main layers first, then the MTP layers (which never
+    /// hash-route: DeepSeek's hash layers are the first `n_hash_layers` of the stack).
+    pub fn block_kinds(&self, index: usize) -> (AttentionKind, RoutingKind) {
+        match self.attention.get(index) {
+            Some(&kind) => (kind, self.routing[index]),
+            None => (self.mtp_attention[index - self.num_layers()], RoutingKind::TopK),
+        }
+    }
+
     /// Parameter counts of the model (embedding and head included, MTP layers separate).
     pub fn param_counts(&self) -> ParamCounts {
         let d = self.hidden_size as u64;
@@ -781,8 +807,11 @@ impl V4Config {
         }
         total += 2 * v * d + d + hc_head;
         let active = total - routed + routed / e * k;
-        let (mtp_layer, _) = layer(AttentionKind::Sliding, RoutingKind::TopK);
-        let mtp = self.num_mtp_layers as u64 * (mtp_layer + 2 * d * d + 3 * d + hc_head);
+        let mtp = self
+            .mtp_attention
+            .iter()
+            .map(|&kind| layer(kind, RoutingKind::TopK).0 + 2 * d * d + 3 * d + hc_head)
+            .sum();
         ParamCounts { total, active, mtp }
     }
 

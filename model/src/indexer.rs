@@ -67,6 +67,11 @@ pub struct IndexQueries<B: Backend> {
 }
 
 impl<B: Backend> IndexQueries<B> {
+    /// The indexer compressor's projections of these tokens.
+    pub fn keys(&self) -> &Projected<B> {
+        &self.keys
+    }
+
     /// The tokens of columns `cols` (one sequence of a packed batch).
     pub fn columns(&self, cols: &Range<usize>) -> Self {
         Self {

@@ -6,6 +6,7 @@
 //! - [`hyper_connection`]: mHC residual streams with the Sinkhorn projection;
 //! - [`attention`]: shared-KV MQA with sliding window, sinks and grouped output projection;
 //! - [`compressor`]: CSA / HCA compression of the KV sequence; [`indexer`]: CSA's lightning indexer;
+//! - [`mtp`]: the multi-token-prediction layer (training's extra loss, speculative decoding's drafts);
 //! - [`moe`]: routed + shared experts; [`rope`]: partial interleaved RoPE with YaRN; [`norm`]: RMSNorm, Linear;
 //! - [`cache`]: the incremental decoding state; [`probe`]: named probe points for validation;
 //! - [`calibration`]: activation statistics of the experts' inputs for FP4 calibration;
@@ -15,7 +16,7 @@
 //! Probe points, per layer `N`: `layers.N.input` (streams entering the layer), `layers.N.attn.{q,kv,core,
 //! output}`, `layers.N.attn.compressor.entries`, `layers.N.attn.indexer.{scores,topk}`,
 //! `layers.N.ffn.router.{scores,indices,weights}`, `layers.N.ffn.output`; then `final.streams`,
-//! `final.hidden` and `logits`.
+//! `final.hidden` and `logits`; the MTP layer's as `mtp.K.*` (its block) and `mtp.K.logits`.
 
 pub mod attention;
 pub mod block;
@@ -29,6 +30,7 @@ pub mod indexer;
 pub mod loader;
 pub mod model;
 pub mod moe;
+pub mod mtp;
 pub mod norm;
 pub mod probe;
 pub mod rope;
@@ -40,7 +42,7 @@ pub use checkpoint::{read_config, SafetensorsDir};
 pub use config::{AttentionKind, ConfigError, ParamCounts, RoutingKind, V4Config};
 pub use loader::{Layout, NamedParam, PackedWeight, Residency};
 pub use model::{
-    ForwardOutput, InputError, LogitsFor, PaddedTokens, Padding, ResidentBytes, Tokens, V4Model,
+    ForwardOutput, InputError, LogitsFor, MtpForward, PaddedTokens, Padding, ResidentBytes, Tokens, V4Model,
 };
 pub use moe::{ExpertRunner, LocalExperts};
 pub use probe::{NoProbe, Probe, Recorder};

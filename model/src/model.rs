@@ -5,13 +5,17 @@
 //! for each block: X = Block(X)
 //! logits = head(RMSNorm(HcHead(X)))  [B, S, vocab]   (embedding and head are not tied)
 //! ```
+//!
+//! The multi-token-prediction layers ([`Mtp`]) run after the main blocks on their final streams, and
+//! share the embedding and the head.
 
 use crate::block::Block;
 use crate::cache::{ModelCache, Segment, SequenceCaches};
 use crate::config::V4Config;
 use crate::hyper_connection::HcHead;
 use crate::loader::{Loader, NamedParam, Residency};
-use crate::moe::{ExpertRunner, LocalExperts};
+use crate::moe::{ExpertRunner, LocalExperts, Routing};
+use crate::mtp::Mtp;
 use crate::norm::{Embedding, Linear, RmsNorm};
 use crate::probe::{tap, NoProbe, Probe};
 use crate::weights::{LoadError, WeightSource};
@@ -29,6 +33,8 @@ pub struct V4Model<B: Backend> {
     pub norm: RmsNorm<B>,
     /// `[vocab, D]`
     pub head: Linear<B>,
+    /// The multi-token-prediction layers, by depth (empty when the checkpoint has none).
+    pub mtp: Vec<Mtp<B>>,
     pub config: V4Config,
     /// Every trainable parameter under its checkpoint name, as the modules loaded them.
     pub params: Vec<NamedParam>,
@@ -282,6 +288,22 @@ pub struct ForwardOutput<B: Backend> {
     /// The sequence-wise balance terms of the layers with [`Moe::sequence_balance`] set, summed over
     /// layers and sequences (see [`crate::moe::Routing::balance`]); None when no layer computes one.
     pub balance: Option<Tensor<B, 1>>,
+    /// The final streams before the HC head, `[B, S, c, D]` (the positions the logits cover); for a
+    /// padded forward, every row's real tokens packed in row order, `[1, N, c, D]`. The MTP layer reads
+    /// them.
+    pub streams: Tensor<B, 4>,
+}
+
+/// A full-sequence forward with the multi-token-prediction head ([`V4Model::forward_mtp`]).
+#[derive(Debug)]
+pub struct MtpForward<B: Backend> {
+    /// The main model's pass.
+    pub main: ForwardOutput<B>,
+    /// Per MTP depth `k` (0-based), `[B, S - 1 - k, vocab]`: position `t` predicts token `t + 2 + k`.
+    /// Depths with no position left are omitted.
+    pub logits: Vec<Tensor<B, 3>>,
+    /// Rows routed to each expert of each MTP layer.
+    pub expert_counts: Vec<Vec<usize>>,
 }
 
 impl<B: Backend> V4Model<B> {
@@ -352,10 +374,102 @@ impl<B: Backend> V4Model<B> {
             x = x.narrow(1, s - 1, 1);
         }
         Ok(ForwardOutput {
-            logits: self.logits(x, probe),
+            logits: self.logits(x.clone(), probe),
             expert_counts,
             balance,
+            streams: x,
         })
+    }
+
+    /// Full-sequence forward with the MTP head (see [`MtpForward`]); `tokens` need at least 2 positions.
+    /// Depth 0 reads the main streams at `t` and the token at `t + 1`; depth `k` reads depth `k - 1`'s
+    /// streams and the token at `t + 1 + k`. Each depth starts its own attention state at position 0.
+    pub fn forward_mtp(
+        &self,
+        tokens: &Tokens,
+        runner: &dyn ExpertRunner<B>,
+        probe: &mut dyn Probe,
+    ) -> Result<MtpForward<B>, InputError> {
+        let mut cache = ModelCache::new(self.layers.len());
+        let main = self.forward_logits_for(tokens, &mut cache, runner, probe, LogitsFor::All)?;
+        let (b, s) = (tokens.batch, tokens.seq);
+        let mut streams = main.streams.clone();
+        let (mut logits, mut expert_counts) = (Vec::new(), Vec::new());
+        for depth in 0..self.mtp.len() {
+            let n = s.saturating_sub(1 + depth);
+            if n == 0 {
+                break;
+            }
+            let next: Vec<u32> = (0..b)
+                .flat_map(|row| tokens.ids[row * s + 1 + depth..][..n].iter().copied())
+                .collect();
+            let mut state = ModelCache::new(1);
+            let (x, routing) = self.run_mtp(
+                depth,
+                streams.narrow(1, 0, n),
+                &next,
+                b,
+                &mut [&mut state],
+                &[0..n],
+                runner,
+                probe,
+            );
+            logits.push(self.mtp_logits(depth, x.clone(), probe));
+            expert_counts.push(routing.counts);
+            streams = x;
+        }
+        Ok(MtpForward {
+            main,
+            logits,
+            expert_counts,
+        })
+    }
+
+    /// MTP layer `depth` over `streams: [batch, S, c, D]` and the next tokens `next_ids: [batch, S]`;
+    /// `cols[i]` continue `caches[i]` (MTP states: one layer each), which advance. Returns the MTP block's
+    /// streams.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_mtp(
+        &self,
+        depth: usize,
+        streams: Tensor<B, 4>,
+        next_ids: &[u32],
+        batch: usize,
+        caches: &mut [&mut ModelCache<B>],
+        cols: &[Range<usize>],
+        runner: &dyn ExpertRunner<B>,
+        probe: &mut dyn Probe,
+    ) -> (Tensor<B, 4>, Routing<B>) {
+        let seq = next_ids.len() / batch;
+        let d = self.config.hidden_size;
+        let next = self
+            .embed
+            .forward(next_ids, &self.device())
+            .reshape([batch, seq, d]);
+        let mut segments: Vec<Segment<'_, B>> = caches
+            .iter_mut()
+            .zip(cols)
+            .map(|(cache, cols)| Segment {
+                cols: cols.clone(),
+                start: cache.position,
+                cache: &mut cache.layers[0],
+            })
+            .collect();
+        let name = format!("mtp.{depth}");
+        let out = self.mtp[depth].forward(streams, next, next_ids, &mut segments, runner, probe, &name);
+        for (cache, cols) in caches.iter_mut().zip(cols) {
+            cache.position += cols.len();
+        }
+        out
+    }
+
+    /// MTP depth `depth`'s head: its streams `[B, S, c, D]` -> logits `[B, S, vocab]` through the shared
+    /// LM head.
+    pub(crate) fn mtp_logits(&self, depth: usize, x: Tensor<B, 4>, probe: &mut dyn Probe) -> Tensor<B, 3> {
+        let hidden = self.mtp[depth].hidden(x);
+        let logits = self.head.forward(hidden);
+        tap(probe, &format!("mtp.{depth}.logits"), &logits);
+        logits
     }
 
     /// Forward of a padded batch: each row's real tokens (see [`PaddedTokens`]) continue that row's own
@@ -371,6 +485,86 @@ impl<B: Backend> V4Model<B> {
         probe: &mut dyn Probe,
         which: LogitsFor,
     ) -> Result<ForwardOutput<B>, InputError> {
+        let packed = self.pack(tokens, caches)?;
+        let mut row_caches = packed.caches(caches);
+        let n = packed.ids.len();
+        let (x, expert_counts, balance) =
+            self.run_blocks(&packed.ids, 1, n, &mut row_caches, &packed.cols, runner, probe);
+        let logits = match which {
+            LogitsFor::Last => {
+                let hidden = self.hidden(packed.last_of_each(x.clone()), probe);
+                packed.scatter_last(self.head.forward(hidden), tokens.batch)
+            }
+            LogitsFor::All => {
+                let logits = self.logits(x.clone(), probe).reshape([n, self.config.vocab_size]);
+                packed.scatter_all(logits, tokens)
+            }
+        };
+        Ok(ForwardOutput {
+            logits,
+            expert_counts,
+            balance,
+            streams: x,
+        })
+    }
+
+    /// MTP depth `depth` over a padded batch: row `r`'s real tokens in `next` (the tokens one ahead of
+    /// the positions the streams come from) pair with its streams in `streams` (packed `[1, N, c, D]`,
+    /// row after row, as many as the real tokens) and continue the MTP states `caches` (one layer each).
+    /// Returns each row's last-position logits `[B, 1, vocab]` (zeros for a row of padding only) and the
+    /// MTP block's streams, packed `[1, N, c, D]` (to draft further).
+    pub fn forward_mtp_padded(
+        &self,
+        depth: usize,
+        streams: Tensor<B, 4>,
+        next: &PaddedTokens,
+        caches: &mut SequenceCaches<B>,
+        runner: &dyn ExpertRunner<B>,
+    ) -> Result<(Tensor<B, 3>, Tensor<B, 4>), InputError> {
+        let packed = self.pack(next, caches)?;
+        let mut row_caches = packed.caches(caches);
+        let (x, _) = self.run_mtp(
+            depth,
+            streams,
+            &packed.ids,
+            1,
+            &mut row_caches,
+            &packed.cols,
+            runner,
+            &mut NoProbe,
+        );
+        let logits = self.mtp_logits(depth, packed.last_of_each(x.clone()), &mut NoProbe);
+        Ok((packed.scatter_last(logits, next.batch), x))
+    }
+
+    /// Ends the speculative step of `cache` ([`ModelCache::speculate`]): the state becomes that of feeding
+    /// only the first `keep` tokens since it began.
+    pub fn rewind(&self, cache: &mut ModelCache<B>, keep: usize) {
+        Self::rewind_blocks(self.layers.iter(), cache, keep);
+    }
+
+    /// [`rewind`](Self::rewind) for the state of MTP depth `depth`.
+    pub fn rewind_mtp(&self, depth: usize, cache: &mut ModelCache<B>, keep: usize) {
+        Self::rewind_blocks(std::iter::once(&self.mtp[depth].block), cache, keep);
+    }
+
+    fn rewind_blocks<'b>(blocks: impl Iterator<Item = &'b Block<B>>, cache: &mut ModelCache<B>, keep: usize) {
+        let Some(start) = cache.speculative_start.take() else {
+            return;
+        };
+        assert!(
+            start + keep <= cache.position,
+            "cannot keep {keep} of the {} speculative tokens",
+            cache.position - start
+        );
+        for (layer, block) in cache.layers.iter_mut().zip(blocks) {
+            block.attn.rewind(layer, keep);
+        }
+        cache.position = start + keep;
+    }
+
+    /// Checks a padded batch against its states and packs its real tokens into one sequence.
+    fn pack(&self, tokens: &PaddedTokens, caches: &SequenceCaches<B>) -> Result<Packed, InputError> {
         let (b, s) = (tokens.batch, tokens.seq);
         if caches.len() != b {
             return Err(InputError::Caches {
@@ -380,9 +574,11 @@ impl<B: Backend> V4Model<B> {
         }
         let vocab = self.config.vocab_size;
         let max = self.config.max_position_embeddings;
-        let mut packed = Vec::new();
-        let mut cols = Vec::new();
-        let mut active = Vec::new();
+        let mut packed = Packed {
+            ids: Vec::new(),
+            cols: Vec::new(),
+            active: Vec::new(),
+        };
         for (row, span) in tokens.spans.iter().enumerate() {
             let real = &tokens.ids[row * s..][span.clone()];
             if let Some(i) = real.iter().position(|&id| id as usize >= vocab) {
@@ -398,56 +594,16 @@ impl<B: Backend> V4Model<B> {
                 return Err(InputError::TooLong { positions: end, max });
             }
             if !span.is_empty() {
-                cols.push(packed.len()..packed.len() + span.len());
-                active.push(row);
-                packed.extend_from_slice(real);
+                let at = packed.ids.len();
+                packed.cols.push(at..at + span.len());
+                packed.active.push(row);
+                packed.ids.extend_from_slice(real);
             }
         }
-        if packed.is_empty() {
+        if packed.ids.is_empty() {
             return Err(InputError::AllPadding { batch: b, seq: s });
         }
-        let mut row_caches: Vec<&mut ModelCache<B>> = caches
-            .rows
-            .iter_mut()
-            .enumerate()
-            .filter(|(row, _)| !tokens.spans[*row].is_empty())
-            .map(|(_, cache)| cache)
-            .collect();
-        let n = packed.len();
-        let (x, expert_counts, balance) =
-            self.run_blocks(&packed, 1, n, &mut row_caches, &cols, runner, probe);
-        let device = x.device();
-        let int = |v: Vec<i64>| {
-            let len = v.len();
-            Tensor::<B, 1, Int>::from_data(TensorData::new(v, [len]), &device)
-        };
-        let logits = match which {
-            LogitsFor::Last => {
-                let last = int(cols.iter().map(|c| c.end as i64 - 1).collect());
-                let logits = self
-                    .logits(x.select(1, last), probe)
-                    .reshape([active.len(), vocab]);
-                let rows = int(active.iter().map(|&r| r as i64).collect());
-                Tensor::zeros([b, vocab], &device)
-                    .select_assign(0, rows, logits, IndexingUpdateOp::Add)
-                    .reshape([b, 1, vocab])
-            }
-            LogitsFor::All => {
-                let logits = self.logits(x, probe).reshape([n, vocab]);
-                let places = active
-                    .iter()
-                    .flat_map(|&r| tokens.spans[r].clone().map(move |c| (r * s + c) as i64))
-                    .collect();
-                Tensor::zeros([b * s, vocab], &device)
-                    .select_assign(0, int(places), logits, IndexingUpdateOp::Add)
-                    .reshape([b, s, vocab])
-            }
-        };
-        Ok(ForwardOutput {
-            logits,
-            expert_counts,
-            balance,
-        })
+        Ok(packed)
     }
 
     /// Embedding and blocks over `ids: [batch, seq]`; `cols[i]` are the columns continuing `caches[i]`
@@ -484,7 +640,8 @@ impl<B: Backend> V4Model<B> {
                     cache: &mut cache.layers[layer],
                 })
                 .collect();
-            let (next, routing) = block.forward(x, ids, &mut segments, runner, probe);
+            let name = format!("layers.{}", block.index);
+            let (next, routing) = block.forward(x, ids, &mut segments, runner, probe, &name);
             x = next;
             expert_counts.push(routing.counts);
             if let Some(term) = routing.balance {
@@ -502,12 +659,17 @@ impl<B: Backend> V4Model<B> {
 
     /// The head: final streams `[B, S, c, D]` -> logits `[B, S, vocab]`.
     fn logits(&self, x: Tensor<B, 4>, probe: &mut dyn Probe) -> Tensor<B, 3> {
+        let logits = self.head.forward(self.hidden(x, probe));
+        tap(probe, "logits", &logits);
+        logits
+    }
+
+    /// Final streams `[B, S, c, D]` -> the normed hidden state `[B, S, D]` the LM head reads.
+    fn hidden(&self, x: Tensor<B, 4>, probe: &mut dyn Probe) -> Tensor<B, 3> {
         tap(probe, "final.streams", &x);
         let hidden = self.norm.forward(self.hc_head.forward(x));
         tap(probe, "final.hidden", &hidden);
-        let logits = self.head.forward(hidden);
-        tap(probe, "logits", &logits);
-        logits
+        hidden
     }
 
     /// Builds the model from `source` (HF tensor names) with every weight as a trainable f32 tensor,
@@ -540,14 +702,24 @@ impl<B: Backend> V4Model<B> {
             model.norm("norm", d, config.rms_norm_eps)?,
             Linear::load(&root, "lm_head", v, d)?,
         );
-        // HF does not instantiate the MTP block; its tensors may ride along in a checkpoint.
-        let loaded = loader.finish(|n| n.starts_with("mtp.") || n.contains(".mtp."))?;
+        // A checkpoint saved by HF transformers keeps `num_nextn_predict_layers` but drops the MTP
+        // tensors: load the layers the source has (generated sources have every tensor).
+        let names = source.names();
+        let mtp = (0..config.num_mtp_layers())
+            .take_while(|k| {
+                let prefix = format!("model.mtp.{k}.");
+                names.is_empty() || names.iter().any(|n| n.starts_with(&prefix))
+            })
+            .map(|k| Mtp::load(config, &model.pp("mtp").pp(k), k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let loaded = loader.finish(|_| false)?;
         Ok(Self {
             embed,
             layers,
             hc_head,
             norm,
             head,
+            mtp,
             config: config.clone(),
             params: loaded.params,
             resident: ResidentBytes {
@@ -555,6 +727,18 @@ impl<B: Backend> V4Model<B> {
                 dense: loaded.dense_bytes,
             },
         })
+    }
+
+    /// Every block: the main layers, then the MTP layers' blocks.
+    pub fn blocks(&self) -> impl Iterator<Item = &Block<B>> {
+        self.layers.iter().chain(self.mtp.iter().map(|m| &m.block))
+    }
+
+    /// [`blocks`](Self::blocks), mutably (the routers' selection biases are updated in place).
+    pub fn blocks_mut(&mut self) -> impl Iterator<Item = &mut Block<B>> {
+        self.layers
+            .iter_mut()
+            .chain(self.mtp.iter_mut().map(|m| &mut m.block))
     }
 
     /// The checkpoint name of parameter `id`.
@@ -565,5 +749,70 @@ impl<B: Backend> V4Model<B> {
     /// The device the model's tensors live on.
     pub fn device(&self) -> B::Device {
         self.norm.weight.device()
+    }
+}
+
+/// The real tokens of a padded batch packed into one sequence ([`V4Model::forward_padded`]).
+struct Packed {
+    /// `[N]`: the active rows' real tokens, row after row.
+    ids: Vec<u32>,
+    /// Each active row's columns in `ids`.
+    cols: Vec<Range<usize>>,
+    /// The rows with real tokens, in order.
+    active: Vec<usize>,
+}
+
+impl Packed {
+    /// The states of the active rows.
+    fn caches<'c, B: Backend>(&self, caches: &'c mut SequenceCaches<B>) -> Vec<&'c mut ModelCache<B>> {
+        caches
+            .rows
+            .iter_mut()
+            .enumerate()
+            .filter(|(row, _)| self.active.contains(row))
+            .map(|(_, cache)| cache)
+            .collect()
+    }
+
+    fn int<B: Backend>(values: Vec<i64>, device: &B::Device) -> Tensor<B, 1, Int> {
+        let len = values.len();
+        Tensor::from_data(TensorData::new(values, [len]), device)
+    }
+
+    /// Each active row's last position of packed `x: [1, N, ...]` -> `[1, rows, ...]`.
+    fn last_of_each<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let last = self.cols.iter().map(|c| c.end as i64 - 1).collect();
+        let device = x.device();
+        x.select(1, Self::int::<B>(last, &device))
+    }
+
+    /// The active rows' logits `[1, rows, vocab]` -> `[batch, 1, vocab]`, zeros for the other rows.
+    fn scatter_last<B: Backend>(&self, logits: Tensor<B, 3>, batch: usize) -> Tensor<B, 3> {
+        let vocab = logits.dims()[2];
+        let device = logits.device();
+        let rows = Self::int::<B>(self.active.iter().map(|&r| r as i64).collect(), &device);
+        Tensor::zeros([batch, vocab], &device)
+            .select_assign(
+                0,
+                rows,
+                logits.reshape([self.active.len(), vocab]),
+                IndexingUpdateOp::Add,
+            )
+            .reshape([batch, 1, vocab])
+    }
+
+    /// Packed logits `[N, vocab]` -> `[batch, seq, vocab]` at the real tokens' places, zeros elsewhere.
+    fn scatter_all<B: Backend>(&self, logits: Tensor<B, 2>, tokens: &PaddedTokens) -> Tensor<B, 3> {
+        let (b, s) = (tokens.batch, tokens.seq);
+        let vocab = logits.dims()[1];
+        let device = logits.device();
+        let places = self
+            .active
+            .iter()
+            .flat_map(|&r| tokens.spans[r].clone().map(move |c| (r * s + c) as i64))
+            .collect();
+        Tensor::zeros([b * s, vocab], &device)
+            .select_assign(0, Self::int::<B>(places, &device), logits, IndexingUpdateOp::Add)
+            .reshape([b, s, vocab])
     }
 }

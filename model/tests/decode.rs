@@ -290,7 +290,48 @@ fn bad_masks_and_mismatched_states_are_refused<B: Backend>() {
     assert_eq!((caches.position(0), caches.position(1)), (0, 0));
 }
 
+/// Speculative steps that feed tokens which are then taken back ([`ModelCache::speculate`] and
+/// [`V4Model::rewind`]) leave exactly the state of never having fed them: decoding goes on to reproduce
+/// HF's logits. The rejected tokens are wrong ones (another sequence's) and cross compression boundaries
+/// (CSA every 4, HCA every 16 positions) and the window, so every part of the state is rolled back.
+fn rewound_speculation_leaves_the_state_of_the_kept_tokens<B: Backend>() {
+    let f = fixture::<B>();
+    let vocab = 1024;
+    let tokens = |ids: &[i64]| Tokens::new(ids, 1, ids.len(), vocab).unwrap();
+    let feed = |cache: &mut ModelCache<B>, ids: &[i64]| {
+        f.model
+            .forward_with(&tokens(ids), cache, &LocalExperts, &mut NoProbe)
+            .unwrap()
+            .logits
+            .into_data()
+            .into_vec::<f32>()
+            .unwrap()
+    };
+    let (own, other) = (&f.ids[..80], &f.ids[80..]);
+    let mut cache = ModelCache::<B>::new(f.model.layers.len());
+    feed(&mut cache, &own[..45]);
+    let mut position = 45;
+    // (kept, fed): keep the first `kept` of `fed` tokens, the rest being another sequence's.
+    for (kept, fed) in [(2, 6), (0, 3), (1, 17), (3, 3), (1, 2)] {
+        let mut chunk = own[position..position + kept].to_vec();
+        chunk.extend_from_slice(&other[position + kept..position + fed]);
+        cache.speculate();
+        feed(&mut cache, &chunk[..fed / 2]);
+        feed(&mut cache, &chunk[fed / 2..]);
+        assert_eq!(cache.position(), position + fed);
+        f.model.rewind(&mut cache, kept);
+        assert_eq!(cache.position(), position + kept);
+        position += kept;
+    }
+    let rest = feed(&mut cache, &own[position..]);
+    let expected = &f.logits[position * vocab..80 * vocab];
+    let d = max_abs_diff(&rest, expected);
+    println!("after rewinds, logits of positions {position}..80: max |diff| from HF {d:.2e}");
+    assert!(d <= 2e-5, "logits after rewinding differ by {d}");
+}
+
 on_both_backends!(
+    rewound_speculation_leaves_the_state_of_the_kept_tokens,
     prefill_then_single_token_decode_matches_hf,
     chunks_of_seven_give_the_same_logits_as_one_pass,
     decoding_from_a_prompt_shorter_than_a_window_matches_one_pass,

@@ -6,7 +6,7 @@ use crate::load::{load_model, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use v4_model::{read_config, LocalExperts, ModelCache, Recorder, Tokens};
+use v4_model::{read_config, LocalExperts, Recorder, Tokens};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,7 +18,10 @@ pub struct Args {
     #[arg(long)]
     input: PathBuf,
     /// Where to write `logits` [B,S,vocab] and `hidden.N`: the streams entering layer N [B,S,c,D], and
-    /// `hidden.L` the final normed hidden state [B,S,D] (the layout of HF's hidden_states).
+    /// `hidden.L` the final normed hidden state [B,S,D] (the layout of HF's hidden_states). When the
+    /// checkpoint has an MTP layer (and S >= 2), also `mtp_logits` [B,S-1,vocab] (position t predicts
+    /// token t+2 from the main streams at t and the input token t+1) and `streams` [B,S,c,D], the final
+    /// streams the MTP layer reads.
     #[arg(long)]
     output: PathBuf,
     /// Backend to run on.
@@ -47,14 +50,28 @@ fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let loaded = started.elapsed();
 
     let layers = config.num_layers();
+    let mtp = !model.mtp.is_empty() && seq >= 2;
     let mut recorder = Recorder::new(|name: &str| {
         (name.starts_with("layers.") && name.ends_with(".input") && name.split('.').count() == 3)
             || name == "final.hidden"
             || name == "logits"
+            || (mtp && (name == "final.streams" || (name.starts_with("mtp.") && name.ends_with(".logits"))))
     });
-    let mut cache = ModelCache::new(layers);
     let started = Instant::now();
-    model.forward_with(&tokens, &mut cache, &LocalExperts, &mut recorder)?;
+    let depths = if mtp {
+        model
+            .forward_mtp(&tokens, &LocalExperts, &mut recorder)?
+            .logits
+            .len()
+    } else {
+        model.forward_with(
+            &tokens,
+            &mut v4_model::ModelCache::new(layers),
+            &LocalExperts,
+            &mut recorder,
+        )?;
+        0
+    };
     let elapsed = started.elapsed();
 
     let outputs = recorder
@@ -64,6 +81,9 @@ fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
             let name = match name.as_str() {
                 "logits" => name,
                 "final.hidden" => format!("hidden.{layers}"),
+                "final.streams" => "streams".into(),
+                "mtp.0.logits" => "mtp_logits".into(),
+                other if other.starts_with("mtp.") => format!("mtp_logits.{}", &other[4..other.len() - 7]),
                 other => format!(
                     "hidden.{}",
                     other.trim_start_matches("layers.").trim_end_matches(".input")
@@ -80,8 +100,13 @@ fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     write_safetensors(&args.output, &outputs, Path::new(&args.input))?;
+    let mtp_note = match depths {
+        0 => String::new(),
+        1 => ", mtp_logits".into(),
+        n => format!(", mtp_logits of {n} depths"),
+    };
     println!(
-        "forward [{batch}, {seq}] on {:?}: loaded in {:.2}s, ran in {:.3}s ({:.0} tokens/s); wrote logits and {} hidden states to {}",
+        "forward [{batch}, {seq}] on {:?}: loaded in {:.2}s, ran in {:.3}s ({:.0} tokens/s); wrote logits{mtp_note} and {} hidden states to {}",
         args.device,
         loaded.as_secs_f64(),
         elapsed.as_secs_f64(),

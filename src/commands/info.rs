@@ -57,7 +57,7 @@ pub fn run(args: Args) -> Result<()> {
         c.hc_mult,
         c.hc_sinkhorn_iters,
         c.vocab_size,
-        c.num_mtp_layers
+        c.num_mtp_layers()
     );
     match c.yarn {
         Some(y) => println!(

@@ -103,7 +103,8 @@ pub fn run_isolated<B: Backend>(
             start: 0,
             cache: &mut cache,
         }];
-        let (out, _) = block.forward(x, &tokens.ids, &mut segment, &LocalExperts, &mut recorder);
+        let name = format!("layers.{i}");
+        let (out, _) = block.forward(x, &tokens.ids, &mut segment, &LocalExperts, &mut recorder, &name);
         records.extend(recorder.records);
         records.push((format!("layers.{i}.output"), out.into_data()));
     }
