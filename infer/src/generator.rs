@@ -200,6 +200,11 @@ impl<'a, B: Backend> Generator<'a, B> {
         self.model
     }
 
+    /// Who runs the routed experts.
+    pub(crate) fn runner(&self) -> &dyn ExpertRunner<B> {
+        self.runner
+    }
+
     pub fn config(&self) -> &V4Config {
         &self.model.config
     }

@@ -3,6 +3,7 @@
 //!
 //! - [`generator`]: [`Generator`] (prefill of any length in chunks, decode with any chunk size, batches of
 //!   sequences of different lengths) and the generation loop;
+//! - [`speculative`]: speculative decoding with V4's MTP layer as the drafter, exact state rollback;
 //! - [`sampling`]: greedy, temperature, top-k, top-p, repetition penalty, seeded PRNG;
 //! - [`tokenizer`]: `tokenizer.json` through HF `tokenizers`, streaming detokenization, stop strings;
 //! - [`chat`]: V4's chat format and a multi-turn session reusing its cache;
@@ -16,6 +17,7 @@ pub mod generator;
 pub mod memory;
 pub mod sampling;
 pub mod scaling;
+pub mod speculative;
 pub mod tokenizer;
 
 pub use chat::{encode_chat, render_chat, ChatSession, Message, Role};
@@ -25,6 +27,7 @@ pub use generator::{
 };
 pub use memory::{cache_footprint, human_bytes, scalars_per_token, CacheFootprint};
 pub use sampling::{Sampler, SamplingParams};
+pub use speculative::{Acceptance, SpeculativeParams};
 pub use tokenizer::{StopStrings, TextStream, V4Tokenizer};
 
 /// Where the repository keeps the V4 tokenizer (relative to the workspace root).

@@ -125,6 +125,63 @@ impl Sampler {
         }
         probs.last().map_or(0, |&(id, _)| id)
     }
+
+    /// The distribution [`sample`](Self::sample) draws from, most likely first: one certain token when
+    /// greedy.
+    pub fn distribution(&self, logits: &[f32], history: &[u32]) -> Vec<(u32, f64)> {
+        let mut logits = logits.to_vec();
+        apply_repetition_penalty(&mut logits, history, self.params.repetition_penalty);
+        if self.params.is_greedy() {
+            return vec![(argmax(&logits), 1.0)];
+        }
+        filtered_probs(
+            &logits,
+            self.params.temperature,
+            self.params.top_k,
+            self.params.top_p,
+        )
+    }
+
+    /// Speculative sampling's test of a draft `token` drawn from `draft` against the target distribution
+    /// `target` (both from [`distribution`](Self::distribution)): accepted with probability
+    /// `min(1, p(token) / q(token))`, else replaced by a draw from `max(0, p - q)` renormalised. The
+    /// accepted-or-replaced token is distributed exactly as a draw from `target` (Leviathan et al. 2023).
+    /// Greedy distributions are certain, so no random number decides: the draft stands iff it is the
+    /// target's argmax. Returns `Ok(token)` when accepted, `Err(replacement)` when not.
+    pub fn verify(&mut self, token: u32, draft: &[(u32, f64)], target: &[(u32, f64)]) -> Result<u32, u32> {
+        let prob =
+            |dist: &[(u32, f64)], id: u32| dist.iter().find(|&&(t, _)| t == id).map_or(0.0, |&(_, p)| p);
+        let (p, q) = (prob(target, token), prob(draft, token));
+        if p >= q || (p > 0.0 && self.rng.next_f64() < p / q) {
+            return Ok(token);
+        }
+        let mut residual: Vec<(u32, f64)> = target
+            .iter()
+            .map(|&(id, p)| (id, (p - prob(draft, id)).max(0.0)))
+            .filter(|&(_, r)| r > 0.0)
+            .collect();
+        if residual.is_empty() {
+            residual = target.to_vec();
+        }
+        Err(self.draw(&residual))
+    }
+
+    /// A draw from a (possibly unnormalised) distribution; the certain token without a random number.
+    pub fn draw(&mut self, dist: &[(u32, f64)]) -> u32 {
+        if let [(id, _)] = dist {
+            return *id;
+        }
+        let total: f64 = dist.iter().map(|&(_, p)| p).sum();
+        let u = self.rng.next_f64() * total;
+        let mut acc = 0.0f64;
+        for &(id, p) in dist {
+            acc += p;
+            if u < acc {
+                return id;
+            }
+        }
+        dist.last().map_or(0, |&(id, _)| id)
+    }
 }
 
 /// HF's repetition penalty, once per distinct token of `history`.

@@ -2,6 +2,7 @@
 //! weights, the memory-bandwidth bound of decode, and (`--contexts`) how prefill, decode and the cache scale
 //! with the context length.
 
+use crate::commands::generate::{describe_acceptance, SpeculativeArgs};
 use crate::device::{with_backend, Device};
 use crate::io::{bench_ids, random_ids, read_config_file, Result};
 use crate::load::{load_model, LoadArgs};
@@ -10,7 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use v4_infer::sampling::argmax;
 use v4_infer::scaling::{slopes, svg, ScalingRow};
-use v4_infer::{cache_footprint, human_bytes, scalars_per_token, Generator};
+use v4_infer::{
+    cache_footprint, human_bytes, scalars_per_token, Flow, GenerateParams, Generator, SamplingParams,
+    SpeculativeParams,
+};
 use v4_model::{read_config, RandomWeights, V4Config, V4Model};
 
 #[derive(clap::Args)]
@@ -57,6 +61,11 @@ pub struct Args {
     /// batch x prompt taken in order (the file `scripts/bench-peers.sh` writes for both v4 and HF).
     #[arg(long)]
     ids: Option<PathBuf>,
+    /// With --speculative: plain greedy decoding and speculative decoding of the same prompts, alternated
+    /// --iters times in one sitting; reports both decode rates, the speedup, the acceptance rate per draft
+    /// position and whether the outputs are identical. Needs a checkpoint with an MTP layer.
+    #[command(flatten)]
+    speculative: SpeculativeArgs,
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
@@ -193,6 +202,9 @@ fn bench<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         config.vocab_size,
     )?;
     let prompts: Vec<&[u32]> = ids.chunks_exact(args.prompt).collect();
+    if let Some(spec) = args.speculative.params() {
+        return speculative(args, &generator, &prompts, spec);
+    }
     let chunk = args.prefill_chunk.filter(|&c| c > 0);
     let mut prefill_runs = Vec::new();
     let mut prefilled = None;
@@ -251,6 +263,61 @@ fn bench<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         4.0 * scalars_per_token(&config),
         2.0 * scalars_per_token(&config)
     );
+    Ok(())
+}
+
+/// `--speculative`: plain greedy and speculative decoding of `prompts`, alternated `--iters` times.
+fn speculative<B: Backend>(
+    args: &Args,
+    generator: &Generator<'_, B>,
+    prompts: &[&[u32]],
+    spec: SpeculativeParams,
+) -> Result<()> {
+    let params = GenerateParams {
+        max_tokens: args.generate,
+        sampling: SamplingParams::greedy(),
+        stop_ids: Vec::new(),
+        prefill_chunk: None,
+    };
+    let (mut plain, mut fast) = (Vec::new(), Vec::new());
+    let mut identical = true;
+    let mut acceptance = None;
+    for _ in 0..args.iters.max(1) {
+        let (expected, t) = generator.generate_batch(prompts, &params, |_, _| Flow::Continue)?;
+        plain.push(t.decode_tokens_per_s());
+        let (got, t, a) = generator.generate_speculative(prompts, &params, spec, |_, _| Flow::Continue)?;
+        fast.push(t.decode_tokens_per_s());
+        identical &= got == expected;
+        acceptance = Some(a);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (plain, fast) = (median(&mut plain), median(&mut fast));
+    let a = acceptance.expect("at least one round");
+    println!(
+        "decode (batch {} x {} generated, median of {} alternated rounds): plain greedy {plain:.2} tok/s, \
+         speculative (MTP, {} draft{}) {fast:.2} tok/s -> {:.2}x; outputs identical: {}",
+        args.batch,
+        args.generate,
+        args.iters.max(1),
+        spec.draft_tokens,
+        if spec.draft_tokens > 1 { "s" } else { "" },
+        fast / plain,
+        if identical { "yes" } else { "NO" }
+    );
+    let counts: Vec<String> = (0..a.proposed.len())
+        .map(|j| format!("{}/{}", a.accepted[j], a.proposed[j]))
+        .collect();
+    println!(
+        "acceptance (last round): {} ({})",
+        describe_acceptance(&a),
+        counts.join(", ")
+    );
+    if !identical {
+        return Err("speculative greedy output differs from plain greedy output".into());
+    }
     Ok(())
 }
 

@@ -9,8 +9,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use v4_infer::{
-    cache_footprint, check_prompt, encode_chat, Flow, GenerateParams, Generator, InferError, Message, Role,
-    SamplingParams, StopStrings, TextStream, V4Tokenizer,
+    cache_footprint, check_prompt, encode_chat, Acceptance, Flow, GenerateParams, Generator, InferError,
+    Message, Role, SamplingParams, SpeculativeParams, StopStrings, TextStream, V4Tokenizer,
 };
 use v4_model::{read_config, V4Config};
 
@@ -75,6 +75,50 @@ impl SamplingArgs {
     }
 }
 
+/// What drafts tokens for speculative decoding.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Drafter {
+    /// The checkpoint's own multi-token-prediction layer (`mtp.0.*`).
+    Mtp,
+}
+
+/// Speculative decoding flags, shared with `v4 bench-infer`.
+#[derive(clap::Args, Clone)]
+pub struct SpeculativeArgs {
+    /// Speculative decoding: draft tokens with the MTP layer, then verify them in one forward of the main
+    /// model and keep the accepted ones (the rejected positions' state is rolled back exactly). Greedy
+    /// output is unchanged; sampled output keeps its distribution (speculative sampling's rejection rule).
+    #[arg(long, value_enum)]
+    pub speculative: Option<Drafter>,
+    /// Drafts per step with --speculative (more than 1 runs the MTP layer recursively on its own output).
+    #[arg(long, default_value_t = 1, requires = "speculative")]
+    pub draft_tokens: usize,
+}
+
+impl SpeculativeArgs {
+    pub fn params(&self) -> Option<SpeculativeParams> {
+        self.speculative.map(|Drafter::Mtp| SpeculativeParams {
+            draft_tokens: self.draft_tokens,
+            reject_all: false,
+        })
+    }
+}
+
+/// `accepted 71% / 48% of drafts at positions 1 / 2, 1.94 tokens per step`.
+pub fn describe_acceptance(a: &Acceptance) -> String {
+    let rates: Vec<String> = (0..a.proposed.len())
+        .map(|j| format!("{:.0}%", 100.0 * a.rate(j)))
+        .collect();
+    let positions: Vec<String> = (1..=a.proposed.len()).map(|j| j.to_string()).collect();
+    format!(
+        "accepted {} of drafts at position{} {}, {:.2} tokens per step",
+        rates.join(" / "),
+        if positions.len() > 1 { "s" } else { "" },
+        positions.join(" / "),
+        a.tokens_per_step()
+    )
+}
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Model directory: config.json + safetensors in HF layout (f32/bf16) or DeepSeek's release layout
@@ -104,6 +148,8 @@ pub struct Args {
     no_bos: bool,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    speculative: SpeculativeArgs,
     /// Print one JSON object (generated_ids, text, timings) instead of streaming.
     #[arg(long)]
     json: bool,
@@ -188,7 +234,7 @@ fn generate<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let mut stops = StopStrings::new(&args.sampling.stop);
     let mut stdout = std::io::stdout().lock();
     let mut failure: Option<InferError> = None;
-    let (generation, timings) = generator.generate(&ids, &params, |id| {
+    let mut on_token = |id| {
         let Some(stream) = stream.as_mut() else {
             if !args.json {
                 let _ = write!(stdout, "{id} ");
@@ -213,7 +259,18 @@ fn generate<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         } else {
             Flow::Continue
         }
-    })?;
+    };
+    let (generation, timings, acceptance) = match args.speculative.params() {
+        Some(spec) => {
+            let (mut gens, timings, acceptance) =
+                generator.generate_speculative(&[&ids], &params, spec, |_, id| on_token(id))?;
+            (gens.pop().expect("one sequence"), timings, Some(acceptance))
+        }
+        None => {
+            let (generation, timings) = generator.generate(&ids, &params, &mut on_token)?;
+            (generation, timings, None)
+        }
+    };
     if let Some(e) = failure {
         return Err(e.into());
     }
@@ -253,9 +310,21 @@ fn generate<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         if tokenizer.is_some() {
             out["text"] = serde_json::Value::String(stops.text().to_string());
         }
+        if let Some(a) = &acceptance {
+            out["speculative"] = serde_json::json!({
+                "draft_tokens": a.proposed.len(),
+                "proposed": a.proposed,
+                "accepted": a.accepted,
+                "steps": a.steps,
+                "tokens_per_step": a.tokens_per_step(),
+            });
+        }
         writeln!(stdout, "{out}")?;
     } else {
         writeln!(stdout)?;
+        if let Some(a) = &acceptance {
+            eprintln!("[speculative (MTP): {}]", describe_acceptance(a));
+        }
         eprintln!(
             "[{} prompt tokens: prefill {:.2}s ({:.1} tok/s), first token after {:.2}s; {} generated, decode {:.1} tok/s; \
              finish: {}; cache {} for {consumed} tokens; model loaded in {:.2}s]",
