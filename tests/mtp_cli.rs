@@ -131,3 +131,80 @@ fn convert_keeps_the_mtp_layer_in_both_layouts() {
     // Quantization error, not a bug: nonzero, and of the size FP4 experts give on the main logits.
     assert!(rel > 0.05 && rel < 0.2, "relative L2 {rel} (measured 0.144)");
 }
+
+/// `validation loss A (step s) -> B (step t)` lines of `v4 train`'s summary: (A, B).
+fn losses(printed: &str, prefix: &str) -> (f64, f64) {
+    let line = printed
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` line in:\n{printed}"));
+    let numbers: Vec<f64> = line
+        .split_whitespace()
+        .filter_map(|w| w.trim_matches(|c| c == '(' || c == ')').parse().ok())
+        .collect();
+    // [A, s, B, t]
+    assert_eq!(numbers.len(), 4, "{line}");
+    (numbers[0], numbers[2])
+}
+
+#[test]
+fn fine_tuning_with_the_mtp_loss_lowers_both_losses_and_keeps_the_layer() {
+    let hf = scratch("finetune-hf");
+    let native = fixture().join("native");
+    v4(&[
+        "convert",
+        "--input",
+        native.to_str().unwrap(),
+        "--output",
+        hf.to_str().unwrap(),
+        "--to",
+        "f32",
+        "--layout",
+        "hf",
+    ]);
+    let dir = scratch("finetune");
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/shakespeare");
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\ncheckpoint = \"{}\"\n\n[data]\ntrain = \"{d}/train.jsonl\"\nvalidation = \"{d}/valid.jsonl\"\n\
+             tokenizer = \"bytes\"\nseq_len = 24\nvalidation_batches = 2\n\n[optimizer]\nlr = 3e-3\n\n\
+             [schedule]\nsteps = 8\nwarmup = 1\n\n[training]\nbatch = 4\neval_interval = 0\n\n[mtp]\nweight = 0.3\n\n\
+             [checkpoint]\ndir = \"{}\"\n",
+            hf.display(),
+            dir.join("ckpt").display(),
+            d = data.display(),
+        ),
+    )
+    .unwrap();
+    let printed = v4(&["train", config.to_str().unwrap()]);
+    let (main_before, main_after) = losses(&printed, "validation loss");
+    let (mtp_before, mtp_after) = losses(&printed, "MTP validation loss");
+    println!("validation: main {main_before:.3} -> {main_after:.3}, MTP {mtp_before:.3} -> {mtp_after:.3}");
+    assert!(
+        main_after < main_before - 1.0,
+        "main validation loss {main_before} -> {main_after}"
+    );
+    assert!(
+        mtp_after < mtp_before - 1.0,
+        "MTP validation loss {mtp_before} -> {mtp_after}"
+    );
+
+    // The checkpoint keeps the MTP layer, in the HF layout every v4 command loads.
+    let ckpt = dir.join("ckpt/step-00000008");
+    let bytes = std::fs::read(ckpt.join("model.safetensors")).unwrap();
+    let names = SafeTensors::deserialize(&bytes).unwrap().names().len();
+    let mtp = SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with("model.mtp.0."))
+        .count();
+    println!("checkpoint: {mtp} of {names} tensors are the MTP layer's");
+    assert!(mtp >= 30, "{mtp} MTP tensors in the checkpoint");
+    let out = forward(&ckpt, "finetuned");
+    let (shape, _) = f32s(&out, "mtp_logits");
+    assert_eq!(shape, vec![2, 79, 1024]);
+}

@@ -70,6 +70,12 @@ pub fn run(args: Args) -> Result<()> {
             first.1, first.0, last.1, last.0
         );
     }
+    if let (Some(first), Some(last)) = (report.mtp_validations.first(), report.mtp_validations.last()) {
+        println!(
+            "MTP validation loss {:.4} (step {}) -> {:.4} (step {})",
+            first.1, first.0, last.1, last.0
+        );
+    }
     Ok(())
 }
 

@@ -17,6 +17,8 @@ pub struct TrainConfig {
     #[serde(default)]
     pub moe: MoeSection,
     #[serde(default)]
+    pub mtp: MtpSection,
+    #[serde(default)]
     pub parallel: ParallelSection,
     #[serde(default)]
     pub checkpoint: CheckpointSection,
@@ -130,6 +132,17 @@ pub struct MoeSection {
     /// Weight of DeepSeek's sequence-wise balance loss on the top-k layers (V3 used 1e-4; 0: off).
     #[serde(default)]
     pub alpha: f32,
+}
+
+/// Multi-token prediction: the MTP layers' cross-entropy on the token `2 + k` ahead (depth `k`), averaged
+/// over depths and added to the main loss with `weight` (DeepSeek-V3 §2.2: 0.3 early in training, then 0.1).
+/// Gradients reach the shared embedding and head. 0 (the default): the MTP layers are carried through
+/// checkpoints but not trained.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MtpSection {
+    #[serde(default)]
+    pub weight: f32,
 }
 
 /// Expert parallelism: `mpirun -np N v4 train config.toml` with `expert_parallel = N` shards the routed

@@ -70,7 +70,7 @@ pub type HostI64 = (String, Vec<usize>, Vec<i64>);
 /// top-k layers (f32) and `tid2eid` of hash layers (i64, `[vocab, K]`).
 pub fn routing_state<B: Backend>(model: &V4Model<B>) -> (Vec<(String, HostF32)>, Vec<HostI64>) {
     let (mut biases, mut tables) = (Vec::new(), Vec::new());
-    for block in &model.layers {
+    for block in model.blocks() {
         let m = &block.ffn;
         match m.routing {
             RoutingKind::TopK => biases.push((

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::Instant;
 use v4_model::config::RoutingKind;
 use v4_model::{
-    read_config, ExpertRunner, LocalExperts, ModelCache, NoProbe, RandomWeights, SafetensorsDir, Tokens,
-    V4Model,
+    read_config, ExpertRunner, LocalExperts, ModelCache, MtpForward, NoProbe, RandomWeights, SafetensorsDir,
+    Tokens, V4Model,
 };
 
 /// How a run ends early (for tests and `--stop-after`) and which processes take part.
@@ -56,6 +56,8 @@ pub struct StepLog {
     pub mfu: Option<f64>,
     /// The sequence-wise balance loss (before its weight alpha), when it is on.
     pub balance: Option<f64>,
+    /// The MTP loss (before its weight, averaged over depths), when `[mtp] weight` is on.
+    pub mtp: Option<f64>,
 }
 
 /// What a run did.
@@ -66,6 +68,8 @@ pub struct RunReport {
     pub steps: Vec<StepLog>,
     /// `(step, validation loss)`, the first at the starting step.
     pub validations: Vec<(usize, f64)>,
+    /// `(step, MTP validation loss)` (averaged over depths), when the model has MTP layers.
+    pub mtp_validations: Vec<(usize, f64)>,
     pub checkpoints: Vec<PathBuf>,
     /// Per top-k layer, the final selection bias.
     pub final_biases: Vec<Vec<f32>>,
@@ -113,31 +117,91 @@ fn batch_tensors(windows: &[&Window]) -> (Tokens, Vec<i64>, Vec<f32>) {
     )
 }
 
-fn targets_in(windows: &[&Window]) -> usize {
+/// Targets in `windows` for a prediction `ahead` tokens past each input position (1: the main model,
+/// `2 + k`: MTP depth `k`).
+fn targets_in(windows: &[&Window], ahead: usize) -> usize {
     windows
         .iter()
-        .map(|w| w.mask[1..].iter().filter(|&&m| m).count())
+        .map(|w| w.mask.iter().skip(ahead).filter(|&&m| m).count())
         .sum()
 }
 
-/// Mean loss per target token of `model` over `windows` (in batches of `batch`).
-pub fn evaluate<B: Backend>(model: &V4Model<B>, windows: &[Window], batch: usize) -> Result<f64, String> {
-    let (mut sum, mut count) = (0.0f64, 0usize);
-    for chunk in windows.chunks(batch) {
-        let refs: Vec<&Window> = chunk.iter().collect();
-        let n = targets_in(&refs);
-        let (tokens, targets, mask) = batch_tensors(&refs);
+/// `[b, s]` row-major values shifted left by `by` columns: `[b, s - by]`.
+fn shifted<T: Copy>(values: &[T], b: usize, s: usize, by: usize) -> Vec<T> {
+    (0..b)
+        .flat_map(|row| values[row * s + by..(row + 1) * s].iter().copied())
+        .collect()
+}
+
+/// A micro-batch's forward: the main pass, plus the MTP depths' logits when `with_mtp`.
+fn forward<B: Backend>(
+    model: &V4Model<B>,
+    tokens: &Tokens,
+    runner: &dyn ExpertRunner<B>,
+    with_mtp: bool,
+) -> Result<MtpForward<B>, String> {
+    let out = if with_mtp {
+        model.forward_mtp(tokens, runner, &mut NoProbe)
+    } else {
         let mut cache = ModelCache::new(model.layers.len());
-        let out = model
-            .forward_with(&tokens, &mut cache, &LocalExperts, &mut NoProbe)
-            .map_err(|e| e.to_string())?;
-        let loss: f64 = masked_loss(out.logits, targets, mask, 1.0)
+        model
+            .forward_with(tokens, &mut cache, runner, &mut NoProbe)
+            .map(|main| MtpForward {
+                main,
+                logits: Vec::new(),
+                expert_counts: Vec::new(),
+            })
+    };
+    out.map_err(|e| e.to_string())
+}
+
+/// The MTP losses of a micro-batch, per depth: depth `k`'s cross-entropy on the token `2 + k` ahead
+/// (`targets`/`mask` are the main model's, one ahead), summed and divided by `denoms[k]`.
+fn mtp_losses<B: Backend>(
+    logits: Vec<Tensor<B, 3>>,
+    targets: &[i64],
+    mask: &[f32],
+    denoms: &[usize],
+) -> Vec<Tensor<B, 1>> {
+    logits
+        .into_iter()
+        .enumerate()
+        .map(|(k, logits)| {
+            let [b, n, _] = logits.dims();
+            let s = n + 1 + k;
+            masked_loss(
+                logits,
+                shifted(targets, b, s, 1 + k),
+                shifted(mask, b, s, 1 + k),
+                denoms[k].max(1) as f64,
+            )
+        })
+        .collect()
+}
+
+/// Mean loss per target token of `model` over `windows` (in batches of `batch`): the main model's, and
+/// the MTP layers' averaged over depths (None without MTP layers).
+pub fn evaluate<B: Backend>(
+    model: &V4Model<B>,
+    windows: &[Window],
+    batch: usize,
+) -> Result<(f64, Option<f64>), String> {
+    let depths = model.mtp.len();
+    let refs: Vec<&Window> = windows.iter().collect();
+    let denoms: Vec<usize> = (0..depths).map(|k| targets_in(&refs, 2 + k)).collect();
+    let (mut sum, mut mtp) = (0.0f64, 0.0f64);
+    for chunk in refs.chunks(batch) {
+        let (tokens, targets, mask) = batch_tensors(chunk);
+        let out = forward(model, &tokens, &LocalExperts, depths > 0)?;
+        sum += masked_loss(out.main.logits, targets.clone(), mask.clone(), 1.0)
             .into_scalar()
             .elem_f64();
-        sum += loss;
-        count += n;
+        for loss in mtp_losses(out.logits, &targets, &mask, &denoms) {
+            mtp += loss.into_scalar().elem_f64() / depths as f64;
+        }
     }
-    Ok(sum / count.max(1) as f64)
+    let main = sum / targets_in(&refs, 1).max(1) as f64;
+    Ok((main, (depths > 0).then_some(mtp)))
 }
 
 trait ElemF64 {
@@ -348,6 +412,13 @@ where
     } else {
         &FusedExperts
     };
+    // The MTP layers are trained (and their loss computed) only with a weight.
+    let mtp_depths = if cfg.mtp.weight > 0.0 { model.mtp.len() } else { 0 };
+    if cfg.mtp.weight > 0.0 && mtp_depths == 0 {
+        return Err(
+            "[mtp] weight is set, but the model has no MTP layer (num_nextn_predict_layers = 0)".into(),
+        );
+    }
     if cfg.moe.alpha > 0.0 {
         for block in model.layers.iter_mut() {
             block.ffn.sequence_balance = block.ffn.routing == RoutingKind::TopK;
@@ -408,14 +479,24 @@ where
         cfg.data.seq_len,
         valid_windows.len()
     ));
+    let validate =
+        |step: usize, model: &V4Model<B>, report: &mut RunReport, metrics: &mut Option<MetricsWriter>| {
+            let (v, mtp) = evaluate(model, &valid_windows, micro)?;
+            let mtp_note = mtp.map(|l| format!("  MTP {l:.4}")).unwrap_or_default();
+            say(format!("step {step:>6}  validation loss {v:.4}{mtp_note}"));
+            report.validations.push((step, v));
+            report.mtp_validations.extend(mtp.map(|l| (step, l)));
+            if let Some(m) = metrics.as_mut() {
+                m.scalar("valid/loss", step, v);
+                if let Some(l) = mtp {
+                    m.scalar("valid/mtp_loss", step, l);
+                }
+                m.flush();
+            }
+            Ok::<_, String>(())
+        };
     if !valid_windows.is_empty() {
-        let v = evaluate(&model, &valid_windows, micro)?;
-        say(format!("step {:>6}  validation loss {v:.4}", state.step));
-        report.validations.push((state.step, v));
-        if let Some(m) = metrics.as_mut() {
-            m.scalar("valid/loss", state.step, v);
-            m.flush();
-        }
+        validate(state.step, &model, &mut report, &mut metrics)?;
     }
 
     let interrupt_requested = || opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
@@ -431,24 +512,25 @@ where
         let micro_batches: Vec<Vec<Window>> = (0..cfg.training.grad_accum)
             .map(|_| loader.next_batch(micro).into_iter().cloned().collect())
             .collect();
-        let denom: usize = micro_batches
-            .iter()
-            .map(|mb| targets_in(&mb.iter().collect::<Vec<_>>()))
-            .sum();
+        let all: Vec<&Window> = micro_batches.iter().flatten().collect();
+        let denom = targets_in(&all, 1);
+        let mtp_denoms: Vec<usize> = (0..mtp_depths).map(|k| targets_in(&all, 2 + k)).collect();
         let mut acc: HashMap<ParamId, Tensor<Inner<B>, 1>> = HashMap::new();
         let interrupted;
         let mut loss_sum = 0.0f64;
         let mut balance_sum = 0.0f64;
-        let mut loads: Vec<Vec<usize>> = vec![Vec::new(); model.layers.len()];
+        let mut mtp_sum = 0.0f64;
+        let mut loads: Vec<Vec<usize>> = vec![Vec::new(); model.blocks().count()];
         for mb in &micro_batches {
             // This rank's share of the global micro-batch: every `ranks`-th sequence.
             let refs: Vec<&Window> = mb.iter().skip(rank).step_by(ranks).collect();
             let (tokens, targets, mask) = batch_tensors(&refs);
-            let mut cache = ModelCache::new(model.layers.len());
-            let out = model
-                .forward_with(&tokens, &mut cache, runner, &mut NoProbe)
-                .map_err(|e| e.to_string())?;
-            for (l, counts) in out.expert_counts.iter().enumerate() {
+            let MtpForward {
+                main: out,
+                logits: mtp_logits,
+                expert_counts: mtp_counts,
+            } = forward(&model, &tokens, runner, mtp_depths > 0)?;
+            for (l, counts) in out.expert_counts.iter().chain(&mtp_counts).enumerate() {
                 if loads[l].is_empty() {
                     loads[l] = vec![0; counts.len()];
                 }
@@ -456,8 +538,14 @@ where
                     *a += c;
                 }
             }
+            let mtp = mtp_losses(mtp_logits, &targets, &mask, &mtp_denoms);
             let mut loss = masked_loss(out.logits, targets, mask, denom.max(1) as f64);
             loss_sum += loss.clone().into_scalar().elem_f64();
+            for term in mtp {
+                let term = term.div_scalar(mtp_depths as f64);
+                mtp_sum += term.clone().into_scalar().elem_f64();
+                loss = loss + term.mul_scalar(cfg.mtp.weight as f64);
+            }
             if let Some(balance) = out.balance {
                 // Averaged over the step's sequences (all ranks, all micro-batches).
                 let sequences = (micro * cfg.training.grad_accum) as f64;
@@ -495,11 +583,13 @@ where
                 }
                 layout.push((p.id, n));
             }
+            flat.push(mtp_sum as f32);
             flat.push(balance_sum as f32);
             flat.push(loss_sum as f32);
             collective.all_reduce_sum_f32(&mut flat);
             loss_sum = flat.pop().expect("the loss") as f64;
             balance_sum = flat.pop().expect("the balance loss") as f64;
+            mtp_sum = flat.pop().expect("the MTP loss") as f64;
             let mut offset = 0;
             for (id, n) in layout {
                 if flat[offset + n] > 0.0 {
@@ -556,7 +646,7 @@ where
         });
         // Aux-loss-free balancing of the top-k layers' selection bias.
         if cfg.moe.gamma != 0.0 {
-            for (block, load) in model.layers.iter_mut().zip(&loads) {
+            for (block, load) in model.blocks_mut().zip(&loads) {
                 if block.ffn.routing != RoutingKind::TopK || load.is_empty() {
                     continue;
                 }
@@ -583,17 +673,19 @@ where
                 .peak_flops
                 .map(|peak| n_tokens as f64 / elapsed.max(1e-9) * flops_per_token / peak),
             balance: (cfg.moe.alpha > 0.0).then_some(balance_sum),
+            mtp: (mtp_depths > 0).then_some(mtp_sum),
         };
         if step % cfg.logging.interval.max(1) == 0 || step == total_steps {
             let max_vio: f64 = loads
                 .iter()
-                .zip(&model.layers)
+                .zip(model.blocks())
                 .filter(|(l, b)| !l.is_empty() && b.ffn.routing == RoutingKind::TopK)
                 .map(|(l, _)| MoeHealth::of(l).max_vio)
                 .fold(0.0, f64::max);
             say(format!(
-                "step {step:>6}/{total_steps}  loss {:.4}  lr {:.3e}  grad-norm {:.3}  max-vio {max_vio:.2}{}{}  {:.0} tokens/s",
+                "step {step:>6}/{total_steps}  loss {:.4}{}  lr {:.3e}  grad-norm {:.3}  max-vio {max_vio:.2}{}{}  {:.0} tokens/s",
                 log.loss,
+                log.mtp.map(|l| format!("  MTP {l:.4}")).unwrap_or_default(),
                 log.lr,
                 log.grad_norm,
                 log.balance.map(|b| format!("  balance {b:.4}")).unwrap_or_default(),
@@ -611,8 +703,11 @@ where
                 if let Some(balance) = log.balance {
                     m.scalar("train/balance_loss", step, balance);
                 }
+                if let Some(mtp) = log.mtp {
+                    m.scalar("train/mtp_loss", step, mtp);
+                }
                 m.scalar("moe/max_vio", step, max_vio);
-                for (load, block) in loads.iter().zip(&model.layers) {
+                for (load, block) in loads.iter().zip(model.blocks()) {
                     if load.is_empty() {
                         continue;
                     }
@@ -648,13 +743,7 @@ where
         report.steps.push(log);
         let eval_now = cfg.training.eval_interval > 0 && step % cfg.training.eval_interval == 0;
         if !valid_windows.is_empty() && (eval_now || step == total_steps) {
-            let v = evaluate(&model, &valid_windows, micro)?;
-            say(format!("step {step:>6}  validation loss {v:.4}"));
-            report.validations.push((step, v));
-            if let Some(m) = metrics.as_mut() {
-                m.scalar("valid/loss", step, v);
-                m.flush();
-            }
+            validate(step, &model, &mut report, &mut metrics)?;
         }
         let save_now = interrupted || (cfg.checkpoint.interval > 0 && step % cfg.checkpoint.interval == 0);
         if let (Some(root), true, true) = (&cfg.checkpoint.dir, save_now || step == total_steps, lead) {
