@@ -1,7 +1,8 @@
-//! Speculative decoding with the MTP layer of `v4-tiny-mtp` (DeepSeek's own weights, release layout):
-//! its greedy output is plain greedy decoding's, for one prompt and for a batch whose rows accept
-//! different numbers of drafts, with one and with two drafts per step, and when every draft is rejected
-//! (each step then rolls the state back).
+//! Speculative decoding with the MTP layer: its greedy output is plain greedy decoding's, for one prompt
+//! and for a batch of three of different lengths, with one and with two drafts per step, and when every
+//! draft is rejected (each step then rolls the state back). On `v4-tiny-mtp` (DeepSeek's own random
+//! weights, release layout) no draft is ever accepted; on `v4-shakespeare-mtp` (trained with
+//! `configs/shakespeare-mtp.toml`) most are, and the rows of a batch accept different numbers.
 
 #[macro_use]
 #[path = "../../tests/support/backends.rs"]
@@ -10,7 +11,30 @@ mod backends;
 use burn::tensor::backend::Backend;
 use std::path::PathBuf;
 use v4_infer::{Flow, GenerateParams, Generation, Generator, SpeculativeParams};
-use v4_model::{read_config, V4Model};
+use v4_model::{read_config, SafetensorsDir, V4Model};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn trained<B: Backend>() -> V4Model<B> {
+    let dir = fixtures().join("v4-shakespeare-mtp");
+    let config = read_config(&dir).unwrap();
+    let model = V4Model::load(&config, &SafetensorsDir::open(&dir).unwrap(), &Default::default()).unwrap();
+    assert_eq!(model.mtp.len(), 1, "the trained model has one MTP layer");
+    model
+}
+
+/// Three held-out Shakespeare prompts (Twelfth Night, bytes) of different lengths.
+fn held_out_prompts() -> Vec<Vec<u32>> {
+    let text = std::fs::read_to_string(fixtures().join("data/shakespeare/valid.jsonl")).unwrap();
+    let scene: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let bytes = scene["text"].as_str().unwrap().as_bytes();
+    [(0, 61), (400, 127), (900, 90)]
+        .iter()
+        .map(|&(at, len)| bytes[at..at + len].iter().map(|&b| b as u32).collect())
+        .collect()
+}
 
 fn model<B: Backend>() -> V4Model<B> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/v4-tiny-mtp/native");
@@ -54,10 +78,18 @@ fn plain<B: Backend>(model: &V4Model<B>, prompts: &[&[u32]]) -> Vec<Generation> 
 }
 
 fn speculative_greedy_equals_plain_greedy<B: Backend>() {
-    let model = model::<B>();
-    let prompts = prompts();
+    lossless(&model::<B>(), &prompts(), false);
+}
+
+fn speculation_on_the_trained_model_is_lossless_and_accepts_drafts<B: Backend>() {
+    lossless(&trained::<B>(), &held_out_prompts(), true);
+}
+
+/// Speculative greedy output equals plain greedy output on `model` for 1 and 3 `prompts`, k = 1 and 2,
+/// with and without rejecting every draft; `accepts`: most first drafts stand.
+fn lossless<B: Backend>(model: &V4Model<B>, prompts: &[Vec<u32>], accepts: bool) {
     let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-    let generator = Generator::new(&model);
+    let generator = Generator::new(model);
     for draft_tokens in [1, 2] {
         for reject_all in [false, true] {
             let spec = SpeculativeParams {
@@ -65,7 +97,7 @@ fn speculative_greedy_equals_plain_greedy<B: Backend>() {
                 reject_all,
             };
             for prompts in [&refs[1..2], &refs[..]] {
-                let expected = plain(&model, prompts);
+                let expected = plain(model, prompts);
                 let mut streamed = vec![Vec::new(); prompts.len()];
                 let (got, timings, acceptance) = generator
                     .generate_speculative(prompts, &params(), spec, |i, id| {
@@ -87,6 +119,13 @@ fn speculative_greedy_equals_plain_greedy<B: Backend>() {
                 } else {
                     // Every step yields its accepted drafts plus one.
                     assert_eq!(acceptance.steps + accepted, 39 * prompts.len());
+                    if accepts {
+                        assert!(
+                            acceptance.rate(0) > 0.5,
+                            "first drafts accepted: {:?}",
+                            acceptance
+                        );
+                    }
                 }
                 println!(
                     "{spec:?}, {} prompts: accepted {:?} of {:?} drafts in {} steps",
@@ -142,6 +181,7 @@ fn a_model_without_mtp_is_refused<B: Backend>() {
 
 on_both_backends!(
     speculative_greedy_equals_plain_greedy,
+    speculation_on_the_trained_model_is_lossless_and_accepts_drafts,
     speculation_stops_where_plain_decoding_stops,
     a_model_without_mtp_is_refused
 );

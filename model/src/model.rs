@@ -557,6 +557,11 @@ impl<B: Backend> V4Model<B> {
             "cannot keep {keep} of the {} speculative tokens",
             cache.position - start
         );
+        if start + keep == cache.position {
+            // Everything stands: the state is already right.
+            cache.layers.iter_mut().for_each(|layer| layer.journal = None);
+            return;
+        }
         for (layer, block) in cache.layers.iter_mut().zip(blocks) {
             block.attn.rewind(layer, keep);
         }
