@@ -13,6 +13,7 @@
 
 mod forward;
 pub mod isa;
+#[macro_use]
 mod kernels;
 pub mod packed;
 mod sgemm;

@@ -5,6 +5,9 @@
 //! AVX-512 machine (`V4_CPU_ISA=avx2|scalar`), those are called through the crate's public
 //! building blocks: `gemm_common::gemm::gemm_basic_generic` with `gemm-f32`'s FMA or scalar
 //! microkernel tables, which is what `gemm::gemm` itself runs on a CPU without AVX-512.
+//!
+//! Products of 2 to [`FEW_ROWS`] rows over a right side with contiguous rows (`x W^T` with `W^T` stored
+//! `[in, out]`: speculative decoding's verification of 2-4 tokens) run in v4's own [`few_rows`] kernel.
 
 use crate::isa::Isa;
 use gemm::Parallelism;
@@ -92,6 +95,50 @@ pub(crate) struct Product {
     pub rhs: View,
 }
 
+/// Products of at most this many rows (and at least 2: one row is gemm's GEMV) whose right side has
+/// contiguous rows run in [`few_rows`].
+const FEW_ROWS: usize = 4;
+
+/// Output columns per block of [`few_rows`]: `FEW_ROWS` accumulator rows of this many f32 stay in L1.
+const FEW_ROWS_BLOCK: usize = 256;
+
+/// `dst = lhs · rhs` for `m <= FEW_ROWS` and a right side with contiguous rows: each block of columns
+/// reads its rows of `rhs` once, adding `lhs[r, i] * rhs[i, block]` into `m` accumulator rows. gemm packs
+/// the right side on every call, which at a few rows costs more than the product itself.
+///
+/// # Safety
+/// As [`matmul`], with `p.dims.0 <= FEW_ROWS` and `p.rhs.col_stride == 1`.
+#[inline(always)]
+unsafe fn few_rows(p: &Product) {
+    let (m, n, k) = p.dims;
+    let mut acc = [[0f32; FEW_ROWS_BLOCK]; FEW_ROWS];
+    for start in (0..n).step_by(FEW_ROWS_BLOCK) {
+        let width = FEW_ROWS_BLOCK.min(n - start);
+        for row in acc.iter_mut().take(m) {
+            row[..width].fill(0.0);
+        }
+        for i in 0..k {
+            let rhs = p.rhs.ptr.offset(i as isize * p.rhs.row_stride + start as isize);
+            let rhs = std::slice::from_raw_parts(rhs, width);
+            for (r, row) in acc.iter_mut().enumerate().take(m) {
+                let a = *p
+                    .lhs
+                    .ptr
+                    .offset(r as isize * p.lhs.row_stride + i as isize * p.lhs.col_stride);
+                for (o, &b) in row[..width].iter_mut().zip(rhs) {
+                    *o = a.mul_add(b, *o);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate().take(m) {
+            let dst = p.dst.offset(r as isize * p.dst_row_stride + start as isize);
+            std::ptr::copy_nonoverlapping(row.as_ptr(), dst, width);
+        }
+    }
+}
+
+isa_clones!(few_rows_avx2, few_rows_avx512 = few_rows(p: &Product));
+
 /// Computes `p` on the path [`Isa::active`] picks.
 ///
 /// # Safety
@@ -114,7 +161,13 @@ unsafe fn matmul_on(isa: Isa, p: &Product, parallelism: Parallelism) {
         p.rhs.col_stride,
         p.dst_row_stride,
     ];
+    let few = (2..=FEW_ROWS).contains(&p.dims.0) && p.rhs.col_stride == 1;
     match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if few => few_rows_avx512(p),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if few => few_rows_avx2(p),
+        _ if few => few_rows(p),
         Isa::Avx512 => crate_gemm(p, parallelism),
         _ if strides.iter().any(|&s| s < 0) => crate_gemm(p, parallelism),
         #[cfg(target_arch = "x86_64")]
@@ -157,7 +210,15 @@ mod tests {
     /// loop: all three paths run on an AVX-512 machine whatever `V4_CPU_ISA` says.
     #[test]
     fn every_path_matches_the_triple_loop() {
-        for (m, n, k) in [(1, 1, 1), (1, 33, 17), (7, 5, 300), (48, 40, 64), (65, 129, 31)] {
+        for (m, n, k) in [
+            (1, 1, 1),
+            (1, 33, 17),
+            (2, 300, 9),
+            (4, 513, 70),
+            (7, 5, 300),
+            (48, 40, 64),
+            (65, 129, 31),
+        ] {
             let lhs: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7919) % 23) as f32 / 11.0 - 1.0)
                 .collect();
@@ -172,10 +233,13 @@ mod tests {
                         .sum()
                 })
                 .collect();
-            for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+            // The same matrix stored [k, n] (a weight kept transposed: the few-row kernel's case).
+            let rhs_kn: Vec<f32> = (0..k * n).map(|o| rhs[o % n * k + o / n]).collect();
+            let layouts = [(rhs.as_ptr(), 1, k as isize), (rhs_kn.as_ptr(), n as isize, 1)];
+            let isas = [Isa::Scalar, Isa::Avx2, Isa::Avx512]
                 .into_iter()
-                .filter(|&i| i <= Isa::best())
-            {
+                .filter(|&i| i <= Isa::best());
+            for (isa, (ptr, row_stride, col_stride)) in isas.flat_map(|i| layouts.map(|l| (i, l))) {
                 let mut got = vec![f32::NAN; m * n];
                 let product = Product {
                     dims: (m, n, k),
@@ -187,9 +251,9 @@ mod tests {
                         col_stride: 1,
                     },
                     rhs: View {
-                        ptr: rhs.as_ptr(),
-                        row_stride: 1,
-                        col_stride: k as isize,
+                        ptr,
+                        row_stride,
+                        col_stride,
                     },
                 };
                 // SAFETY: the views and dst cover exactly their vectors; the CPU has `isa`.
@@ -198,7 +262,7 @@ mod tests {
                 for (g, w) in got.iter().zip(&want) {
                     assert!(
                         (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                        "{isa:?} {m}x{n}x{k}: {g} vs {w}"
+                        "{isa:?} {m}x{n}x{k} (rhs col stride {col_stride}): {g} vs {w}"
                     );
                 }
             }
