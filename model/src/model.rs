@@ -404,13 +404,14 @@ impl<B: Backend> V4Model<B> {
                 .flat_map(|row| tokens.ids[row * s + 1 + depth..][..n].iter().copied())
                 .collect();
             let mut state = ModelCache::new(1);
+            let columns = 0..n;
             let (x, routing) = self.run_mtp(
                 depth,
                 streams.narrow(1, 0, n),
                 &next,
                 b,
                 &mut [&mut state],
-                &[0..n],
+                std::slice::from_ref(&columns),
                 runner,
                 probe,
             );
