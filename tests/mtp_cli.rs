@@ -68,6 +68,23 @@ fn forward(dir: &Path, tag: &str) -> PathBuf {
     out
 }
 
+/// The fixture converted to v4's HF layout (f32), in scratch directory `tag`.
+fn in_hf_layout(tag: &str) -> PathBuf {
+    let (native, hf) = (fixture().join("native"), scratch(tag));
+    v4(&[
+        "convert",
+        "--input",
+        native.to_str().unwrap(),
+        "--output",
+        hf.to_str().unwrap(),
+        "--to",
+        "f32",
+        "--layout",
+        "hf",
+    ]);
+    hf
+}
+
 /// Compares `name` of `out` with the fixture's; returns the max |diff|.
 fn against_deepseek(out: &Path, name: &str) -> f32 {
     let (shape, got) = f32s(out, name);
@@ -89,19 +106,7 @@ fn forward_matches_deepseeks_main_and_mtp_logits() {
 
 #[test]
 fn convert_keeps_the_mtp_layer_in_both_layouts() {
-    let native = fixture().join("native");
-    let hf = scratch("hf");
-    v4(&[
-        "convert",
-        "--input",
-        native.to_str().unwrap(),
-        "--output",
-        hf.to_str().unwrap(),
-        "--to",
-        "f32",
-        "--layout",
-        "hf",
-    ]);
+    let hf = in_hf_layout("hf");
     let d = against_deepseek(&forward(&hf, "hf"), "mtp_logits");
     println!("HF layout (f32): mtp_logits max |diff| {d:.2e}");
     assert!(
@@ -149,19 +154,7 @@ fn losses(printed: &str, prefix: &str) -> (f64, f64) {
 
 #[test]
 fn fine_tuning_with_the_mtp_loss_lowers_both_losses_and_keeps_the_layer() {
-    let hf = scratch("finetune-hf");
-    let native = fixture().join("native");
-    v4(&[
-        "convert",
-        "--input",
-        native.to_str().unwrap(),
-        "--output",
-        hf.to_str().unwrap(),
-        "--to",
-        "f32",
-        "--layout",
-        "hf",
-    ]);
+    let hf = in_hf_layout("finetune-hf");
     let dir = scratch("finetune");
     std::fs::create_dir_all(&dir).unwrap();
     let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/shakespeare");

@@ -20,6 +20,8 @@ pub enum InferError {
     Tokenizer(String),
     /// A batch call whose chunks do not fit its sequences.
     Batch(String),
+    /// Speculative decoding cannot run as asked (no MTP layer, no drafts).
+    Speculative(String),
     /// The model rejected its input.
     Model(InputError),
 }
@@ -49,6 +51,7 @@ impl fmt::Display for InferError {
             ),
             InferError::Tokenizer(message) => write!(f, "tokenizer: {message}"),
             InferError::Batch(message) => write!(f, "batch: {message}"),
+            InferError::Speculative(message) => write!(f, "speculative decoding: {message}"),
             InferError::Model(e) => write!(f, "{e}"),
         }
     }

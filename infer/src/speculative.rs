@@ -177,14 +177,16 @@ impl<B: Backend> Generator<'_, B> {
         speculative: SpeculativeParams,
     ) -> Result<(), InferError> {
         if self.model().mtp.is_empty() {
-            return Err(InferError::Batch(
-                "speculative decoding drafts with the MTP layer, and this checkpoint has none \
+            return Err(InferError::Speculative(
+                "it drafts with the MTP layer, and this checkpoint has none \
                  (num_nextn_predict_layers = 0, or its mtp.* tensors are missing)"
                     .into(),
             ));
         }
         if speculative.draft_tokens == 0 {
-            return Err(InferError::Batch("--draft-tokens must be at least 1".into()));
+            return Err(InferError::Speculative(
+                "--draft-tokens must be at least 1".into(),
+            ));
         }
         params.sampling.validate().map_err(InferError::Batch)?;
         if prompts.is_empty() {

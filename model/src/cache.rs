@@ -176,3 +176,22 @@ pub struct Segment<'a, B: Backend> {
     pub start: usize,
     pub cache: &'a mut LayerCache<B>,
 }
+
+impl<'a, B: Backend> Segment<'a, B> {
+    /// Layer `layer`'s segments of a forward: `cols[i]` continue `caches[i]` at its position.
+    pub(crate) fn of_layer(
+        caches: &'a mut [&mut ModelCache<B>],
+        cols: &[Range<usize>],
+        layer: usize,
+    ) -> Vec<Self> {
+        caches
+            .iter_mut()
+            .zip(cols)
+            .map(|(cache, cols)| Segment {
+                cols: cols.clone(),
+                start: cache.position,
+                cache: &mut cache.layers[layer],
+            })
+            .collect()
+    }
+}

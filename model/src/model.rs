@@ -447,15 +447,7 @@ impl<B: Backend> V4Model<B> {
             .embed
             .forward(next_ids, &self.device())
             .reshape([batch, seq, d]);
-        let mut segments: Vec<Segment<'_, B>> = caches
-            .iter_mut()
-            .zip(cols)
-            .map(|(cache, cols)| Segment {
-                cols: cols.clone(),
-                start: cache.position,
-                cache: &mut cache.layers[0],
-            })
-            .collect();
+        let mut segments = Segment::of_layer(caches, cols, 0);
         let name = format!("mtp.{depth}");
         let out = self.mtp[depth].forward(streams, next, next_ids, &mut segments, runner, probe, &name);
         for (cache, cols) in caches.iter_mut().zip(cols) {
@@ -637,15 +629,7 @@ impl<B: Backend> V4Model<B> {
         let mut balance: Option<Tensor<B, 1>> = None;
         for (layer, block) in self.layers.iter().enumerate() {
             tap(probe, &format!("layers.{}.input", block.index), &x);
-            let mut segments: Vec<Segment<'_, B>> = caches
-                .iter_mut()
-                .zip(cols)
-                .map(|(cache, cols)| Segment {
-                    cols: cols.clone(),
-                    start: cache.position,
-                    cache: &mut cache.layers[layer],
-                })
-                .collect();
+            let mut segments = Segment::of_layer(caches, cols, layer);
             let name = format!("layers.{}", block.index);
             let (next, routing) = block.forward(x, ids, &mut segments, runner, probe, &name);
             x = next;
