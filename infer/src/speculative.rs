@@ -257,9 +257,12 @@ impl<B: Backend> Generator<'_, B> {
                 if j >= budget[i] {
                     continue;
                 }
-                let mut history = row.history.clone();
-                history.extend(row.drafts.iter().map(|d| d.0));
-                let q = row.sampler.distribution(&logits[i][0], &history);
+                // The history the draft follows: the tokens so far, then this step's drafts (appended in
+                // place and taken back, not copied every step).
+                let base = row.history.len();
+                row.history.extend(row.drafts.iter().map(|d| d.0));
+                let q = row.sampler.distribution(&logits[i][0], &row.history);
+                row.history.truncate(base);
                 let token = row.sampler.draw(&q);
                 row.drafts.push((token, q));
                 if j + 1 < budget[i] {
@@ -321,10 +324,12 @@ impl<B: Backend> Generator<'_, B> {
                 continue;
             }
             acceptance.steps += 1;
-            let mut history = row.history.clone();
+            // Accepted drafts join the history in place while later positions are checked; `emit` adds
+            // them for good.
+            let base = row.history.len();
             let mut tokens = Vec::with_capacity(chunk.len());
             for (j, target) in logits[i][..chunk.len()].iter().enumerate() {
-                let p = row.sampler.distribution(target, &history);
+                let p = row.sampler.distribution(target, &row.history);
                 let Some((draft, q)) = row.drafts.get(j) else {
                     tokens.push(row.sampler.draw(&p));
                     break;
@@ -339,7 +344,7 @@ impl<B: Backend> Generator<'_, B> {
                     Ok(token) => {
                         acceptance.accepted[j] += 1;
                         tokens.push(token);
-                        history.push(token);
+                        row.history.push(token);
                     }
                     Err(token) => {
                         tokens.push(token);
@@ -347,6 +352,7 @@ impl<B: Backend> Generator<'_, B> {
                     }
                 }
             }
+            row.history.truncate(base);
             let start = caches.position(i) - chunk.len();
             let max_ctx = self.config().max_position_embeddings;
             let kept = emit(i, row, &tokens, start + 1, params, max_ctx, on_token);
