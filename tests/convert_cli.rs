@@ -335,3 +335,109 @@ fn a_synthesized_checkpoint_converts_and_runs_in_its_stored_precision() {
         "the same seed wrote different weights"
     );
 }
+
+/// The dtype, shape and bytes of tensor `name` of the checkpoint in `dir` (sharded or not).
+fn stored_tensor(dir: &Path, name: &str) -> (safetensors::Dtype, Vec<usize>, Vec<u8>) {
+    let file = match std::fs::read_to_string(dir.join("model.safetensors.index.json")) {
+        Ok(index) => {
+            let index: serde_json::Value = serde_json::from_str(&index).unwrap();
+            index["weight_map"][name].as_str().unwrap().to_string()
+        }
+        Err(_) => "model.safetensors".into(),
+    };
+    let bytes = std::fs::read(dir.join(file)).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    (t.dtype(), t.shape().to_vec(), t.data().to_vec())
+}
+
+#[test]
+fn synth_streams_a_layer_slice_into_bf16_shards_with_each_layer_kind_kept() {
+    let config = fixtures().join("hf/config.json");
+    let full = scratch("synth-full");
+    let slice = scratch("synth-slice");
+    let (config, seed) = (config.to_str().unwrap(), "5");
+    v4(&[
+        "synth",
+        full.to_str().unwrap(),
+        "--config",
+        config,
+        "--seed",
+        seed,
+    ]);
+    v4(&[
+        "synth",
+        slice.to_str().unwrap(),
+        "--config",
+        config,
+        "--seed",
+        seed,
+        "--layers",
+        "0,2,3",
+        "--dtype",
+        "bf16",
+        "--shard-size",
+        "0.001",
+    ]);
+    // The slice keeps layers 0, 2, 3 of the fixture: each with its own attention and routing kind.
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(slice.join("config.json")).unwrap()).unwrap();
+    assert_eq!(written["num_hidden_layers"], 3);
+    assert_eq!(
+        written["layer_types"],
+        serde_json::json!([
+            "sliding_attention",
+            "heavily_compressed_attention",
+            "compressed_sparse_attention"
+        ])
+    );
+    assert_eq!(
+        written["mlp_layer_types"],
+        serde_json::json!(["hash_moe", "moe", "moe"])
+    );
+    let shards = std::fs::read_dir(&slice)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "safetensors")
+        })
+        .count();
+    assert!(shards > 1, "a 1 MB shard limit wrote {shards} shard(s)");
+    // Tensors named alike hold the full checkpoint's values rounded to bf16 (the generator starts any
+    // tensor at any element, so streaming in chunks changes nothing).
+    for name in [
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.layers.0.self_attn.q_a_proj.weight",
+        "model.layers.0.mlp.experts.gate_up_proj",
+        "model.layers.0.mlp.gate.tid2eid",
+    ] {
+        let (dtype, shape, bytes) = stored_tensor(&slice, name);
+        let (full_dtype, full_shape, full_bytes) = stored_tensor(&full, name);
+        assert_eq!(shape, full_shape, "{name}");
+        let expected: Vec<u8> = match full_dtype {
+            safetensors::Dtype::F32 => {
+                assert_eq!(dtype, safetensors::Dtype::BF16, "{name}");
+                full_bytes
+                    .chunks_exact(4)
+                    .flat_map(|b| {
+                        let x = f32::from_le_bytes(b.try_into().unwrap());
+                        v4_convert::codec::f32_to_bf16(x).to_le_bytes()
+                    })
+                    .collect()
+            }
+            _ => full_bytes,
+        };
+        assert_eq!(bytes.len(), expected.len(), "{name}");
+        assert!(
+            bytes == expected,
+            "{name}: the slice's values differ from the full checkpoint's"
+        );
+    }
+    let logits = logits(&slice, "synth-slice");
+    assert_eq!(logits.len(), 160 * 1024);
+    assert!(logits.iter().all(|x| x.is_finite()));
+}

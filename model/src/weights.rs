@@ -154,12 +154,20 @@ pub struct RandomWeights {
     pub experts: usize,
 }
 
-/// SplitMix64: a tiny, high-quality, seedable generator.
+/// SplitMix64: a tiny, high-quality, seedable generator. Its state advances by a constant per draw,
+/// so the generator can start at any draw in O(1) ([`SplitMix::at`]).
 struct SplitMix(u64);
 
+const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 impl SplitMix {
+    /// The generator seeded with `seed`, after `draws` draws.
+    fn at(seed: u64, draws: usize) -> Self {
+        SplitMix(seed.wrapping_add((draws as u64).wrapping_mul(SPLITMIX_GAMMA)))
+    }
+
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(SPLITMIX_GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -178,49 +186,91 @@ fn name_hash(name: &str) -> u64 {
     })
 }
 
+impl RandomWeights {
+    /// Elements `[start, start + out.len())` (row-major) of the floating-point tensor `name` that
+    /// [`WeightSource::read`] gives whole: a writer can stream a tensor larger than memory in chunks.
+    ///
+    /// # Panics
+    /// For [`Init::ExpertIds`], whose rows are drawn by rejection and so cannot start mid-tensor.
+    pub fn fill(&self, name: &str, spec: &TensorSpec<'_>, start: usize, out: &mut [f32]) {
+        let (center, spread) = match spec.init {
+            Init::Ones => (1.0, 0.1),
+            Init::Scale => (1.0, 0.2),
+            Init::Small => (0.0, 0.1),
+            Init::FanIn => {
+                let fan_in = *spec.shape.last().unwrap_or(&1) as f32;
+                (0.0, (3.0 / fan_in).sqrt())
+            }
+            Init::ExpertIds => panic!("`{name}`: hash tables are generated whole"),
+        };
+        let mut rng = SplitMix::at(self.seed ^ name_hash(name), start);
+        for v in out {
+            *v = center + spread * rng.uniform();
+        }
+    }
+
+    /// A hash-routing table `[vocab, K]`: K distinct expert ids per row.
+    fn expert_ids(&self, name: &str, shape: &[usize]) -> Vec<i64> {
+        let mut rng = SplitMix::at(self.seed ^ name_hash(name), 0);
+        let k = shape[1];
+        let mut ids = Vec::with_capacity(shape[0] * k);
+        for _ in 0..shape[0] {
+            let mut row: Vec<i64> = Vec::with_capacity(k);
+            while row.len() < k {
+                let e = (rng.next() % self.experts as u64) as i64;
+                if !row.contains(&e) {
+                    row.push(e);
+                }
+            }
+            ids.extend(row);
+        }
+        ids
+    }
+}
+
 impl WeightSource for RandomWeights {
     fn describe(&self) -> String {
         format!("random weights (seed {})", self.seed)
     }
 
     fn read(&self, name: &str, spec: &TensorSpec<'_>) -> Result<HostTensor, LoadError> {
-        let mut rng = SplitMix(self.seed ^ name_hash(name));
-        let expected = spec.shape;
-        let len: usize = expected.iter().product();
-        let uniform = |center: f32, spread: f32, rng: &mut SplitMix| {
-            HostData::F32((0..len).map(|_| center + spread * rng.uniform()).collect())
-        };
-        let data = match spec.init {
-            Init::ExpertIds => {
-                let k = expected[1];
-                let mut ids = Vec::with_capacity(len);
-                for _ in 0..expected[0] {
-                    let mut row: Vec<i64> = Vec::with_capacity(k);
-                    while row.len() < k {
-                        let e = (rng.next() % self.experts as u64) as i64;
-                        if !row.contains(&e) {
-                            row.push(e);
-                        }
-                    }
-                    ids.extend(row);
-                }
-                HostData::I64(ids)
-            }
-            Init::Ones => uniform(1.0, 0.1, &mut rng),
-            Init::Scale => uniform(1.0, 0.2, &mut rng),
-            Init::Small => uniform(0.0, 0.1, &mut rng),
-            Init::FanIn => {
-                let fan_in = *expected.last().unwrap_or(&1) as f32;
-                uniform(0.0, (3.0 / fan_in).sqrt(), &mut rng)
-            }
+        let data = if spec.init == Init::ExpertIds {
+            HostData::I64(self.expert_ids(name, spec.shape))
+        } else {
+            let mut values = vec![0.0; spec.shape.iter().product()];
+            self.fill(name, spec, 0, &mut values);
+            HostData::F32(values)
         };
         Ok(HostTensor {
-            shape: expected.to_vec(),
+            shape: spec.shape.to_vec(),
             data,
         })
     }
 
     fn names(&self) -> Vec<String> {
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tensor_filled_in_chunks_equals_the_tensor_read_whole() {
+        let random = RandomWeights { seed: 3, experts: 8 };
+        let shape = [3, 5, 7];
+        for init in [Init::FanIn, Init::Ones, Init::Scale, Init::Small] {
+            let spec = TensorSpec { shape: &shape, init };
+            let HostData::F32(whole) = random.read("w", &spec).unwrap().data else {
+                panic!("floating-point tensor read as integers");
+            };
+            assert_eq!(whole.len(), 105);
+            let mut chunked = vec![0.0; whole.len()];
+            for (i, chunk) in chunked.chunks_mut(11).enumerate() {
+                random.fill("w", &spec, i * 11, chunk);
+            }
+            assert_eq!(chunked, whole, "{init:?}");
+        }
     }
 }
