@@ -149,3 +149,32 @@ pub fn bench_ids(path: Option<&Path>, seed: u64, n: usize, vocab: usize) -> Resu
     )
     .into())
 }
+
+/// The first of `names` that the safetensors file `path` holds, as f32 (`[shape]`, values).
+pub fn read_f32_tensor(path: &Path, names: &[&str]) -> Result<(Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        format!(
+            "{}: not a valid safetensors file (truncated or corrupt?): {e}",
+            path.display()
+        )
+    })?;
+    let (name, t) = names
+        .iter()
+        .find_map(|n| st.tensor(n).ok().map(|t| (n, t)))
+        .ok_or_else(|| format!("{}: holds none of {}", path.display(), names.join(", ")))?;
+    if t.dtype() != Dtype::F32 {
+        return Err(format!(
+            "{}: `{name}` has dtype {:?}, expected F32",
+            path.display(),
+            t.dtype()
+        )
+        .into());
+    }
+    let values = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4")))
+        .collect();
+    Ok((t.shape().to_vec(), values))
+}

@@ -4,6 +4,7 @@
 use crate::device::Device;
 use crate::io::Result;
 use burn::tensor::backend::Backend;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 use v4_model::{Residency, V4Config, V4Model};
@@ -28,15 +29,17 @@ fn residency(device: Device, dequantize: bool) -> Residency {
     }
 }
 
-/// Loads the checkpoint in `dir` for `kind` after checking that its weights fit in memory.
+/// Loads the checkpoint in `dir` for `kind` (only main layers `layers` when given) after checking that
+/// its weights fit in memory.
 pub fn load_model<B: Backend>(
     dir: &Path,
     config: &V4Config,
     kind: Device,
     args: LoadArgs,
+    layers: Option<Range<usize>>,
     device: &B::Device,
 ) -> Result<V4Model<B>> {
-    let estimate = v4_checkpoint::estimate(dir, args.dequantize)?;
+    let estimate = v4_checkpoint::estimate(dir, args.dequantize, layers.clone())?;
     if let Some(available) = v4_checkpoint::available_memory() {
         if estimate.total() > available {
             return Err(v4_checkpoint::MemoryError {
@@ -49,10 +52,11 @@ pub fn load_model<B: Backend>(
         }
     }
     let source = v4_checkpoint::open(dir)?;
-    Ok(V4Model::<B>::load_with(
+    Ok(V4Model::<B>::load_layers(
         config,
         source.as_ref(),
         device,
         residency(kind, args.dequantize),
+        layers.unwrap_or(0..config.num_layers()),
     )?)
 }

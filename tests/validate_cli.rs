@@ -203,3 +203,121 @@ fn an_f64_golden_feeds_the_reference_relative_gate() {
     assert!(sqnr > 80.0, "f32 NPU emulation SQNR {sqnr} dB");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The tensor `name` of the safetensors file `path`, as f32.
+fn f32_tensor(path: &str, name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap_or_else(|_| panic!("{path}: no `{name}`"));
+    t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+/// A model run range by range (`--layers`, each range loading only its layers and starting from the
+/// streams the previous range wrote) gives the whole model's streams and logits, which match HF's; and
+/// `validate --layers` checks one range against a full reference trace.
+#[test]
+fn ranges_of_layers_run_and_validate_like_the_whole_model() {
+    let dir = std::env::temp_dir().join(format!("v4-validate-layers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |n: &str| -> String { dir.join(n).display().to_string() };
+    let f = "tests/fixtures/v4-tiny-a";
+    let (model, input) = (format!("{f}/hf"), format!("{f}/io.safetensors"));
+    let run = |args: &[&str]| {
+        let out = v4(args);
+        assert!(
+            out.status.success(),
+            "v4 {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let forward = ["forward", "--model", &model, "--input", &input, "--output"];
+    run(&[&forward[..], &[&p("whole.safetensors")]].concat());
+    run(&[&forward[..], &[&p("first.safetensors"), "--layers", "0..2"]].concat());
+    run(&[
+        &forward[..],
+        &[
+            &p("second.safetensors"),
+            "--layers",
+            "2..",
+            "--streams",
+            &p("first.safetensors"),
+        ],
+    ]
+    .concat());
+    let max_diff = |a: &[f32], b: &[f32]| {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    };
+    // The first range ends with the streams entering layer 2, and has no logits.
+    let first = p("first.safetensors");
+    assert_eq!(f32_tensor(&first, "hidden.2").len(), 2 * 80 * 4 * 256);
+    let bytes = std::fs::read(&first).unwrap();
+    assert!(safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .tensor("logits")
+        .is_err());
+    let whole = p("whole.safetensors");
+    assert_eq!(
+        max_diff(&f32_tensor(&first, "hidden.2"), &f32_tensor(&whole, "hidden.2")),
+        0.0
+    );
+    let second = p("second.safetensors");
+    let logits = f32_tensor(&second, "logits");
+    assert_eq!(
+        max_diff(&logits, &f32_tensor(&whole, "logits")),
+        0.0,
+        "ranges vs whole"
+    );
+    let hf = max_diff(&logits, &f32_tensor(&input, "logits"));
+    assert!(hf <= 2e-5, "ranges vs HF: {hf}");
+
+    // A range after layer 0 needs its input streams.
+    let out = v4(&[&forward[..], &[&p("x.safetensors"), "--layers", "2.."]].concat());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--streams"));
+
+    // Validate layers 1..3 alone against a full reference trace: only their probes (and the head, fed
+    // the reference's final streams in isolated mode) are compared.
+    run(&[
+        "trace",
+        "--model",
+        &model,
+        "--input",
+        &input,
+        "--output",
+        &p("ref.safetensors"),
+    ]);
+    let out = v4(&[
+        "validate",
+        "--reference",
+        &p("ref.safetensors"),
+        "--model",
+        &model,
+        "--layers",
+        "1..3",
+        "--report-dir",
+        &p("report"),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = std::fs::read_to_string(dir.join("report/report.csv")).unwrap();
+    let probes: Vec<&str> = csv.lines().skip(1).filter_map(|l| l.split(',').nth(1)).collect();
+    assert!(
+        probes.iter().any(|n| n.starts_with("layers.1."))
+            && probes.iter().any(|n| n.starts_with("layers.2."))
+    );
+    assert!(
+        !probes
+            .iter()
+            .any(|n| n.starts_with("layers.0.") || n.starts_with("layers.3.")),
+        "probes outside 1..3: {probes:?}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

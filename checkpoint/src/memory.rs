@@ -2,7 +2,9 @@
 //! anything is read, against the memory this machine has available.
 
 use std::fmt;
+use std::ops::Range;
 use std::path::Path;
+use v4_convert::codec::fp8::FP8_BLOCK;
 use v4_convert::{Checkpoint, Layout};
 
 /// The bytes a load would keep resident.
@@ -56,19 +58,32 @@ impl fmt::Display for MemoryError {
 impl std::error::Error for MemoryError {}
 
 /// The resident bytes of loading the checkpoint in `dir` with every weight as f32 (`dequantize`) or
-/// with the large matrices in their stored precision. Integer tensors (hash tables) count as stored.
-pub fn estimate(dir: &Path, dequantize: bool) -> Result<Estimate, String> {
+/// with the large matrices in their stored precision; only the tensors a load of main layers `layers`
+/// reads when given ([`v4_model::tensor_in_layers`]). Integer tensors (hash tables) count 4 bytes
+/// an id, as the model holds them.
+pub fn estimate(dir: &Path, dequantize: bool, layers: Option<Range<usize>>) -> Result<Estimate, String> {
     let checkpoint = Checkpoint::open(dir).map_err(|e| e.to_string())?;
+    let config = v4_model::read_config(dir).ok();
+    let groups = config.as_ref().map_or(1, |c| c.o_groups);
+    let num_layers = config.as_ref().map_or(0, |c| c.num_layers());
+    let layers = layers.unwrap_or(0..num_layers);
     let mut estimate = Estimate { packed: 0, dense: 0 };
     for name in checkpoint.hf_tensor_names() {
+        if config.is_some() && !v4_model::tensor_in_layers(&name, &layers, num_layers) {
+            continue;
+        }
         let shape = checkpoint.hf_shape(&name).unwrap_or_default();
         let numel: u64 = shape.iter().map(|&d| d as u64).product();
         let stored = checkpoint.hf_stored_bytes(&name).unwrap_or(4 * numel);
-        // Matrices stored narrower than f32 stay as stored, except the grouped output projection.
-        let packable = checkpoint.layout() == Layout::DeepSeek
-            && stored < 4 * numel
-            && shape.len() >= 2
-            && !name.ends_with("o_a_proj.weight");
+        // Matrices stored narrower than f32 stay as stored. The grouped output projection is kept as
+        // one row band per group, which a block-scaled (FP8) matrix allows only on whole 128-row
+        // tiles: toy shapes whose groups cut a tile are decoded to f32.
+        let block_scaled = stored < 2 * numel;
+        let bands_fit = !name.ends_with("o_a_proj.weight")
+            || !block_scaled
+            || (shape[0] / groups).is_multiple_of(FP8_BLOCK);
+        let packable =
+            checkpoint.layout() == Layout::DeepSeek && stored < 4 * numel && shape.len() >= 2 && bands_fit;
         if !dequantize && packable {
             estimate.packed += stored;
         } else {

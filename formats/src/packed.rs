@@ -47,6 +47,22 @@ impl Bytes {
         &self.owner.as_ref().as_ref()[self.range.clone()]
     }
 
+    /// Bytes `range` of these bytes, sharing the owner.
+    ///
+    /// # Panics
+    /// If the range lies outside these bytes.
+    pub fn slice(&self, range: Range<usize>) -> Bytes {
+        assert!(
+            range.end <= self.len(),
+            "byte range {range:?} outside {} bytes",
+            self.len()
+        );
+        Bytes::new(
+            self.owner.clone(),
+            self.range.start + range.start..self.range.start + range.end,
+        )
+    }
+
     pub fn len(&self) -> usize {
         self.range.len()
     }
@@ -174,6 +190,42 @@ impl PackedRows {
         self.data.len() + self.scales.len()
     }
 
+    /// Rows `[r0, r0 + rows)` as a block of their own, sharing the bytes. FP8 blocks split only on
+    /// whole scale tiles (`r0` and `rows` multiples of the tile); `None` otherwise.
+    pub fn rows_range(&self, r0: usize, rows: usize) -> Option<PackedRows> {
+        assert!(
+            r0 + rows <= self.rows,
+            "rows {r0}..{} outside {}",
+            r0 + rows,
+            self.rows
+        );
+        let cols = self.cols;
+        let scales = match self.storage {
+            Storage::F32 | Storage::Bf16 => self.scales.clone(),
+            Storage::Fp8 { block, scale } => {
+                if !r0.is_multiple_of(block) || !(rows.is_multiple_of(block) || r0 + rows == self.rows) {
+                    return None;
+                }
+                let per_tile_row = fp8::grid(cols, block) * if scale == Fp8ScaleKind::F32 { 4 } else { 1 };
+                let first = r0 / block * per_tile_row;
+                self.scales
+                    .slice(first..first + fp8::grid(rows, block) * per_tile_row)
+            }
+            Storage::Mxfp4 { block } | Storage::Nvfp4 { block, .. } => {
+                self.scales.slice(r0 * cols / block..(r0 + rows) * cols / block)
+            }
+        };
+        let row_bytes = self.storage.code_bytes(1, cols);
+        let data = self.data.slice(r0 * row_bytes..(r0 + rows) * row_bytes);
+        Some(PackedRows {
+            rows,
+            cols,
+            storage: self.storage,
+            data,
+            scales,
+        })
+    }
+
     /// Decodes rows `[r0, r0 + out.len() / cols)` into `out` (row-major), exactly as the converter
     /// dequantises: one f32 rounding of `value * scale`.
     pub fn decode_rows(&self, r0: usize, out: &mut [f32]) {
@@ -260,6 +312,30 @@ impl PackedMatrix {
         } else {
             "mixed".into()
         }
+    }
+
+    /// The matrix cut into `pieces` equal row bands (a grouped projection's groups), sharing the bytes;
+    /// `None` when a cut would split an FP8 scale tile.
+    pub fn split_rows(&self, pieces: usize) -> Option<Vec<PackedMatrix>> {
+        if pieces == 0 || !self.rows.is_multiple_of(pieces) {
+            return None;
+        }
+        let band = self.rows / pieces;
+        (0..pieces)
+            .map(|i| {
+                let mut parts = Vec::new();
+                let mut start = 0;
+                for part in &self.parts {
+                    let lo = (i * band).max(start);
+                    let hi = ((i + 1) * band).min(start + part.rows);
+                    if lo < hi {
+                        parts.push(part.rows_range(lo - start, hi - lo)?);
+                    }
+                    start += part.rows;
+                }
+                PackedMatrix::new(parts).ok()
+            })
+            .collect()
     }
 
     /// Decodes rows `rows` into `out` (`[rows.len(), cols]`), across block boundaries.
@@ -429,6 +505,37 @@ mod tests {
                 assert_eq!(y[i * rows + j], expected, "y[{i}, {j}]");
             }
         }
+    }
+
+    #[test]
+    fn row_bands_decode_as_the_rows_of_the_whole() {
+        let cols = 256;
+        let fp8_whole = PackedMatrix::new(vec![fp8_rows(&data(256 * cols, 6), 256, cols)]).unwrap();
+        let mx_whole = PackedMatrix::new(vec![
+            mx_rows(&data(24 * cols, 7), 24, cols),
+            mx_rows(&data(24 * cols, 8), 24, cols),
+        ])
+        .unwrap();
+        // FP8 on whole 128-row tiles; MXFP4 in bands that cross the stacked blocks' boundary.
+        for (m, pieces) in [(&fp8_whole, 2), (&mx_whole, 3)] {
+            let whole = m.to_f32();
+            let bands = m.split_rows(pieces).expect("bands on tile boundaries");
+            assert_eq!(bands.len(), pieces);
+            let band = m.rows / pieces;
+            for (i, b) in bands.iter().enumerate() {
+                assert_eq!((b.rows, b.cols), (band, cols));
+                assert_eq!(
+                    b.to_f32(),
+                    whole[i * band * cols..(i + 1) * band * cols],
+                    "band {i}"
+                );
+            }
+            let bytes: usize = bands.iter().map(PackedMatrix::stored_bytes).sum();
+            assert_eq!(bytes, m.stored_bytes(), "the bands share the bytes");
+        }
+        // 64-row bands would cut FP8's 128x128 scale tiles.
+        assert!(fp8_whole.split_rows(4).is_none());
+        assert!(mx_whole.split_rows(5).is_none(), "48 rows do not split in 5");
     }
 
     #[test]

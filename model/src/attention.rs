@@ -17,7 +17,7 @@ use crate::compressor::{Compressor, Projected};
 use crate::config::{AttentionKind, V4Config};
 use crate::indexer::{IndexQueries, Indexer, Selection};
 use crate::loader::Weights;
-use crate::norm::{rms_normalize, Linear, RmsNorm};
+use crate::norm::{rms_normalize, GroupedLinear, Linear, RmsNorm};
 use crate::probe::{tap, NoProbe, Probe};
 use crate::rope::Rope;
 use crate::weights::{Init, LoadError};
@@ -34,8 +34,8 @@ pub struct Attention<B: Backend> {
     /// `[d, D]`
     pub wkv: Linear<B>,
     pub kv_norm: RmsNorm<B>,
-    /// Per-group low-rank projection, transposed per group: `[g, H * d / g, R]`.
-    pub wo_a: Param<Tensor<B, 3>>,
+    /// Per-group low-rank projection: `g` maps `[H * d / g] -> [R]`.
+    pub wo_a: GroupedLinear<B>,
     /// `[D, g * R]`
     pub wo_b: Linear<B>,
     /// Per-head sink logits: `[H]`.
@@ -75,7 +75,7 @@ impl<B: Backend> Attention<B> {
             wq_b: Linear::load(w, "q_b_proj", h * hd, q)?,
             wkv: Linear::load(w, "kv_proj", hd, d)?,
             kv_norm: w.norm("kv_norm", hd, eps)?,
-            wo_a: w.blocks_transposed("o_a_proj.weight", [g, r, h * hd / g], true, Init::FanIn)?,
+            wo_a: GroupedLinear::load(w, "o_a_proj", g, r, h * hd / g)?,
             wo_b: Linear::load(w, "o_b_proj", d, g * r)?,
             sinks: w.plain("sinks", [h], Init::Small)?,
             compressor,
@@ -160,13 +160,12 @@ impl<B: Backend> Attention<B> {
             Tensor::cat(outputs, 1)
         };
 
-        // Grouped output projection: [B*S, g, H*d/g] -> [g, B*S, R] -> [B*S, g*R] -> [B, S, D].
-        let [g, group_in, r] = self.wo_a.dims();
-        let grouped = o.reshape([batch * seq, g, group_in]).swap_dims(0, 1);
-        let low = grouped
-            .matmul(self.wo_a.val())
-            .swap_dims(0, 1)
-            .reshape([batch, seq, g * r]);
+        // Grouped output projection: [B*S, g, H*d/g] -> [B*S, g*R] -> [B, S, D].
+        let g = self.wo_a.groups();
+        let grouped = o.reshape([batch * seq, g, self.num_heads * self.head_dim / g]);
+        let low = self.wo_a.forward(grouped);
+        let low_width = low.dims()[1];
+        let low = low.reshape([batch, seq, low_width]);
         let out = self.wo_b.forward(low);
         tap(probe, &format!("{name}.output"), &out);
         out

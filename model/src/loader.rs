@@ -208,7 +208,10 @@ impl<'l, 'a, B: Backend> Weights<'l, 'a, B> {
         match data {
             HostData::F32(v) => match v.iter().find(|x| !x.is_finite()) {
                 Some(bad) => Err(self.value_error(name, format!("contains the non-finite value {bad}"))),
-                None => Ok(v),
+                None => {
+                    self.loader.state.borrow_mut().dense_bytes += v.len() * 4;
+                    Ok(v)
+                }
             },
             HostData::I64(_) => Err(LoadError::Dtype {
                 source: self.describe(),
@@ -219,10 +222,14 @@ impl<'l, 'a, B: Backend> Weights<'l, 'a, B> {
         }
     }
 
-    /// `name` as integers on the host.
+    /// `name` as integers on the host (counted as held in 4 bytes each: the model keeps ids as u32).
+    /// Every read value counts as held: f32 in [`Weights::finite`], ids here.
     pub fn host_i64(&self, name: &str, shape: &[usize], init: Init) -> Result<Vec<i64>, LoadError> {
         match self.read(name, &[shape], init)? {
-            HostData::I64(v) => Ok(v),
+            HostData::I64(v) => {
+                self.loader.state.borrow_mut().dense_bytes += v.len() * 4;
+                Ok(v)
+            }
             HostData::F32(_) => Err(LoadError::Dtype {
                 source: self.describe(),
                 name: self.name(name),
@@ -250,7 +257,6 @@ impl<'l, 'a, B: Backend> Weights<'l, 'a, B> {
         layout: Layout,
     ) -> Param<Tensor<B, D>> {
         let mut state = self.loader.state.borrow_mut();
-        state.dense_bytes += data.len() * 4;
         let param = Param::from_tensor(Tensor::from_data(
             TensorData::new(data, shape),
             self.loader.device,
@@ -314,9 +320,30 @@ impl<'l, 'a, B: Backend> Weights<'l, 'a, B> {
     /// for `n` stacked experts) in their stored precision; `None` when the weights are dequantised
     /// or the source only has f32 (random weights).
     pub fn packed(&self, name: &str, shape: &[usize]) -> Result<Option<Vec<PackedWeight>>, LoadError> {
-        let Residency::Packed(kernel) = &self.loader.residency else {
+        Ok(self.read_packed(name, shape)?.map(|m| self.keep_packed(name, m)))
+    }
+
+    /// With [`Residency::Packed`], the `[rows, cols]` matrix `name` in its stored precision, cut into
+    /// `bands` equal row bands (a grouped projection's groups); `None` as for [`Weights::packed`], and
+    /// when a cut would split a scale tile (the caller then reads f32).
+    pub fn packed_bands(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        bands: usize,
+    ) -> Result<Option<Vec<PackedWeight>>, LoadError> {
+        let Some(mut matrices) = self.read_packed(name, &shape)? else {
             return Ok(None);
         };
+        let split = matrices.pop().and_then(|m| m.split_rows(bands));
+        Ok(split.map(|m| self.keep_packed(name, m)))
+    }
+
+    /// The stored matrices of `name`, checked against `shape`.
+    fn read_packed(&self, name: &str, shape: &[usize]) -> Result<Option<Vec<PackedMatrix>>, LoadError> {
+        if !matches!(self.loader.residency, Residency::Packed(_)) {
+            return Ok(None);
+        }
         let full = self.name(name);
         let Some(matrices) = self.loader.source.read_packed(&full, shape)? else {
             return Ok(None);
@@ -334,18 +361,24 @@ impl<'l, 'a, B: Backend> Weights<'l, 'a, B> {
                 found,
             });
         }
+        Ok(Some(matrices))
+    }
+
+    /// Records `matrices` as the stored form of `name` and pairs each with the load's kernel.
+    fn keep_packed(&self, name: &str, matrices: Vec<PackedMatrix>) -> Vec<PackedWeight> {
+        let Residency::Packed(kernel) = &self.loader.residency else {
+            unreachable!("read_packed returns matrices only for a packed load");
+        };
         let mut state = self.loader.state.borrow_mut();
         state.packed_bytes += matrices.iter().map(PackedMatrix::stored_bytes).sum::<usize>();
-        state.used.insert(full);
-        Ok(Some(
-            matrices
-                .into_iter()
-                .map(|m| PackedWeight {
-                    matrix: Arc::new(m),
-                    kernel: kernel.clone(),
-                })
-                .collect(),
-        ))
+        state.used.insert(self.name(name));
+        matrices
+            .into_iter()
+            .map(|m| PackedWeight {
+                matrix: Arc::new(m),
+                kernel: kernel.clone(),
+            })
+            .collect()
     }
 }
 

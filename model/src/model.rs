@@ -11,7 +11,7 @@
 
 use crate::block::Block;
 use crate::cache::{ModelCache, Segment, SequenceCaches};
-use crate::config::V4Config;
+use crate::config::{ConfigError, V4Config};
 use crate::hyper_connection::HcHead;
 use crate::loader::{Loader, NamedParam, Residency};
 use crate::moe::{ExpertRunner, LocalExperts, Routing};
@@ -79,6 +79,9 @@ pub enum InputError {
     AllPadding { batch: usize, seq: usize },
     /// A padded batch with a different number of rows than its decoding states.
     Caches { caches: usize, batch: usize },
+    /// A model loaded with only some of its layers asked for logits or to start from tokens past
+    /// its first layer (see [`V4Model::load_layers`]).
+    Partial { layers: Range<usize>, num_layers: usize },
 }
 
 impl fmt::Display for InputError {
@@ -114,6 +117,11 @@ impl fmt::Display for InputError {
                 f,
                 "a batch of {batch} rows cannot continue {caches} sequence states (one per row)"
             ),
+            InputError::Partial { layers, num_layers } => write!(
+                f,
+                "only layers {layers:?} of {num_layers} are loaded: logits need every layer, and a range \
+                 after layer 0 starts from recorded input streams"
+            ),
         }
     }
 }
@@ -121,6 +129,26 @@ impl fmt::Display for InputError {
 impl std::error::Error for InputError {}
 
 impl Tokens {
+    /// Checks that the ids form a non-empty `[batch, seq]` batch inside the vocabulary.
+    pub fn check(&self, vocab: usize) -> Result<(), InputError> {
+        if self.batch == 0 || self.seq == 0 || self.ids.len() != self.batch * self.seq {
+            return Err(InputError::Shape {
+                len: self.ids.len(),
+                batch: self.batch,
+                seq: self.seq,
+            });
+        }
+        if let Some(i) = self.ids.iter().position(|&id| id as usize >= vocab) {
+            return Err(InputError::OutOfVocabulary {
+                batch: i / self.seq,
+                position: i % self.seq,
+                id: self.ids[i] as i64,
+                vocab,
+            });
+        }
+        Ok(())
+    }
+
     /// Checks `ids: [batch, seq]` (any integer type) against a vocabulary size.
     pub fn new(ids: &[i64], batch: usize, seq: usize, vocab: usize) -> Result<Self, InputError> {
         if batch == 0 || seq == 0 || ids.len() != batch * seq {
@@ -336,22 +364,8 @@ impl<B: Backend> V4Model<B> {
         probe: &mut dyn Probe,
         which: LogitsFor,
     ) -> Result<ForwardOutput<B>, InputError> {
-        let vocab = self.config.vocab_size;
-        if tokens.batch == 0 || tokens.seq == 0 || tokens.ids.len() != tokens.batch * tokens.seq {
-            return Err(InputError::Shape {
-                len: tokens.ids.len(),
-                batch: tokens.batch,
-                seq: tokens.seq,
-            });
-        }
-        if let Some(i) = tokens.ids.iter().position(|&id| id as usize >= vocab) {
-            return Err(InputError::OutOfVocabulary {
-                batch: i / tokens.seq,
-                position: i % tokens.seq,
-                id: tokens.ids[i] as i64,
-                vocab,
-            });
-        }
+        self.check_whole()?;
+        tokens.check(self.config.vocab_size)?;
         let end = cache.position + tokens.seq;
         if end > self.config.max_position_embeddings {
             return Err(InputError::TooLong {
@@ -362,9 +376,8 @@ impl<B: Backend> V4Model<B> {
         let (b, s) = (tokens.batch, tokens.seq);
         let all_columns = 0..s;
         let (mut x, expert_counts, balance) = self.run_blocks(
+            self.embed_streams(&tokens.ids, b, s),
             &tokens.ids,
-            b,
-            s,
             &mut [cache],
             std::slice::from_ref(&all_columns),
             runner,
@@ -379,6 +392,61 @@ impl<B: Backend> V4Model<B> {
             balance,
             streams: x,
         })
+    }
+
+    /// The loaded layers (all of a whole model's, or the range of [`load_layers`](Self::load_layers))
+    /// over `tokens` from a fresh state: starting from the embedding, or from `streams: [B, S, c, D]`
+    /// entering the first loaded layer (required when it is not layer 0). Returns the streams after the
+    /// last loaded layer, `[B, S, c, D]`; the head is not run.
+    pub fn forward_layers(
+        &self,
+        tokens: &Tokens,
+        streams: Option<Tensor<B, 4>>,
+        runner: &dyn ExpertRunner<B>,
+        probe: &mut dyn Probe,
+    ) -> Result<Tensor<B, 4>, InputError> {
+        tokens.check(self.config.vocab_size)?;
+        let (b, s) = (tokens.batch, tokens.seq);
+        let x = match streams {
+            Some(x) => x,
+            None if self.layer_range().start == 0 => self.embed_streams(&tokens.ids, b, s),
+            None => return Err(self.partial()),
+        };
+        let mut cache = ModelCache::new(self.layers.len());
+        let all_columns = 0..s;
+        let (x, _, _) = self.run_blocks(
+            x,
+            &tokens.ids,
+            &mut [&mut cache],
+            std::slice::from_ref(&all_columns),
+            runner,
+            probe,
+        );
+        Ok(x)
+    }
+
+    /// The indices of the loaded layers.
+    pub fn layer_range(&self) -> Range<usize> {
+        match (self.layers.first(), self.layers.last()) {
+            (Some(first), Some(last)) => first.index..last.index + 1,
+            _ => 0..0,
+        }
+    }
+
+    fn partial(&self) -> InputError {
+        InputError::Partial {
+            layers: self.layer_range(),
+            num_layers: self.config.num_layers(),
+        }
+    }
+
+    /// Fails unless every layer is loaded.
+    fn check_whole(&self) -> Result<(), InputError> {
+        if self.layer_range() == (0..self.config.num_layers()) {
+            Ok(())
+        } else {
+            Err(self.partial())
+        }
     }
 
     /// Full-sequence forward with the MTP head (see [`MtpForward`]); `tokens` need at least 2 positions.
@@ -478,11 +546,13 @@ impl<B: Backend> V4Model<B> {
         probe: &mut dyn Probe,
         which: LogitsFor,
     ) -> Result<ForwardOutput<B>, InputError> {
+        self.check_whole()?;
         let packed = self.pack(tokens, caches)?;
         let mut row_caches = packed.caches(caches);
         let n = packed.ids.len();
+        let x = self.embed_streams(&packed.ids, 1, n);
         let (x, expert_counts, balance) =
-            self.run_blocks(&packed.ids, 1, n, &mut row_caches, &packed.cols, runner, probe);
+            self.run_blocks(x, &packed.ids, &mut row_caches, &packed.cols, runner, probe);
         let logits = match which {
             LogitsFor::Last => {
                 let hidden = self.hidden(packed.last_of_each(x.clone()), probe);
@@ -604,27 +674,28 @@ impl<B: Backend> V4Model<B> {
         Ok(packed)
     }
 
-    /// Embedding and blocks over `ids: [batch, seq]`; `cols[i]` are the columns continuing `caches[i]`
-    /// (which advance by that many positions). Returns the final streams `[batch, seq, c, D]`, the
-    /// rows each routed expert received per layer, and the summed sequence-wise balance terms.
-    #[allow(clippy::too_many_arguments)]
+    /// The embedding of `ids: [batch, seq]` copied into each of the `c` streams: `[batch, seq, c, D]`.
+    fn embed_streams(&self, ids: &[u32], batch: usize, seq: usize) -> Tensor<B, 4> {
+        let d = self.config.hidden_size;
+        let x = self
+            .embed
+            .forward(ids, &self.device())
+            .reshape([batch, seq, 1, d]);
+        x.repeat_dim(2, self.config.hc_mult)
+    }
+
+    /// The loaded blocks over the streams `x: [batch, seq, c, D]` of `ids`; `cols[i]` are the columns
+    /// continuing `caches[i]` (which advance by that many positions). Returns the streams after the last
+    /// block, the rows each routed expert received per layer, and the summed sequence-wise balance terms.
     fn run_blocks(
         &self,
+        mut x: Tensor<B, 4>,
         ids: &[u32],
-        batch: usize,
-        seq: usize,
         caches: &mut [&mut ModelCache<B>],
         cols: &[Range<usize>],
         runner: &dyn ExpertRunner<B>,
         probe: &mut dyn Probe,
     ) -> (Tensor<B, 4>, Vec<Vec<usize>>, Option<Tensor<B, 1>>) {
-        let d = self.config.hidden_size;
-        let c = self.config.hc_mult;
-        let x = self
-            .embed
-            .forward(ids, &self.device())
-            .reshape([batch, seq, 1, d]);
-        let mut x = x.repeat_dim(2, c);
         let mut expert_counts = Vec::with_capacity(self.layers.len());
         let mut balance: Option<Tensor<B, 1>> = None;
         for (layer, block) in self.layers.iter().enumerate() {
@@ -647,8 +718,9 @@ impl<B: Backend> V4Model<B> {
         (x, expert_counts, balance)
     }
 
-    /// The head: final streams `[B, S, c, D]` -> logits `[B, S, vocab]`.
-    fn logits(&self, x: Tensor<B, 4>, probe: &mut dyn Probe) -> Tensor<B, 3> {
+    /// The head: final streams `[B, S, c, D]` after every layer -> logits `[B, S, vocab]` (the HC head,
+    /// the norm and the LM head), tapping `final.streams`, `final.hidden` and `logits`.
+    pub fn logits(&self, x: Tensor<B, 4>, probe: &mut dyn Probe) -> Tensor<B, 3> {
         let logits = self.head.forward(self.hidden(x, probe));
         tap(probe, "logits", &logits);
         logits
@@ -675,6 +747,30 @@ impl<B: Backend> V4Model<B> {
         device: &B::Device,
         residency: Residency,
     ) -> Result<Self, LoadError> {
+        Self::load_layers(config, source, device, residency, 0..config.num_layers())
+    }
+
+    /// [`load_with`](Self::load_with), keeping only the main layers `layers` (plus the embedding, the
+    /// heads and, when the range reaches the last layer, the MTP layers): a machine that cannot hold the
+    /// model runs it range by range ([`forward_layers`](Self::forward_layers)). The source's tensors of
+    /// other layers are not read.
+    pub fn load_layers(
+        config: &V4Config,
+        source: &dyn WeightSource,
+        device: &B::Device,
+        residency: Residency,
+        layers: Range<usize>,
+    ) -> Result<Self, LoadError> {
+        let num_layers = config.num_layers();
+        if layers.is_empty() || layers.end > num_layers {
+            return Err(LoadError::Config {
+                path: source.describe(),
+                error: ConfigError {
+                    key: "layers".into(),
+                    message: format!("{layers:?} is not a non-empty range of the {num_layers} layers"),
+                },
+            });
+        }
         config.validate().map_err(|error| LoadError::Config {
             path: source.describe(),
             error,
@@ -683,7 +779,8 @@ impl<B: Backend> V4Model<B> {
         let root = loader.root();
         let (v, d) = (config.vocab_size, config.hidden_size);
         let model = root.pp("model");
-        let layers = (0..config.num_layers())
+        let blocks = layers
+            .clone()
             .map(|i| Block::load(config, &model.pp("layers").pp(i), i))
             .collect::<Result<Vec<_>, _>>()?;
         let (embed, hc_head, norm, head) = (
@@ -695,17 +792,22 @@ impl<B: Backend> V4Model<B> {
         // A checkpoint saved by HF transformers keeps `num_nextn_predict_layers` but drops the MTP
         // tensors: load the layers the source has (generated sources have every tensor).
         let names = source.names();
-        let mtp = (0..config.num_mtp_layers())
+        let mtp_layers = if layers.end == num_layers {
+            config.num_mtp_layers()
+        } else {
+            0
+        };
+        let mtp = (0..mtp_layers)
             .take_while(|k| {
                 let prefix = format!("model.mtp.{k}.");
                 names.is_empty() || names.iter().any(|n| n.starts_with(&prefix))
             })
             .map(|k| Mtp::load(config, &model.pp("mtp").pp(k), k))
             .collect::<Result<Vec<_>, _>>()?;
-        let loaded = loader.finish(|_| false)?;
+        let loaded = loader.finish(|name| !tensor_in_layers(name, &layers, num_layers))?;
         Ok(Self {
             embed,
-            layers,
+            layers: blocks,
             hc_head,
             norm,
             head,
@@ -805,4 +907,15 @@ impl Packed {
             .select_assign(0, Self::int::<B>(places, &device), logits, IndexingUpdateOp::Add)
             .reshape([b, s, vocab])
     }
+}
+
+/// Whether the checkpoint tensor `name` (HF layout) belongs to a load of main layers `layers` of
+/// `num_layers`: tensors of other main layers do not, nor the MTP layers unless the range reaches the
+/// last layer; the embedding, heads and norms always do.
+pub fn tensor_in_layers(name: &str, layers: &Range<usize>, num_layers: usize) -> bool {
+    if let Some(rest) = name.strip_prefix("model.layers.") {
+        let index = rest.split('.').next().and_then(|i| i.parse::<usize>().ok());
+        return index.is_some_and(|i| layers.contains(&i));
+    }
+    !name.starts_with("model.mtp.") || layers.end == num_layers
 }

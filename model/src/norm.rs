@@ -88,6 +88,74 @@ impl<B: Backend> Linear<B> {
     }
 }
 
+/// A grouped projection (V4's low-rank output projection `wo_a`): `g` independent linear maps, group
+/// `j` taking input slice `j` (`[.., in]`) to `out` features. The checkpoint stacks them as
+/// `[g * out, in]`. As f32 they are kept transposed per group, `[g, in, out]` (trainable); in their
+/// stored precision, as one row band per group. Exactly one is set.
+#[derive(Module, Debug)]
+pub struct GroupedLinear<B: Backend> {
+    /// `[g, in, out]`, trainable.
+    pub weight_t: Option<Param<Tensor<B, 3>>>,
+    /// Per group, `[out, in]` in its stored precision.
+    pub packed: Option<Vec<PackedWeight>>,
+}
+
+impl<B: Backend> GroupedLinear<B> {
+    /// Loads `name.weight` (`[groups * out, in]`). In its stored precision when the load keeps it and
+    /// the groups fall on whole scale tiles; else as f32.
+    pub fn load(
+        w: &Weights<'_, '_, B>,
+        name: &str,
+        groups: usize,
+        out: usize,
+        input: usize,
+    ) -> Result<Self, LoadError> {
+        let name = format!("{name}.weight");
+        if let Some(bands) = w.packed_bands(&name, [groups * out, input], groups)? {
+            return Ok(Self {
+                weight_t: None,
+                packed: Some(bands),
+            });
+        }
+        Ok(Self {
+            weight_t: Some(w.blocks_transposed(&name, [groups, out, input], true, Init::FanIn)?),
+            packed: None,
+        })
+    }
+
+    /// Number of groups.
+    pub fn groups(&self) -> usize {
+        match (&self.weight_t, &self.packed) {
+            (Some(w), _) => w.dims()[0],
+            (None, Some(bands)) => bands.len(),
+            (None, None) => unreachable!("a GroupedLinear holds a weight"),
+        }
+    }
+
+    /// `[n, g, in] -> [n, g * out]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
+        let [n, g, input] = x.dims();
+        match (&self.weight_t, &self.packed) {
+            (Some(w), _) => {
+                let out = w.dims()[2];
+                x.swap_dims(0, 1)
+                    .matmul(w.val())
+                    .swap_dims(0, 1)
+                    .reshape([n, g * out])
+            }
+            (None, Some(bands)) => {
+                let per_group = bands
+                    .iter()
+                    .enumerate()
+                    .map(|(j, band)| band.forward(x.clone().narrow(1, j, 1).reshape([n, input])))
+                    .collect();
+                Tensor::cat(per_group, 1)
+            }
+            (None, None) => unreachable!("a GroupedLinear holds a weight"),
+        }
+    }
+}
+
 impl PackedWeight {
     /// `x: [n, in] -> x W^T: [n, out]`: on the stored bytes by the host kernel, or (without one, or
     /// when gradients must flow to `x`) through `W` dequantised for this call only.

@@ -164,7 +164,7 @@ fn bench<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         return Ok(());
     }
     let model = match &args.model {
-        Some(dir) => load_model::<B>(dir, &config, args.device, args.load, device)?,
+        Some(dir) => load_model::<B>(dir, &config, args.device, args.load, None, device)?,
         None => {
             let source = RandomWeights {
                 seed: args.seed,

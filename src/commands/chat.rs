@@ -50,7 +50,7 @@ fn chat<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         )
     })?;
     let params = args.sampling.params(&config)?;
-    let model = load_model::<B>(&args.model, &config, args.device, args.load, device)?;
+    let model = load_model::<B>(&args.model, &config, args.device, args.load, None, device)?;
     let generator = Generator::new(&model);
     let mut session = ChatSession::<B>::new(&tokenizer, args.system.as_deref(), args.think);
 

@@ -1,12 +1,15 @@
 //! `v4 forward --model DIR --input IDS.safetensors --output OUT.safetensors`
 
 use crate::device::{with_backend, Device};
-use crate::io::{read_input_ids, write_safetensors, Output, Result};
+use crate::io::{read_f32_tensor, read_input_ids, write_safetensors, Output, Result};
 use crate::load::{load_model, LoadArgs};
 use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use v4_model::{read_config, LocalExperts, Recorder, Tokens};
+use v4_validate::filter::parse_layers;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -32,6 +35,16 @@ pub struct Args {
     /// NPU precision policy and chip sheet (TOML), for `--device npu`.
     #[arg(long)]
     npu_config: Option<PathBuf>,
+    /// Run only main layers N, A..B (end excluded), A..=B or A..: just those layers are loaded (with the
+    /// embedding and the heads), so a model too large for this machine runs range by range. Writes
+    /// `hidden.N` (the streams entering each layer of the range) and `hidden.B` (the streams after it);
+    /// `logits` only when the range ends at the last layer. A range after layer 0 starts from --streams.
+    #[arg(long)]
+    layers: Option<String>,
+    /// The streams entering the first layer of --layers: a `v4 forward` output (`hidden.A`) or a full
+    /// `v4 trace` (`layers.A.input`) of the same input ids, e.g. from the previous range.
+    #[arg(long, requires = "layers")]
+    streams: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -45,8 +58,13 @@ fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let (ids, batch, seq) = read_input_ids(&args.input)?;
     let tokens = Tokens::new(&ids, batch, seq, config.vocab_size)
         .map_err(|e| format!("{}: {e}", args.input.display()))?;
+    let range = args.layers.as_deref().map(parse_layers).transpose()?;
+    let range = range.map(|r| r.start..r.end.min(config.num_layers()));
+    if let Some(range) = range.filter(|r| *r != (0..config.num_layers())) {
+        return forward_layers::<B>(args, &tokens, range, device);
+    }
     let started = Instant::now();
-    let model = load_model::<B>(&args.model, &config, args.device, args.load, device)?;
+    let model = load_model::<B>(&args.model, &config, args.device, args.load, None, device)?;
     let loaded = started.elapsed();
 
     let layers = config.num_layers();
@@ -89,14 +107,7 @@ fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
                     other.trim_start_matches("layers.").trim_end_matches(".input")
                 ),
             };
-            Ok(Output {
-                name,
-                shape: data.shape.to_vec(),
-                data: data
-                    .convert::<f32>()
-                    .into_vec::<f32>()
-                    .map_err(|e| format!("{e:?}"))?,
-            })
+            output(name, data)
         })
         .collect::<Result<Vec<_>>>()?;
     write_safetensors(&args.output, &outputs, Path::new(&args.input))?;
@@ -115,4 +126,105 @@ fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         args.output.display()
     );
     Ok(())
+}
+
+/// `--layers A..B` short of the whole model: loads only those layers and runs them from the embedding
+/// (A = 0) or from the recorded streams entering layer A.
+fn forward_layers<B: Backend>(
+    args: &Args,
+    tokens: &Tokens,
+    range: Range<usize>,
+    device: &B::Device,
+) -> Result<()> {
+    let config = read_config(&args.model)?;
+    let num_layers = config.num_layers();
+    if range.is_empty() {
+        return Err(format!("--layers {range:?}: no layer of the {num_layers} in that range").into());
+    }
+    let streams = match (&args.streams, range.start) {
+        (_, 0) => None,
+        (None, a) => {
+            return Err(format!(
+                "--layers {range:?} starts after layer 0: give the streams entering layer {a} with --streams"
+            )
+            .into())
+        }
+        (Some(path), a) => {
+            let (shape, values) =
+                read_f32_tensor(path, &[&format!("hidden.{a}"), &format!("layers.{a}.input")])?;
+            let expected = [tokens.batch, tokens.seq, config.hc_mult, config.hidden_size];
+            if shape != expected {
+                return Err(format!(
+                    "{}: the streams entering layer {a} have shape {shape:?}; --input and the model need {expected:?}",
+                    path.display()
+                )
+                .into());
+            }
+            Some(Tensor::<B, 4>::from_data(
+                TensorData::new(values, expected),
+                device,
+            ))
+        }
+    };
+    let started = Instant::now();
+    let model = load_model::<B>(
+        &args.model,
+        &config,
+        args.device,
+        args.load,
+        Some(range.clone()),
+        device,
+    )?;
+    let loaded = started.elapsed();
+    let mut recorder = Recorder::new(|name: &str| {
+        (name.starts_with("layers.") && name.ends_with(".input") && name.split('.').count() == 3)
+            || name == "final.hidden"
+            || name == "logits"
+    });
+    let started = Instant::now();
+    let out = model.forward_layers(tokens, streams, &LocalExperts, &mut recorder)?;
+    let mut outputs = Vec::new();
+    let last = if range.end == num_layers {
+        model.logits(out, &mut recorder);
+        "logits".to_string()
+    } else {
+        outputs.push(output(format!("hidden.{}", range.end), out.into_data())?);
+        format!("hidden.{}", range.end)
+    };
+    let elapsed = started.elapsed();
+    for (name, data) in recorder.records {
+        let name = match name.as_str() {
+            "logits" => name,
+            "final.hidden" => format!("hidden.{num_layers}"),
+            other => format!(
+                "hidden.{}",
+                other.trim_start_matches("layers.").trim_end_matches(".input")
+            ),
+        };
+        outputs.push(output(name, data)?);
+    }
+    write_safetensors(&args.output, &outputs, Path::new(&args.input))?;
+    println!(
+        "forward [{}, {}] of layers {range:?} of {num_layers} on {:?}: loaded in {:.2}s, ran in {:.3}s; wrote {} tensors up to {last} to {}",
+        tokens.batch,
+        tokens.seq,
+        args.device,
+        loaded.as_secs_f64(),
+        elapsed.as_secs_f64(),
+        outputs.len(),
+        args.output.display()
+    );
+    Ok(())
+}
+
+/// A recorded tensor as the f32 output `name`.
+fn output(name: String, data: TensorData) -> Result<Output> {
+    Ok(Output {
+        name,
+        shape: data.shape.to_vec(),
+        data: data
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| format!("{e:?}"))?,
+    })
 }

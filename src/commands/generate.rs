@@ -226,7 +226,7 @@ fn generate<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let params = args.sampling.params(&config)?;
 
     let started = Instant::now();
-    let model = load_model::<B>(&args.model, &config, args.device, args.load, device)?;
+    let model = load_model::<B>(&args.model, &config, args.device, args.load, None, device)?;
     let load_s = started.elapsed().as_secs_f64();
     let generator = Generator::new(&model);
 

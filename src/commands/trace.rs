@@ -131,7 +131,7 @@ fn trace<B: Backend>(args: &Args, info: TraceInfo, device: &B::Device) -> Result
     let (ids, batch, seq) = read_input_ids(&args.input)?;
     let tokens = Tokens::new(&ids, batch, seq, config.vocab_size)
         .map_err(|e| format!("{}: {e}", args.input.display()))?;
-    let model = load_model::<B>(&args.model, &config, args.device, args.load, device)?;
+    let model = load_model::<B>(&args.model, &config, args.device, args.load, None, device)?;
     let trace = v4_validate::run::trace(
         &model,
         &tokens,

@@ -1,5 +1,5 @@
 //! `v4 validate --reference TRACE --model DIR --device npu [--npu-config F] [--tolerances F.toml]
-//! [--mode propagated|isolated|both] [--golden TRACE] [--report-dir DIR]`
+//! [--mode propagated|isolated|both] [--golden TRACE] [--report-dir DIR] [--layers A..B]`
 
 use crate::commands::trace::backend_info;
 use crate::device::{with_backend, Device};
@@ -8,6 +8,7 @@ use crate::load::{load_model, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::path::PathBuf;
 use v4_model::read_config;
+use v4_validate::filter::parse_layers;
 use v4_validate::{trace::TraceInfo, Dtype, RunMode, Tolerances, Trace, ValidateOptions};
 
 #[derive(clap::Args)]
@@ -62,6 +63,11 @@ pub struct Args {
     /// Where to write report.json, report.csv and report.html.
     #[arg(long)]
     report_dir: Option<PathBuf>,
+    /// Validate only main layers N, A..B (end excluded), A..=B or A..: just those layers are loaded (with
+    /// the embedding and the heads), and both modes start from the reference's `layers.A.input`, so a
+    /// port is validated range by range on a machine that cannot hold the model.
+    #[arg(long)]
+    layers: Option<String>,
     /// Probes listed in the terminal summary (worst first).
     #[arg(long, default_value_t = 20)]
     top: usize,
@@ -85,7 +91,9 @@ fn validate<B: Backend>(args: &Args, info: TraceInfo, device: &B::Device) -> Res
     };
     let dtype = Dtype::parse(tolerances.dtype.as_deref().unwrap_or(&info.dtype))?;
     let config = read_config(&args.model)?;
-    let model = load_model::<B>(&args.model, &config, args.device, args.load, device)?;
+    let layers = args.layers.as_deref().map(parse_layers).transpose()?;
+    let layers = layers.map(|r| r.start..r.end.min(config.num_layers()));
+    let model = load_model::<B>(&args.model, &config, args.device, args.load, layers, device)?;
     let opts = ValidateOptions {
         mode: args.mode.parse::<RunMode>()?,
         dtype,

@@ -10,6 +10,7 @@ use burn::tensor::TensorData;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::ops::Range;
 use std::path::Path;
 
 /// A probe's verdict.
@@ -161,7 +162,8 @@ fn reference_name(name: &str, layers: usize) -> String {
     }
 }
 
-/// Compares the candidate's `records` of one mode with the reference.
+/// Compares the candidate's `records` of one mode with the reference. The candidate ran main layers
+/// `ran` (all of them, or a range; the head probes belong to the last layer's range).
 pub fn compare(
     reference: &Trace,
     golden: Option<&Trace>,
@@ -169,6 +171,7 @@ pub fn compare(
     mode: RunMode,
     opts: &ValidateOptions,
     routing: &[RoutingInfo],
+    ran: &Range<usize>,
 ) -> Result<Vec<ProbeResult>> {
     let layers = routing.len();
     let mut cand: Vec<(String, Vec<usize>, Values)> = Vec::with_capacity(records.len());
@@ -241,8 +244,12 @@ pub fn compare(
         out.push(res);
     }
     if mode == RunMode::Propagated {
+        let expected = |name: &str| match layer_of(name) {
+            Some(layer) => ran.contains(&layer),
+            None => ran.end == layers,
+        };
         for e in &reference.entries {
-            if !by_name.contains_key(e.name.as_str()) {
+            if expected(&e.name) && !by_name.contains_key(e.name.as_str()) {
                 let tol = opts.tolerances.resolve(&e.name, opts.dtype);
                 out.push(ProbeResult {
                     mode,

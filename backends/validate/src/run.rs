@@ -49,6 +49,48 @@ pub fn record<B: Backend>(
     Ok(recorder.records)
 }
 
+/// Propagated mode on a model loaded with only some layers ([`V4Model::load_layers`]): runs them from
+/// the reference's streams entering the first one (the embedding for layer 0), records their probes and
+/// the streams after the last as `layers.N.output`, then the head when the range reaches the last layer.
+pub fn record_range<B: Backend>(
+    model: &V4Model<B>,
+    reference: &Trace,
+    tokens: &Tokens,
+    wants: &dyn Fn(&str) -> bool,
+) -> Result<Records> {
+    let range = model.layer_range();
+    let streams = match range.start {
+        0 => None,
+        a => {
+            let name = format!("layers.{a}.input");
+            let (shape, values) = reference.f32(&name).ok_or_else(|| {
+                format!(
+                    "{}: the reference holds no `{name}` (full mode) to start layers {range:?} from",
+                    reference.path.display()
+                )
+            })?;
+            Some(streams4(shape, values, &model.device())?)
+        }
+    };
+    let mut recorder = Recorder::new(|n: &str| wants(n));
+    let out = model.forward_layers(tokens, streams, &LocalExperts, &mut recorder)?;
+    if range.end == model.config.num_layers() {
+        model.logits(out, &mut recorder);
+    } else {
+        let name = format!("layers.{}.output", range.end - 1);
+        recorder.records.push((name, out.into_data()));
+    }
+    Ok(recorder.records)
+}
+
+/// Reference streams `[B, S, c, D]` as a tensor.
+fn streams4<B: Backend>(shape: &[usize], values: &[f32], device: &B::Device) -> Result<Tensor<B, 4>> {
+    let s: [usize; 4] = shape
+        .try_into()
+        .map_err(|_| format!("reference streams have shape {shape:?}, expected [B, S, c, D]"))?;
+    Ok(Tensor::from_data(TensorData::new(values.to_vec(), s), device))
+}
+
 /// Records a trace of `model` on `tokens`.
 pub fn trace<B: Backend>(
     model: &V4Model<B>,
@@ -83,12 +125,7 @@ pub fn run_isolated<B: Backend>(
     let device = model.device();
     let mut records = Vec::new();
     let mut skipped = Vec::new();
-    let tensor4 = |shape: &[usize], v: &[f32]| -> Result<Tensor<B, 4>> {
-        let s: [usize; 4] = shape
-            .try_into()
-            .map_err(|_| format!("reference streams have shape {shape:?}, expected [B, S, c, D]"))?;
-        Ok(Tensor::from_data(TensorData::new(v.to_vec(), s), &device))
-    };
+    let tensor4 = |shape: &[usize], v: &[f32]| streams4::<B>(shape, v, &device);
     for block in &model.layers {
         let i = block.index;
         let Some((shape, values)) = reference.f32(&format!("layers.{i}.input")) else {
@@ -159,14 +196,18 @@ pub fn validate<B: Backend>(model: &V4Model<B>, reference: &Trace, opts: &Valida
     }
     let [batch, seq] = meta.input_shape;
     let tokens = Tokens::new(&meta.input_ids, batch, seq, model.config.vocab_size)?;
-    let routing: Vec<RoutingInfo> = model
-        .layers
-        .iter()
-        .map(|b| RoutingInfo {
-            hash: b.ffn.routing == RoutingKind::Hash,
-            bias: b.ffn.bias.clone(),
+    // Per layer of the model (a range load knows the bias of its own layers only).
+    let routing: Vec<RoutingInfo> = (0..model.config.num_layers())
+        .map(|i| RoutingInfo {
+            hash: model.config.routing[i] == RoutingKind::Hash,
+            bias: model
+                .layers
+                .iter()
+                .find(|b| b.index == i)
+                .map_or_else(Vec::new, |b| b.ffn.bias.clone()),
         })
         .collect();
+    let whole = model.layer_range() == (0..model.config.num_layers());
     // The candidate records what the reference holds, plus the scores that judge top-k flips.
     let wants = |n: &str| reference.get(n).is_some() || n.ends_with(".scores");
     let mut report = Report::new(reference, opts, policy_diff(&meta.info, &opts.candidate));
@@ -192,7 +233,8 @@ pub fn validate<B: Backend>(model: &V4Model<B>, reference: &Trace, opts: &Valida
                 }
                 records
             }
-            _ => record(model, &tokens, &wants)?,
+            _ if whole => record(model, &tokens, &wants)?,
+            _ => record_range(model, reference, &tokens, &wants)?,
         };
         report.results.extend(compare(
             reference,
@@ -201,8 +243,9 @@ pub fn validate<B: Backend>(model: &V4Model<B>, reference: &Trace, opts: &Valida
             mode,
             opts,
             &routing,
+            &model.layer_range(),
         )?);
     }
-    report.finish(model.layers.len());
+    report.finish(model.config.num_layers());
     Ok(report)
 }
