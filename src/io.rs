@@ -178,3 +178,20 @@ pub fn read_f32_tensor(path: &Path, names: &[&str]) -> Result<(Vec<usize>, Vec<f
         .collect();
     Ok((t.shape().to_vec(), values))
 }
+
+/// The streams entering layer `layer` (`expected`: `[B, S, c, D]`) from a `v4 forward` output
+/// (`hidden.N`) or a full `v4 trace` (`layers.N.input`).
+pub fn read_streams(path: &Path, layer: usize, expected: [usize; 4]) -> Result<Vec<f32>> {
+    let (shape, values) = read_f32_tensor(
+        path,
+        &[&format!("hidden.{layer}"), &format!("layers.{layer}.input")],
+    )?;
+    if shape != expected {
+        return Err(format!(
+            "{}: the streams entering layer {layer} have shape {shape:?}; the input ids and the model need {expected:?}",
+            path.display()
+        )
+        .into());
+    }
+    Ok(values)
+}

@@ -2,12 +2,12 @@
 //! them (in their stored precision unless `--dequantize`).
 
 use crate::device::Device;
-use crate::io::Result;
-use burn::tensor::backend::Backend;
+use crate::io::{read_streams, Result};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
-use v4_model::{Residency, V4Config, V4Model};
+use v4_model::{Residency, Tokens, V4Config, V4Model};
 
 /// The loading flags every command that runs a checkpoint shares.
 #[derive(clap::Args, Debug, Clone, Copy)]
@@ -59,4 +59,27 @@ pub fn load_model<B: Backend>(
         residency(kind, args.dequantize),
         layers.unwrap_or(0..config.num_layers()),
     )?)
+}
+
+/// The streams entering the first layer of `range` (None from layer 0): read from `path`, a `v4 forward`
+/// output or a full `v4 trace` of the same `tokens`.
+pub fn entry_streams<B: Backend>(
+    path: Option<&Path>,
+    range: &Range<usize>,
+    tokens: &Tokens,
+    config: &V4Config,
+    device: &B::Device,
+) -> Result<Option<Tensor<B, 4>>> {
+    let first = range.start;
+    if first == 0 {
+        return Ok(None);
+    }
+    let path = path.ok_or_else(|| {
+        format!(
+            "--layers {range:?} starts after layer 0: give the streams entering layer {first} with --streams"
+        )
+    })?;
+    let shape = [tokens.batch, tokens.seq, config.hc_mult, config.hidden_size];
+    let values = read_streams(path, first, shape)?;
+    Ok(Some(Tensor::from_data(TensorData::new(values, shape), device)))
 }

@@ -274,6 +274,29 @@ fn ranges_of_layers_run_and_validate_like_the_whole_model() {
     let hf = max_diff(&logits, &f32_tensor(&input, "logits"));
     assert!(hf <= 2e-5, "ranges vs HF: {hf}");
 
+    // `trace --layers` loads and runs only its range too.
+    let ranged_trace = p("ranged-trace.safetensors");
+    run(&[
+        "trace",
+        "--model",
+        &model,
+        "--input",
+        &input,
+        "--output",
+        &ranged_trace,
+        "--layers",
+        "2..",
+        "--streams",
+        &first,
+    ]);
+    assert_eq!(
+        max_diff(
+            &f32_tensor(&ranged_trace, "logits"),
+            &f32_tensor(&whole, "logits")
+        ),
+        0.0
+    );
+
     // A range after layer 0 needs its input streams.
     let out = v4(&[&forward[..], &[&p("x.safetensors"), "--layers", "2.."]].concat());
     assert!(!out.status.success());

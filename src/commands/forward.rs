@@ -1,10 +1,10 @@
 //! `v4 forward --model DIR --input IDS.safetensors --output OUT.safetensors`
 
 use crate::device::{with_backend, Device};
-use crate::io::{read_f32_tensor, read_input_ids, write_safetensors, Output, Result};
-use crate::load::{load_model, LoadArgs};
+use crate::io::{read_input_ids, write_safetensors, Output, Result};
+use crate::load::{entry_streams, load_model, LoadArgs};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::TensorData;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -141,31 +141,7 @@ fn forward_layers<B: Backend>(
     if range.is_empty() {
         return Err(format!("--layers {range:?}: no layer of the {num_layers} in that range").into());
     }
-    let streams = match (&args.streams, range.start) {
-        (_, 0) => None,
-        (None, a) => {
-            return Err(format!(
-                "--layers {range:?} starts after layer 0: give the streams entering layer {a} with --streams"
-            )
-            .into())
-        }
-        (Some(path), a) => {
-            let (shape, values) =
-                read_f32_tensor(path, &[&format!("hidden.{a}"), &format!("layers.{a}.input")])?;
-            let expected = [tokens.batch, tokens.seq, config.hc_mult, config.hidden_size];
-            if shape != expected {
-                return Err(format!(
-                    "{}: the streams entering layer {a} have shape {shape:?}; --input and the model need {expected:?}",
-                    path.display()
-                )
-                .into());
-            }
-            Some(Tensor::<B, 4>::from_data(
-                TensorData::new(values, expected),
-                device,
-            ))
-        }
-    };
+    let streams = entry_streams::<B>(args.streams.as_deref(), &range, tokens, &config, device)?;
     let started = Instant::now();
     let model = load_model::<B>(
         &args.model,

@@ -3,7 +3,7 @@
 
 use crate::device::{with_backend, Device};
 use crate::io::{read_input_ids, Result};
-use crate::load::{load_model, LoadArgs};
+use crate::load::{entry_streams, load_model, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::path::{Path, PathBuf};
 use v4_model::{read_config, Tokens};
@@ -44,9 +44,15 @@ pub struct Args {
     /// (needed for element-wise metrics and isolated mode); checksum: stats + a bitwise checksum.
     #[arg(long, default_value = "full", value_parser = ["stats", "full", "checksum"])]
     mode: String,
-    /// Layers to record: N, A..B (end excluded), A..=B, A.. (head probes are kept).
+    /// Layers to record: N, A..B (end excluded), A..=B, A..; only those layers are loaded (with the
+    /// embedding and heads), and the head probes are recorded when the range reaches the last layer. A
+    /// range after layer 0 starts from --streams.
     #[arg(long)]
     layers: Option<String>,
+    /// The streams entering the first layer of --layers: a `v4 forward` output (`hidden.A`) or a full
+    /// `v4 trace` (`layers.A.input`) of the same input ids.
+    #[arg(long, requires = "layers")]
+    streams: Option<PathBuf>,
     /// Comma-separated globs over probe names (`*` any run, `?` one character), e.g. `*.router.*,logits`.
     #[arg(long)]
     filter: Option<String>,
@@ -131,10 +137,19 @@ fn trace<B: Backend>(args: &Args, info: TraceInfo, device: &B::Device) -> Result
     let (ids, batch, seq) = read_input_ids(&args.input)?;
     let tokens = Tokens::new(&ids, batch, seq, config.vocab_size)
         .map_err(|e| format!("{}: {e}", args.input.display()))?;
-    let model = load_model::<B>(&args.model, &config, args.device, args.load, None, device)?;
+    let range = filter
+        .layers
+        .clone()
+        .map(|r| r.start..r.end.min(config.num_layers()));
+    let streams = match &range {
+        Some(range) => entry_streams::<B>(args.streams.as_deref(), range, &tokens, &config, device)?,
+        None => None,
+    };
+    let model = load_model::<B>(&args.model, &config, args.device, args.load, range, device)?;
     let trace = v4_validate::run::trace(
         &model,
         &tokens,
+        streams,
         mode,
         &filter,
         info,

@@ -49,29 +49,16 @@ pub fn record<B: Backend>(
     Ok(recorder.records)
 }
 
-/// Propagated mode on a model loaded with only some layers ([`V4Model::load_layers`]): runs them from
-/// the reference's streams entering the first one (the embedding for layer 0), records their probes and
-/// the streams after the last as `layers.N.output`, then the head when the range reaches the last layer.
+/// Records like [`record`] on a model loaded with only some layers ([`V4Model::load_layers`]): runs
+/// them from `streams` entering the first one (the embedding for layer 0), records their probes and the
+/// streams after the last as `layers.N.output`, then the head when the range reaches the last layer.
 pub fn record_range<B: Backend>(
     model: &V4Model<B>,
-    reference: &Trace,
+    streams: Option<Tensor<B, 4>>,
     tokens: &Tokens,
     wants: &dyn Fn(&str) -> bool,
 ) -> Result<Records> {
     let range = model.layer_range();
-    let streams = match range.start {
-        0 => None,
-        a => {
-            let name = format!("layers.{a}.input");
-            let (shape, values) = reference.f32(&name).ok_or_else(|| {
-                format!(
-                    "{}: the reference holds no `{name}` (full mode) to start layers {range:?} from",
-                    reference.path.display()
-                )
-            })?;
-            Some(streams4(shape, values, &model.device())?)
-        }
-    };
     let mut recorder = Recorder::new(|n: &str| wants(n));
     let out = model.forward_layers(tokens, streams, &LocalExperts, &mut recorder)?;
     if range.end == model.config.num_layers() {
@@ -83,6 +70,23 @@ pub fn record_range<B: Backend>(
     Ok(recorder.records)
 }
 
+/// The reference's streams entering the first loaded layer of `model` (None from layer 0).
+fn reference_streams<B: Backend>(model: &V4Model<B>, reference: &Trace) -> Result<Option<Tensor<B, 4>>> {
+    let first = model.layer_range().start;
+    if first == 0 {
+        return Ok(None);
+    }
+    let name = format!("layers.{first}.input");
+    let (shape, values) = reference.f32(&name).ok_or_else(|| {
+        format!(
+            "{}: the reference holds no `{name}` (full mode) to start layers {:?} from",
+            reference.path.display(),
+            model.layer_range()
+        )
+    })?;
+    Ok(Some(streams4(shape, values, &model.device())?))
+}
+
 /// Reference streams `[B, S, c, D]` as a tensor.
 fn streams4<B: Backend>(shape: &[usize], values: &[f32], device: &B::Device) -> Result<Tensor<B, 4>> {
     let s: [usize; 4] = shape
@@ -91,16 +95,24 @@ fn streams4<B: Backend>(shape: &[usize], values: &[f32], device: &B::Device) -> 
     Ok(Tensor::from_data(TensorData::new(values.to_vec(), s), device))
 }
 
-/// Records a trace of `model` on `tokens`.
+/// Records a trace of `model` on `tokens`; a model loaded with only some layers starts from `streams`
+/// (see [`record_range`]).
+#[allow(clippy::too_many_arguments)]
 pub fn trace<B: Backend>(
     model: &V4Model<B>,
     tokens: &Tokens,
+    streams: Option<Tensor<B, 4>>,
     mode: TraceMode,
     filter: &ProbeFilter,
     info: TraceInfo,
     describe: (Option<String>, Option<String>),
 ) -> Result<Trace> {
-    let records = record(model, tokens, &|n| filter.wants(n))?;
+    let whole = model.layer_range() == (0..model.config.num_layers());
+    let records = if whole {
+        record(model, tokens, &|n| filter.wants(n))?
+    } else {
+        record_range(model, streams, tokens, &|n| filter.wants(n))?
+    };
     Ok(Trace::from_records(
         records,
         mode,
@@ -234,7 +246,7 @@ pub fn validate<B: Backend>(model: &V4Model<B>, reference: &Trace, opts: &Valida
                 records
             }
             _ if whole => record(model, &tokens, &wants)?,
-            _ => record_range(model, reference, &tokens, &wants)?,
+            _ => record_range(model, reference_streams(model, reference)?, &tokens, &wants)?,
         };
         report.results.extend(compare(
             reference,

@@ -46,7 +46,7 @@ fn tokens(model: &V4Model<Cpu>) -> Tokens {
 fn reference(mode: TraceMode, filter: &ProbeFilter) -> Trace {
     let model = load::<Cpu>(&NdArrayDevice::Cpu);
     let t = tokens(&model);
-    trace(&model, &t, mode, filter, cpu_info(), (None, None)).unwrap()
+    trace(&model, &t, None, mode, filter, cpu_info(), (None, None)).unwrap()
 }
 
 fn opts(mode: RunMode, dtype: Dtype, backend: &str) -> ValidateOptions {
@@ -287,6 +287,7 @@ fn golden_gate_scales_with_the_reference_error() {
     let bf16_ref = trace(
         &model,
         &t,
+        None,
         TraceMode::Full,
         &ProbeFilter::default(),
         cpu_info(),
