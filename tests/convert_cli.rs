@@ -441,3 +441,46 @@ fn synth_streams_a_layer_slice_into_bf16_shards_with_each_layer_kind_kept() {
     assert_eq!(logits.len(), 160 * 1024);
     assert!(logits.iter().all(|x| x.is_finite()));
 }
+
+#[test]
+fn a_load_that_cannot_fit_is_refused_before_anything_is_read() {
+    let dir = scratch("too-big");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixtures().join("hf/config.json"), dir.join("config.json")).unwrap();
+    // A header declaring a 1 TiB f32 embedding; the file is sparse, so nothing is written to disk.
+    let (rows, cols) = (1u64 << 24, 1u64 << 14);
+    let bytes = rows * cols * 4;
+    let mut header = serde_json::json!({
+        "model.embed_tokens.weight": {"dtype": "F32", "shape": [rows, cols], "data_offsets": [0, bytes]}
+    })
+    .to_string();
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let path = dir.join("model.safetensors");
+    let mut file = std::fs::File::create(&path).unwrap();
+    use std::io::Write;
+    file.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+    file.write_all(header.as_bytes()).unwrap();
+    file.set_len(8 + header.len() as u64 + bytes).unwrap();
+    let output = scratch("never-written.safetensors");
+    let input = fixtures().join("io.safetensors");
+    let out = Command::new(env!("CARGO_BIN_EXE_v4"))
+        .args([
+            "forward",
+            "--model",
+            dir.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+        ])
+        .args(["--output", output.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a 1.1 TB load was not refused");
+    assert!(
+        err.contains("the weights need 1099.5 GB resident") && err.contains("GB available"),
+        "{err}"
+    );
+    assert!(!output.exists());
+}
