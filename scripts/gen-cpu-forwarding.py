@@ -39,6 +39,7 @@ OWN = {
     "float_matmul": "crate::kernels::matmul",
     "float_zeros": "crate::kernels::float_zeros",
     "float_full": "crate::kernels::float_full",
+    "float_into_data": "crate::kernels::float_into_data",
     "float_reshape": "crate::kernels::float_reshape",
     "int_reshape": "crate::kernels::int_reshape",
     "float_slice": "crate::kernels::float_slice",

@@ -40,7 +40,7 @@ impl FloatTensorOps<Self> for Cpu {
     fn float_into_data(
         tensor: FloatTensor<Self>,
     ) -> impl core::future::Future<Output = Result<TensorData, ExecutionError>> + Send {
-        Inner::float_into_data(tensor)
+        crate::kernels::float_into_data(tensor)
     }
 
     fn float_device(tensor: &FloatTensor<Self>) -> Device<Self> {

@@ -233,3 +233,22 @@ fn zeros_and_full_and_the_slice_backward_that_uses_them() {
         "slice backward",
     );
 }
+
+#[test]
+fn reading_back_views_of_a_tensor_still_in_use() {
+    let (a, an) = pair([6, 5, 7], 21);
+    // A row range of a shared tensor (copied in one piece), a transposed view and a strided slice (both
+    // left to burn-ndarray): the same elements, in row-major order.
+    let views: [(Tensor<Cpu, 3>, Tensor<Nd, 3>, &str); 3] = [
+        (a.clone().narrow(0, 2, 3), an.clone().narrow(0, 2, 3), "rows"),
+        (a.clone().swap_dims(0, 2), an.clone().swap_dims(0, 2), "transposed"),
+        (a.clone().narrow(2, 1, 4), an.clone().narrow(2, 1, 4), "columns"),
+    ];
+    for (got, want, what) in views {
+        assert_eq!(got.dims(), want.dims(), "{what}");
+        let (g, w) = (got.into_data(), want.into_data());
+        assert_eq!(g.shape, w.shape, "{what}");
+        assert_eq!(g.to_vec::<f32>().unwrap(), w.to_vec::<f32>().unwrap(), "{what}");
+    }
+    drop(a);
+}
