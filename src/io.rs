@@ -9,12 +9,7 @@ pub type Result<T> = std::result::Result<T, Box<dyn Error>>;
 /// Reads `input_ids` (i64 or i32, `[B, S]`) from a safetensors file.
 pub fn read_input_ids(path: &Path) -> Result<(Vec<i64>, usize, usize)> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-        format!(
-            "{}: not a valid safetensors file (truncated or corrupt?): {e}",
-            path.display()
-        )
-    })?;
+    let st = deserialize(path, &bytes)?;
     let t = st
         .tensor("input_ids")
         .map_err(|_| format!("{}: no tensor `input_ids`", path.display()))?;
@@ -46,6 +41,17 @@ pub fn read_input_ids(path: &Path) -> Result<(Vec<i64>, usize, usize)> {
         }
     };
     Ok((ids, shape[0], shape[1]))
+}
+
+/// `bytes` (the contents of `path`) as safetensors, naming the file when they are not.
+fn deserialize<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes).map_err(|e| {
+        format!(
+            "{}: not a valid safetensors file (truncated or corrupt?): {e}",
+            path.display()
+        )
+        .into()
+    })
 }
 
 /// An f32 tensor to write.
@@ -153,12 +159,7 @@ pub fn bench_ids(path: Option<&Path>, seed: u64, n: usize, vocab: usize) -> Resu
 /// The first of `names` that the safetensors file `path` holds, as f32 (`[shape]`, values).
 pub fn read_f32_tensor(path: &Path, names: &[&str]) -> Result<(Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-        format!(
-            "{}: not a valid safetensors file (truncated or corrupt?): {e}",
-            path.display()
-        )
-    })?;
+    let st = deserialize(path, &bytes)?;
     let (name, t) = names
         .iter()
         .find_map(|n| st.tensor(n).ok().map(|t| (n, t)))

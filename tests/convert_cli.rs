@@ -454,7 +454,7 @@ fn a_load_that_cannot_fit_is_refused_before_anything_is_read() {
         "model.embed_tokens.weight": {"dtype": "F32", "shape": [rows, cols], "data_offsets": [0, bytes]}
     })
     .to_string();
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(' ');
     }
     let path = dir.join("model.safetensors");

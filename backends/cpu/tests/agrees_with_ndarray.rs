@@ -241,7 +241,11 @@ fn reading_back_views_of_a_tensor_still_in_use() {
     // left to burn-ndarray): the same elements, in row-major order.
     let views: [(Tensor<Cpu, 3>, Tensor<Nd, 3>, &str); 3] = [
         (a.clone().narrow(0, 2, 3), an.clone().narrow(0, 2, 3), "rows"),
-        (a.clone().swap_dims(0, 2), an.clone().swap_dims(0, 2), "transposed"),
+        (
+            a.clone().swap_dims(0, 2),
+            an.clone().swap_dims(0, 2),
+            "transposed",
+        ),
         (a.clone().narrow(2, 1, 4), an.clone().narrow(2, 1, 4), "columns"),
     ];
     for (got, want, what) in views {
