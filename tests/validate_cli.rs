@@ -12,6 +12,34 @@ fn v4(args: &[&str]) -> std::process::Output {
         .expect("run v4")
 }
 
+/// Runs `v4 args`, which must succeed; returns its standard output.
+fn v4_ok(args: &[&str]) -> String {
+    let out = v4(args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "v4 {args:?}: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// The tensor `name` of the safetensors file `path`, as f32.
+fn f32_tensor(path: &str, name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap_or_else(|_| panic!("{path}: no `{name}`"));
+    t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
 #[test]
 fn trace_then_validate_on_the_npu_emulator() {
     let dir = std::env::temp_dir().join(format!("v4-validate-cli-{}", std::process::id()));
@@ -138,21 +166,12 @@ fn an_f64_golden_feeds_the_reference_relative_gate() {
         ]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
-    let logits = |path: &str| -> Vec<f32> {
-        let bytes = std::fs::read(path).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let t = st.tensor("logits").unwrap();
-        t.data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect()
-    };
+    let logits = |path: &str| f32_tensor(path, "logits");
     let (hf, f32_run, f64_run) = (
         logits(&input),
         logits(&p("ref.safetensors")),
         logits(&p("golden.safetensors")),
     );
-    let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
     assert!(
         max_diff(&f64_run, &hf) < 1e-4,
         "f64 golden vs HF: {}",
@@ -161,7 +180,7 @@ fn an_f64_golden_feeds_the_reference_relative_gate() {
     let f32_vs_f64 = max_diff(&f32_run, &f64_run);
     assert!(f32_vs_f64 > 0.0 && f32_vs_f64 < 1e-4, "f32 vs f64: {f32_vs_f64}");
 
-    let out = v4(&[
+    v4_ok(&[
         "validate",
         "--reference",
         &p("ref.safetensors"),
@@ -178,12 +197,6 @@ fn an_f64_golden_feeds_the_reference_relative_gate() {
         "--report-dir",
         &p("report"),
     ]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let csv = std::fs::read_to_string(dir.join("report/report.csv")).unwrap();
     let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
     let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
@@ -204,17 +217,6 @@ fn an_f64_golden_feeds_the_reference_relative_gate() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// The tensor `name` of the safetensors file `path`, as f32.
-fn f32_tensor(path: &str, name: &str) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(name).unwrap_or_else(|_| panic!("{path}: no `{name}`"));
-    t.data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
-
 /// A model run range by range (`--layers`, each range loading only its layers and starting from the
 /// streams the previous range wrote) gives the whole model's streams and logits, which match HF's; and
 /// `validate --layers` checks one range against a full reference trace.
@@ -226,12 +228,7 @@ fn ranges_of_layers_run_and_validate_like_the_whole_model() {
     let f = "tests/fixtures/v4-tiny-a";
     let (model, input) = (format!("{f}/hf"), format!("{f}/io.safetensors"));
     let run = |args: &[&str]| {
-        let out = v4(args);
-        assert!(
-            out.status.success(),
-            "v4 {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        v4_ok(args);
     };
     let forward = ["forward", "--model", &model, "--input", &input, "--output"];
     run(&[&forward[..], &[&p("whole.safetensors")]].concat());
@@ -247,10 +244,6 @@ fn ranges_of_layers_run_and_validate_like_the_whole_model() {
         ],
     ]
     .concat());
-    let max_diff = |a: &[f32], b: &[f32]| {
-        assert_eq!(a.len(), b.len());
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-    };
     // The first range ends with the streams entering layer 2, and has no logits.
     let first = p("first.safetensors");
     assert_eq!(f32_tensor(&first, "hidden.2").len(), 2 * 80 * 4 * 256);
@@ -313,7 +306,7 @@ fn ranges_of_layers_run_and_validate_like_the_whole_model() {
         "--output",
         &p("ref.safetensors"),
     ]);
-    let out = v4(&[
+    v4_ok(&[
         "validate",
         "--reference",
         &p("ref.safetensors"),
@@ -324,12 +317,6 @@ fn ranges_of_layers_run_and_validate_like_the_whole_model() {
         "--report-dir",
         &p("report"),
     ]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let csv = std::fs::read_to_string(dir.join("report/report.csv")).unwrap();
     let probes: Vec<&str> = csv.lines().skip(1).filter_map(|l| l.split(',').nth(1)).collect();
     assert!(
