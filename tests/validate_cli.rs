@@ -35,6 +35,14 @@ fn f32_tensor(path: &str, name: &str) -> Vec<f32> {
         .collect()
 }
 
+/// A fresh scratch directory for test `tag`, and the tiny fixture's model and input ids.
+fn setup(tag: &str) -> (PathBuf, String, String) {
+    let dir = std::env::temp_dir().join(format!("v4-validate-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = "tests/fixtures/v4-tiny-a";
+    (dir, format!("{f}/hf"), format!("{f}/io.safetensors"))
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
@@ -42,11 +50,8 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn trace_then_validate_on_the_npu_emulator() {
-    let dir = std::env::temp_dir().join(format!("v4-validate-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let (dir, model, input) = setup("cli");
     let p = |n: &str| -> String { dir.join(n).display().to_string() };
-    let f = "tests/fixtures/v4-tiny-a";
-    let (model, input) = (format!("{f}/hf"), format!("{f}/io.safetensors"));
 
     let out = v4(&[
         "trace",
@@ -147,11 +152,8 @@ fn trace_then_validate_on_the_npu_emulator() {
 /// the reference's own distance to it, which an f32 reference cannot have against itself).
 #[test]
 fn an_f64_golden_feeds_the_reference_relative_gate() {
-    let dir = std::env::temp_dir().join(format!("v4-validate-golden-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let (dir, model, input) = setup("golden");
     let p = |n: &str| -> String { dir.join(n).display().to_string() };
-    let f = "tests/fixtures/v4-tiny-a";
-    let (model, input) = (format!("{f}/hf"), format!("{f}/io.safetensors"));
     for (device, name) in [("cpu", "ref.safetensors"), ("ndarray-f64", "golden.safetensors")] {
         let out = v4(&[
             "trace",
@@ -222,28 +224,24 @@ fn an_f64_golden_feeds_the_reference_relative_gate() {
 /// `validate --layers` checks one range against a full reference trace.
 #[test]
 fn ranges_of_layers_run_and_validate_like_the_whole_model() {
-    let dir = std::env::temp_dir().join(format!("v4-validate-layers-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let (dir, model, input) = setup("layers");
     let p = |n: &str| -> String { dir.join(n).display().to_string() };
-    let f = "tests/fixtures/v4-tiny-a";
-    let (model, input) = (format!("{f}/hf"), format!("{f}/io.safetensors"));
-    let run = |args: &[&str]| {
-        v4_ok(args);
-    };
     let forward = ["forward", "--model", &model, "--input", &input, "--output"];
-    run(&[&forward[..], &[&p("whole.safetensors")]].concat());
-    run(&[&forward[..], &[&p("first.safetensors"), "--layers", "0..2"]].concat());
-    run(&[
-        &forward[..],
+    v4_ok(&[&forward[..], &[&p("whole.safetensors")]].concat());
+    v4_ok(&[&forward[..], &[&p("first.safetensors"), "--layers", "0..2"]].concat());
+    v4_ok(
         &[
-            &p("second.safetensors"),
-            "--layers",
-            "2..",
-            "--streams",
-            &p("first.safetensors"),
-        ],
-    ]
-    .concat());
+            &forward[..],
+            &[
+                &p("second.safetensors"),
+                "--layers",
+                "2..",
+                "--streams",
+                &p("first.safetensors"),
+            ],
+        ]
+        .concat(),
+    );
     // The first range ends with the streams entering layer 2, and has no logits.
     let first = p("first.safetensors");
     assert_eq!(f32_tensor(&first, "hidden.2").len(), 2 * 80 * 4 * 256);
@@ -269,7 +267,7 @@ fn ranges_of_layers_run_and_validate_like_the_whole_model() {
 
     // `trace --layers` loads and runs only its range too.
     let ranged_trace = p("ranged-trace.safetensors");
-    run(&[
+    v4_ok(&[
         "trace",
         "--model",
         &model,
@@ -297,7 +295,7 @@ fn ranges_of_layers_run_and_validate_like_the_whole_model() {
 
     // Validate layers 1..3 alone against a full reference trace: only their probes (and the head, fed
     // the reference's final streams in isolated mode) are compared.
-    run(&[
+    v4_ok(&[
         "trace",
         "--model",
         &model,

@@ -5,29 +5,19 @@ use burn_autodiff::Autodiff;
 use burn_ndarray::{NdArray, NdArrayDevice};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use v4_train::{train, RunOptions, TrainConfig};
 
 type B = Autodiff<NdArray<f32>>;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+mod support;
+use support::root;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("v4-train-mtp-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+const SUITE: &str = "mtp";
 
 /// The first step's gradients (before clipping) of a randomly initialised small V4 with one MTP layer,
 /// trained with MTP weight `weight`, by parameter name.
 fn first_gradients(weight: f32) -> HashMap<String, Vec<f32>> {
-    let dir = scratch(&format!("w{weight}"));
+    let dir = support::scratch(SUITE, &format!("w{weight}"));
     let r = root();
     let text = format!(
         "[model]\nconfig = \"{}\"\nseed = 5\n\n[data]\ntrain = \"{d}/train.jsonl\"\ntokenizer = \"bytes\"\n\

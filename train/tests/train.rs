@@ -2,24 +2,15 @@
 
 use burn_autodiff::Autodiff;
 use burn_ndarray::{NdArray, NdArrayDevice};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use v4_train::{train, RunOptions, TrainConfig};
 
 type B = Autodiff<NdArray<f32>>;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+mod support;
+use support::root;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("v4-train-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+const SUITE: &str = "test";
 
 /// A config for the tiny model; `extra` is appended (TOML sections).
 fn config(dir: &Path, train_file: &str, valid_file: &str, schedule: &str, extra: &str) -> TrainConfig {
@@ -54,7 +45,7 @@ weight_decay = 0.0
 
 #[test]
 fn fine_tuning_lowers_validation_loss() {
-    let dir = scratch("finetune");
+    let dir = support::scratch(SUITE, "finetune");
     let cfg = config(
         &dir,
         "train.jsonl",
@@ -81,7 +72,7 @@ fn fine_tuning_lowers_validation_loss() {
 
 #[test]
 fn chat_data_trains_on_assistant_turns() {
-    let dir = scratch("chat");
+    let dir = support::scratch(SUITE, "chat");
     let cfg = config(
         &dir,
         "chat-train.jsonl",
@@ -118,7 +109,7 @@ fn resume_reproduces_the_uninterrupted_run() {
         quiet: true,
         ..Default::default()
     };
-    let dir_a = scratch("resume-a");
+    let dir_a = support::scratch(SUITE, "resume-a");
     let full = config(
         &dir_a,
         "train.jsonl",
@@ -128,7 +119,7 @@ fn resume_reproduces_the_uninterrupted_run() {
     );
     let a = train::<B>(&full, &NdArrayDevice::Cpu, &quiet).unwrap();
 
-    let dir_b = scratch("resume-b");
+    let dir_b = support::scratch(SUITE, "resume-b");
     let first = config(
         &dir_b,
         "train.jsonl",
@@ -219,7 +210,7 @@ fn unknown_config_key_is_named() {
 
 #[test]
 fn a_step_runs_on_the_npu_emulator() {
-    let dir = scratch("npu");
+    let dir = support::scratch(SUITE, "npu");
     let cfg = config(
         &dir,
         "train.jsonl",
@@ -239,7 +230,7 @@ fn a_step_runs_on_the_npu_emulator() {
 #[test]
 fn sequence_balance_loss_is_reported_and_trained() {
     let run = |alpha: f32| {
-        let dir = scratch(&format!("balance-{alpha}"));
+        let dir = support::scratch(SUITE, &format!("balance-{alpha}"));
         let cfg = config(
             &dir,
             "train.jsonl",
