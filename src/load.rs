@@ -7,7 +7,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
-use v4_model::{Residency, Tokens, V4Config, V4Model};
+use v4_model::{LoadPlan, Residency, Tokens, V4Config, V4Model};
 
 /// The loading flags every command that runs a checkpoint shares.
 #[derive(clap::Args, Debug, Clone, Copy)]
@@ -52,13 +52,12 @@ pub fn load_model<B: Backend>(
         }
     }
     let source = v4_checkpoint::open(dir)?;
-    Ok(V4Model::<B>::load_layers(
-        config,
-        source.as_ref(),
-        device,
-        residency(kind, args.dequantize),
-        layers.unwrap_or(0..config.num_layers()),
-    )?)
+    let plan = LoadPlan {
+        residency: residency(kind, args.dequantize),
+        layers,
+        ..LoadPlan::default()
+    };
+    Ok(V4Model::<B>::load_plan(config, source.as_ref(), device, plan)?)
 }
 
 /// The streams entering the first layer of `range` (None from layer 0): read from `path`, a `v4 forward`

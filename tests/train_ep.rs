@@ -83,8 +83,8 @@ fn f32_tensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
         .collect()
 }
 
-/// `(tag, step) -> value` from a run's `metrics.jsonl`.
-fn metrics(dir: &Path) -> BTreeMap<(String, u64), f64> {
+/// The records of a run's `metrics.jsonl`, keyed by `(tag, step)`.
+fn records(dir: &Path) -> BTreeMap<(String, u64), serde_json::Value> {
     std::fs::read_to_string(dir.join("tb/metrics.jsonl"))
         .unwrap()
         .lines()
@@ -94,7 +94,57 @@ fn metrics(dir: &Path) -> BTreeMap<(String, u64), f64> {
                 v["tag"].as_str().unwrap().to_string(),
                 v["step"].as_u64().unwrap(),
             );
-            (key, v["value"].as_f64().unwrap())
+            (key, v)
+        })
+        .collect()
+}
+
+/// `(tag, step) -> value` of a run's scalars.
+fn metrics(dir: &Path) -> BTreeMap<(String, u64), f64> {
+    records(dir)
+        .into_iter()
+        .filter_map(|(key, v)| Some((key, v["value"].as_f64()?)))
+        .collect()
+}
+
+/// `(tag, step) -> rows per expert` of a run's expert-load histograms.
+fn loads(dir: &Path) -> BTreeMap<(String, u64), Vec<u64>> {
+    records(dir)
+        .into_iter()
+        .filter_map(|(key, v)| {
+            let counts = v["counts"]
+                .as_array()?
+                .iter()
+                .map(|c| c.as_u64().unwrap())
+                .collect();
+            Some((key, counts))
+        })
+        .collect()
+}
+
+/// The trainable parameters of v4-tiny-a: its f32 tensors but the routers' selection biases.
+fn v4_parameters() -> u64 {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v4-tiny-a/hf/model.safetensors");
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .iter()
+        .filter(|(name, view)| {
+            view.dtype() == safetensors::Dtype::F32 && !name.ends_with("e_score_correction_bias")
+        })
+        .map(|(_, view)| view.shape().iter().product::<usize>() as u64)
+        .sum()
+}
+
+/// The parameters each rank says it holds, by rank.
+fn held(out: &Output) -> BTreeMap<usize, u64> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("rank ")?;
+            let rank = rest.split(' ').next()?.parse().ok()?;
+            let count = rest.split(": holds ").nth(1)?.split(' ').next()?.parse().ok()?;
+            Some((rank, count))
         })
         .collect()
 }
@@ -134,10 +184,23 @@ fn expert_parallel_runs_equal_one_process_and_reshard_on_resume() {
         let dir = scratch(&format!("{ranks}"));
         let grads = dir.join("grads.safetensors");
         let cfg = config(&dir, ranks, "interval = 1\n");
-        train(
+        let out = train(
             ranks,
             &[cfg.to_str().unwrap(), "--dump-gradients", grads.to_str().unwrap()],
         );
+        // Each rank holds the dense parameters and 1 / ranks of the routed experts: 4 layers of
+        // 8 experts x 3 matrices of 256 x 128.
+        let held = held(&out);
+        let experts = 4 * 8 * 3 * 256 * 128;
+        let whole = v4_parameters();
+        assert_eq!(held.len(), ranks, "{held:?}");
+        for (rank, count) in &held {
+            assert_eq!(
+                *count,
+                whole - experts + experts / ranks as u64,
+                "rank {rank} of {ranks}"
+            );
+        }
 
         // The same gradients, tensor by tensor, up to the order of the ranks' sum (measured <= 8.9e-7).
         let got = f32_tensors(&grads);
@@ -162,12 +225,19 @@ fn expert_parallel_runs_equal_one_process_and_reshard_on_resume() {
                 step + 1
             );
         }
-        // Each layer's 4 x 32 tokens x 3 experts are received by the ranks owning the experts.
+        // The rows each rank received in the all-to-all are those the routers sent to its experts (the
+        // loads counted from the routers' choices), and together each layer's 4 x 32 tokens x 3 experts.
+        let loads = loads(&dir);
         for layer in 0..4 {
-            let received: f64 = (0..ranks)
-                .map(|r| m[&(format!("moe/layer{layer}/tokens_received/rank{r}"), 1)])
-                .sum();
-            assert_eq!(received, 4.0 * 32.0 * 3.0, "EP={ranks}, layer {layer}");
+            let load = &loads[&(format!("moe/layer{layer}/tokens_per_expert"), 1)];
+            assert_eq!(load.len(), 8);
+            assert_eq!(load.iter().sum::<u64>(), 4 * 32 * 3, "EP={ranks}, layer {layer}");
+            let per = 8 / ranks;
+            for r in 0..ranks {
+                let received = m[&(format!("moe/layer{layer}/tokens_received/rank{r}"), 1)];
+                let routed: u64 = load[r * per..(r + 1) * per].iter().sum();
+                assert_eq!(received, routed as f64, "EP={ranks}, layer {layer}, rank {r}");
+            }
         }
     }
 

@@ -5,13 +5,24 @@
 //! names and offers each weight in its stored form or dequantised: a user can run a real checkpoint
 //! without converting it first.
 
+use std::ops::Range;
 use std::path::Path;
 use v4_convert::{Checkpoint, Layout};
 use v4_formats::PackedMatrix;
+use v4_model::weights::check_rows;
 use v4_model::{HostData, HostTensor, LoadError, SafetensorsDir, TensorSpec, WeightSource};
 
 /// A DeepSeek-release-layout checkpoint: weights in their stored form, or dequantised on read.
 struct ReleaseCheckpoint(Checkpoint);
+
+impl ReleaseCheckpoint {
+    fn failed(&self, e: v4_convert::ConvertError) -> LoadError {
+        LoadError::File {
+            path: self.describe(),
+            message: e.to_string(),
+        }
+    }
+}
 
 impl WeightSource for ReleaseCheckpoint {
     fn describe(&self) -> String {
@@ -23,10 +34,7 @@ impl WeightSource for ReleaseCheckpoint {
             source: self.describe(),
             name: name.to_string(),
         })?;
-        let failed = |e: v4_convert::ConvertError| LoadError::File {
-            path: self.describe(),
-            message: e.to_string(),
-        };
+        let failed = |e| self.failed(e);
         let data = if name.ends_with("tid2eid") {
             HostData::I64(self.0.read_hf_i64(name).map_err(failed)?)
         } else {
@@ -36,10 +44,44 @@ impl WeightSource for ReleaseCheckpoint {
     }
 
     fn read_packed(&self, name: &str, _shape: &[usize]) -> Result<Option<Vec<PackedMatrix>>, LoadError> {
-        self.0.read_hf_packed(name).map_err(|e| LoadError::File {
-            path: self.describe(),
-            message: e.to_string(),
+        self.0.read_hf_packed(name).map_err(|e| self.failed(e))
+    }
+
+    fn read_rows(
+        &self,
+        name: &str,
+        spec: &TensorSpec<'_>,
+        rows: Range<usize>,
+    ) -> Result<HostTensor, LoadError> {
+        if self.0.hf_members(name).is_none_or(|m| m.len() == 1) {
+            let whole = self.read(name, spec)?;
+            check_rows(self, name, &whole.shape, &rows)?;
+            return Ok(whole.rows(rows));
+        }
+        let mut shape = self.0.hf_shape(name).unwrap_or_default();
+        check_rows(self, name, &shape, &rows)?;
+        shape[0] = rows.len();
+        let data = self
+            .0
+            .read_hf_experts_f32(name, rows)
+            .map_err(|e| self.failed(e))?;
+        Ok(HostTensor {
+            shape,
+            data: HostData::F32(data),
         })
+    }
+
+    fn read_packed_rows(
+        &self,
+        name: &str,
+        _shape: &[usize],
+        rows: Range<usize>,
+    ) -> Result<Option<Vec<PackedMatrix>>, LoadError> {
+        let shape = self.0.hf_shape(name).unwrap_or_default();
+        check_rows(self, name, &shape, &rows)?;
+        self.0
+            .read_hf_experts_packed(name, rows)
+            .map_err(|e| self.failed(e))
     }
 
     fn names(&self) -> Vec<String> {

@@ -3,7 +3,7 @@
 use burn_ndarray::{NdArray, NdArrayDevice};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use v4_model::{read_config, Residency, V4Model};
+use v4_model::{read_config, LoadPlan, Residency, V4Model};
 
 fn fixture(layout: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -16,8 +16,12 @@ fn held(dir: &Path, residency: Residency, layers: Range<usize>) -> (u64, u64) {
     let config = read_config(dir).unwrap();
     let source = v4_checkpoint::open(dir).unwrap();
     let device = NdArrayDevice::Cpu;
-    let model =
-        V4Model::<NdArray<f32>>::load_layers(&config, source.as_ref(), &device, residency, layers).unwrap();
+    let plan = LoadPlan {
+        residency,
+        layers: Some(layers),
+        ..LoadPlan::default()
+    };
+    let model = V4Model::<NdArray<f32>>::load_plan(&config, source.as_ref(), &device, plan).unwrap();
     (model.resident.packed as u64, model.resident.dense as u64)
 }
 

@@ -25,6 +25,7 @@ use crate::st::{self, Dtype, ShardFile, TensorInfo};
 use rayon::prelude::*;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use v4_formats::{Fp8ScaleKind, PackedMatrix, PackedRows, Storage};
 
@@ -330,23 +331,49 @@ impl Checkpoint {
     /// Dequantised values of HF tensor `name`, row-major; fused experts are assembled from the
     /// per-expert weights (w1 rows then w3 rows per expert).
     pub fn read_hf_f32(&self, name: &str) -> Result<Vec<f32>, ConvertError> {
-        let hf = self
-            .hf
-            .get(name)
-            .ok_or_else(|| ConvertError::NoSuchTensor { name: name.into() })?;
-        match hf {
-            HfTensor::Single(ds) => self.read_f32(ds),
-            HfTensor::Fused { .. } => {
-                let members = self.hf_members(name).unwrap_or_default();
-                let first = self.entry(&members[0])?;
-                let n = first.rows * first.cols;
-                let mut out = vec![0f32; n * members.len()];
-                out.par_chunks_mut(n)
-                    .zip(members.par_iter())
-                    .try_for_each(|(o, m)| self.decode_all(m, self.entry(m)?, o))?;
-                Ok(out)
-            }
+        match self.hf.get(name) {
+            Some(HfTensor::Single(ds)) => self.read_f32(ds),
+            Some(HfTensor::Fused { experts, .. }) => self.read_hf_experts_f32(name, 0..*experts),
+            None => Err(ConvertError::NoSuchTensor { name: name.into() }),
         }
+    }
+
+    /// Experts `experts` of fused HF tensor `name`, dequantised (`[experts.len(), rows, cols]`
+    /// row-major); the other experts' bytes are not read.
+    pub fn read_hf_experts_f32(&self, name: &str, experts: Range<usize>) -> Result<Vec<f32>, ConvertError> {
+        let members = self.hf_experts(name, experts)?;
+        let first = self.entry(&members[0])?;
+        let n = first.rows * first.cols;
+        let mut out = vec![0f32; n * members.len()];
+        out.par_chunks_mut(n)
+            .zip(members.par_iter())
+            .try_for_each(|(o, m)| self.decode_all(m, self.entry(m)?, o))?;
+        Ok(out)
+    }
+
+    /// The DeepSeek tensors of experts `experts` of fused HF tensor `name`, in storage order.
+    fn hf_experts(&self, name: &str, experts: Range<usize>) -> Result<Vec<String>, ConvertError> {
+        let Some(HfTensor::Fused {
+            prefix,
+            kind,
+            experts: total,
+        }) = self.hf.get(name)
+        else {
+            return Err(ConvertError::NoSuchTensor { name: name.into() });
+        };
+        if experts.is_empty() || experts.end > *total {
+            return Err(ConvertError::Unsupported {
+                tensor: name.into(),
+                reason: format!("experts {experts:?} asked of {total}"),
+            });
+        }
+        Ok(experts
+            .flat_map(|e| {
+                kind.parts()
+                    .iter()
+                    .map(move |&p| layout::expert_name(prefix, e, p))
+            })
+            .collect())
     }
 
     /// The DeepSeek tensors that make up HF tensor `name`, in storage order (for fused experts:
@@ -354,19 +381,7 @@ impl Checkpoint {
     pub fn hf_members(&self, name: &str) -> Option<Vec<String>> {
         match self.hf.get(name)? {
             HfTensor::Single(ds) => Some(vec![ds.clone()]),
-            HfTensor::Fused {
-                prefix,
-                kind,
-                experts,
-            } => Some(
-                (0..*experts)
-                    .flat_map(|e| {
-                        kind.parts()
-                            .iter()
-                            .map(move |&p| layout::expert_name(prefix, e, p))
-                    })
-                    .collect(),
-            ),
+            HfTensor::Fused { experts, .. } => self.hf_experts(name, 0..*experts).ok(),
         }
     }
 
@@ -378,12 +393,33 @@ impl Checkpoint {
         let members = self
             .hf_members(name)
             .ok_or_else(|| ConvertError::NoSuchTensor { name: name.into() })?;
+        self.packed_members(name, &members)
+    }
+
+    /// Experts `experts` of fused HF tensor `name` in their stored precision, as
+    /// [`read_hf_packed`](Self::read_hf_packed) gives them; the other experts' bytes are not touched.
+    pub fn read_hf_experts_packed(
+        &self,
+        name: &str,
+        experts: Range<usize>,
+    ) -> Result<Option<Vec<PackedMatrix>>, ConvertError> {
+        let members = self.hf_experts(name, experts)?;
+        self.packed_members(name, &members)
+    }
+
+    /// The stored form of the DeepSeek tensors `members` of HF tensor `name`, one matrix per HF
+    /// matrix (w1 over w3 for `gate_up_proj`).
+    fn packed_members(
+        &self,
+        name: &str,
+        members: &[String],
+    ) -> Result<Option<Vec<PackedMatrix>>, ConvertError> {
         let per_matrix = match self.hf.get(name) {
             Some(HfTensor::Fused { kind, .. }) => kind.parts().len(),
             _ => 1,
         };
         let mut rows = Vec::with_capacity(members.len());
-        for member in &members {
+        for member in members {
             match self.packed_rows(self.entry(member)?)? {
                 Some(r) => rows.push(r),
                 None => return Ok(None),

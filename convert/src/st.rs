@@ -389,11 +389,23 @@ pub struct PlannedTensor {
 /// name), and returns the complete header (length prefix, JSON padded with spaces to 8 bytes) and
 /// each tensor's absolute file offset, in the order of `tensors` after sorting.
 pub fn layout_shard(tensors: &mut [PlannedTensor]) -> (Vec<u8>, Vec<u64>) {
+    let format = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    layout_shard_with(tensors, &format)
+}
+
+/// [`layout_shard`] with the header's `__metadata__` given. The header depends only on the tensors and
+/// the metadata: processes that plan the same file get the same bytes and offsets.
+pub fn layout_shard_with(
+    tensors: &mut [PlannedTensor],
+    metadata: &BTreeMap<String, String>,
+) -> (Vec<u8>, Vec<u64>) {
     let rank = |t: &PlannedTensor| Dtype::parse(&t.dtype);
     tensors.sort_by(|a, b| rank(b).cmp(&rank(a)).then_with(|| a.name.cmp(&b.name)));
     let mut json = Map::new();
-    let mut meta = Map::new();
-    meta.insert("format".into(), Value::from("pt"));
+    let meta: Map<String, Value> = metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::from(v.clone())))
+        .collect();
     json.insert("__metadata__".into(), Value::Object(meta));
     let mut rel = Vec::with_capacity(tensors.len());
     let mut off = 0u64;

@@ -146,6 +146,7 @@ mod tests {
     #[test]
     fn mean_squares_match_a_hand_computation_and_outputs_match_local_experts() {
         let experts = Experts::<B> {
+            first: 0,
             // [E, D, 2I]: expert 0 gate = x0, up = x1; expert 1 gate = x0 + x1, up = 1·x0.
             w13_t: Some(Param::from_tensor(tensor(
                 vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0],
@@ -181,6 +182,7 @@ mod tests {
     #[test]
     fn an_expert_without_rows_takes_the_layer_mean() {
         let experts = Experts::<B> {
+            first: 0,
             w13_t: Some(Param::from_tensor(tensor(vec![1.0; 8], [2, 2, 2]))),
             w2_t: Some(Param::from_tensor(tensor(vec![1.0; 4], [2, 1, 2]))),
             packed: None,

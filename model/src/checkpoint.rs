@@ -2,11 +2,12 @@
 //! files (sharded through `model.safetensors.index.json`), decoded to f32 / i64 on request.
 
 use crate::config::V4Config;
-use crate::weights::{HostData, HostTensor, LoadError, TensorSpec, WeightSource};
+use crate::weights::{check_rows, HostData, HostTensor, LoadError, TensorSpec, WeightSource};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata, SafeTensors};
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 /// One memory-mapped safetensors file with its parsed header.
@@ -143,60 +144,91 @@ impl WeightSource for SafetensorsDir {
         self.dir.display().to_string()
     }
 
-    fn read(&self, name: &str, _spec: &TensorSpec<'_>) -> Result<HostTensor, LoadError> {
+    fn read(&self, name: &str, spec: &TensorSpec<'_>) -> Result<HostTensor, LoadError> {
+        let rows = self
+            .info(name)
+            .map_or(0, |(_, shape)| shape.first().copied().unwrap_or(1));
+        self.read_rows(name, spec, 0..rows)
+    }
+
+    fn read_rows(
+        &self,
+        name: &str,
+        _spec: &TensorSpec<'_>,
+        rows: Range<usize>,
+    ) -> Result<HostTensor, LoadError> {
         let (shard, dtype, shape, bytes) = self.bytes(name).ok_or_else(|| LoadError::Missing {
             source: self.describe(),
             name: name.to_string(),
         })?;
-        let data = match dtype {
-            Dtype::F32 => HostData::F32(
-                bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            ),
-            Dtype::BF16 => HostData::F32(
-                bytes
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-            ),
-            Dtype::F16 => HostData::F32(
-                bytes
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-            ),
-            Dtype::I64 => HostData::I64(
-                bytes
-                    .chunks_exact(8)
-                    .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
-                    .collect(),
-            ),
-            Dtype::I32 => HostData::I64(
-                bytes
-                    .chunks_exact(4)
-                    .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64)
-                    .collect(),
-            ),
-            other => {
-                return Err(LoadError::Dtype {
-                    source: shard.path.display().to_string(),
-                    name: name.to_string(),
-                    dtype: format!("{other:?}"),
-                    hint: "the HF-layout reader decodes F32, BF16, F16, I64 and I32; FP8/FP4 weights are \
-                           DeepSeek's release layout (convert them with `v4 convert`)"
-                        .to_string(),
-                })
-            }
-        };
+        let mut shape = shape.to_vec();
+        if let Some(first) = shape.first_mut() {
+            check_rows(self, name, &[*first], &rows)?;
+            let per_row = bytes.len() / (*first).max(1);
+            *first = rows.len();
+            return Ok(HostTensor {
+                data: decode(
+                    shard,
+                    name,
+                    dtype,
+                    &bytes[rows.start * per_row..rows.end * per_row],
+                )?,
+                shape,
+            });
+        }
         Ok(HostTensor {
-            shape: shape.to_vec(),
-            data,
+            data: decode(shard, name, dtype, bytes)?,
+            shape,
         })
     }
 
     fn names(&self) -> Vec<String> {
         self.index.keys().cloned().collect()
     }
+}
+
+/// Little-endian `bytes` of tensor `name` (in `shard`) as f32 or i64 values.
+fn decode(shard: &Shard, name: &str, dtype: Dtype, bytes: &[u8]) -> Result<HostData, LoadError> {
+    Ok(match dtype {
+        Dtype::F32 => HostData::F32(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        ),
+        Dtype::BF16 => HostData::F32(
+            bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        ),
+        Dtype::F16 => HostData::F32(
+            bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        ),
+        Dtype::I64 => HostData::I64(
+            bytes
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect(),
+        ),
+        Dtype::I32 => HostData::I64(
+            bytes
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64)
+                .collect(),
+        ),
+        other => {
+            return Err(LoadError::Dtype {
+                source: shard.path.display().to_string(),
+                name: name.to_string(),
+                dtype: format!("{other:?}"),
+                hint: "the HF-layout reader decodes F32, BF16, F16, I64 and I32; FP8/FP4 weights are \
+                       DeepSeek's release layout (convert them with `v4 convert`)"
+                    .to_string(),
+            })
+        }
+    })
 }

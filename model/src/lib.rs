@@ -40,10 +40,10 @@ pub use cache::{ModelCache, SequenceCaches};
 pub use calibration::{ExpertActivationStats, ExpertMeanSquares};
 pub use checkpoint::{read_config, SafetensorsDir};
 pub use config::{AttentionKind, ConfigError, ParamCounts, RoutingKind, V4Config};
-pub use loader::{Layout, NamedParam, PackedWeight, Residency};
+pub use loader::{ExpertShard, Layout, NamedParam, PackedWeight, Residency};
 pub use model::{
-    tensor_in_layers, ForwardOutput, InputError, LogitsFor, MtpForward, PaddedTokens, Padding, ResidentBytes,
-    Tokens, V4Model,
+    tensor_in_layers, ForwardOutput, InputError, LoadPlan, LogitsFor, MtpForward, PaddedTokens, Padding,
+    ResidentBytes, Tokens, V4Model,
 };
 pub use moe::{ExpertRunner, LocalExperts};
 pub use probe::{NoProbe, Probe, Recorder};

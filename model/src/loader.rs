@@ -17,6 +17,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 use v4_formats::{PackedMatmul, PackedMatrix};
 
@@ -37,6 +38,31 @@ pub struct NamedParam {
     pub name: String,
     pub id: ParamId,
     pub layout: Layout,
+    /// The rows of the checkpoint tensor's first dimension the parameter holds, of how many (one
+    /// rank's experts under expert parallelism); `None`: all of it.
+    pub part: Option<(Range<usize>, usize)>,
+}
+
+/// Which routed experts of each MoE layer a load keeps: rank `rank` of `ranks` holds experts
+/// `[rank E / ranks, (rank + 1) E / ranks)` (expert parallelism); rank 0 of 1 holds them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertShard {
+    pub rank: usize,
+    pub ranks: usize,
+}
+
+impl Default for ExpertShard {
+    fn default() -> Self {
+        Self { rank: 0, ranks: 1 }
+    }
+}
+
+impl ExpertShard {
+    /// The experts held of `experts` (the ranks divide them: checked by the config).
+    pub fn range(&self, experts: usize) -> Range<usize> {
+        let per = experts / self.ranks;
+        self.rank * per..(self.rank + 1) * per
+    }
 }
 
 /// Where the large matrices (projections, experts, head, embedding) live.
@@ -83,6 +109,7 @@ pub(crate) struct Loader<'a, B: Backend> {
     source: &'a dyn WeightSource,
     device: &'a B::Device,
     residency: Residency,
+    experts: ExpertShard,
     state: RefCell<State>,
 }
 
@@ -95,11 +122,17 @@ pub(crate) struct Loaded {
 }
 
 impl<'a, B: Backend> Loader<'a, B> {
-    pub fn new(source: &'a dyn WeightSource, device: &'a B::Device, residency: Residency) -> Self {
+    pub fn new(
+        source: &'a dyn WeightSource,
+        device: &'a B::Device,
+        residency: Residency,
+        experts: ExpertShard,
+    ) -> Self {
         Self {
             source,
             device,
             residency,
+            experts,
             state: RefCell::new(State {
                 used: HashSet::new(),
                 params: Vec::new(),
@@ -171,6 +204,11 @@ impl<'l, 'a, B: Backend> Weights<'l, 'a, B> {
 
     pub fn device(&self) -> &B::Device {
         self.loader.device
+    }
+
+    /// The routed experts this load keeps of a layer's `experts`.
+    pub fn expert_range(&self, experts: usize) -> Range<usize> {
+        self.loader.experts.range(experts)
     }
 
     fn describe(&self) -> String {
@@ -255,6 +293,7 @@ impl<'l, 'a, B: Backend> Weights<'l, 'a, B> {
         data: Vec<f32>,
         shape: [usize; D],
         layout: Layout,
+        part: Option<(Range<usize>, usize)>,
     ) -> Param<Tensor<B, D>> {
         let mut state = self.loader.state.borrow_mut();
         let param = Param::from_tensor(Tensor::from_data(
@@ -265,6 +304,7 @@ impl<'l, 'a, B: Backend> Weights<'l, 'a, B> {
             name: self.name(name),
             id: param.id,
             layout,
+            part,
         });
         param
     }
@@ -277,7 +317,7 @@ impl<'l, 'a, B: Backend> Weights<'l, 'a, B> {
         init: Init,
     ) -> Result<Param<Tensor<B, D>>, LoadError> {
         let data = self.host_f32(name, &shape, init)?;
-        Ok(self.param(name, data, shape, Layout::Plain))
+        Ok(self.param(name, data, shape, Layout::Plain, None))
     }
 
     /// A `[rows, cols]` checkpoint matrix kept transposed: `[cols, rows]`, contiguous.
@@ -289,7 +329,7 @@ impl<'l, 'a, B: Backend> Weights<'l, 'a, B> {
     ) -> Result<Param<Tensor<B, 2>>, LoadError> {
         let [rows, cols] = shape;
         let data = transpose_blocks(&self.host_f32(name, &shape, init)?, 1, rows, cols);
-        Ok(self.param(name, data, [cols, rows], Layout::Transposed))
+        Ok(self.param(name, data, [cols, rows], Layout::Transposed, None))
     }
 
     /// A `[n, rows, cols]` checkpoint tensor (when `flat`, `[n * rows, cols]` as HF writes it), each block
@@ -307,7 +347,42 @@ impl<'l, 'a, B: Backend> Weights<'l, 'a, B> {
         let shapes: &[&[usize]] = if flat { &[&flat_shape, &shape] } else { &[&shape] };
         let data = self.read(name, shapes, init)?;
         let data = transpose_blocks(&self.finite(name, data)?, n, rows, cols);
-        Ok(self.param(name, data, [n, cols, rows], Layout::BlocksTransposed { flat }))
+        Ok(self.param(
+            name,
+            data,
+            [n, cols, rows],
+            Layout::BlocksTransposed { flat },
+            None,
+        ))
+    }
+
+    /// The experts `held` of stacked experts `name` (`[n, rows, cols]`), each transposed:
+    /// `[held.len(), cols, rows]`. Only their rows of the checkpoint are read.
+    pub fn experts_transposed(
+        &self,
+        name: &str,
+        shape: [usize; 3],
+        held: Range<usize>,
+        init: Init,
+    ) -> Result<Param<Tensor<B, 3>>, LoadError> {
+        let [n, rows, cols] = shape;
+        let full = self.name(name);
+        let spec = TensorSpec { shape: &shape, init };
+        let tensor = self.loader.source.read_rows(&full, &spec, held.clone())?;
+        let expected = [held.len(), rows, cols];
+        if tensor.shape != expected {
+            return Err(LoadError::Shape {
+                source: self.describe(),
+                name: full,
+                expected: shape.to_vec(),
+                found: tensor.shape,
+            });
+        }
+        self.loader.state.borrow_mut().used.insert(full);
+        let data = transpose_blocks(&self.finite(name, tensor.data)?, held.len(), rows, cols);
+        let layout = Layout::BlocksTransposed { flat: false };
+        let part = (held.len() < n).then(|| (held.clone(), n));
+        Ok(self.param(name, data, [held.len(), cols, rows], layout, part))
     }
 
     /// An RMSNorm's weight `name.weight`.
@@ -320,7 +395,22 @@ impl<'l, 'a, B: Backend> Weights<'l, 'a, B> {
     /// for `n` stacked experts) in their stored precision; `None` when the weights are dequantised
     /// or the source only has f32 (random weights).
     pub fn packed(&self, name: &str, shape: &[usize]) -> Result<Option<Vec<PackedWeight>>, LoadError> {
-        Ok(self.read_packed(name, shape)?.map(|m| self.keep_packed(name, m)))
+        Ok(self
+            .read_packed(name, shape, None)?
+            .map(|m| self.keep_packed(name, m)))
+    }
+
+    /// [`packed`](Self::packed) for the experts `held` of stacked experts `name` (`[n, out, in]`); the
+    /// other experts' bytes are not read.
+    pub fn packed_experts(
+        &self,
+        name: &str,
+        shape: [usize; 3],
+        held: Range<usize>,
+    ) -> Result<Option<Vec<PackedWeight>>, LoadError> {
+        Ok(self
+            .read_packed(name, &shape, Some(held))?
+            .map(|m| self.keep_packed(name, m)))
     }
 
     /// With [`Residency::Packed`], the `[rows, cols]` matrix `name` in its stored precision, cut into
@@ -332,24 +422,37 @@ impl<'l, 'a, B: Backend> Weights<'l, 'a, B> {
         shape: [usize; 2],
         bands: usize,
     ) -> Result<Option<Vec<PackedWeight>>, LoadError> {
-        let Some(mut matrices) = self.read_packed(name, &shape)? else {
+        let Some(mut matrices) = self.read_packed(name, &shape, None)? else {
             return Ok(None);
         };
         let split = matrices.pop().and_then(|m| m.split_rows(bands));
         Ok(split.map(|m| self.keep_packed(name, m)))
     }
 
-    /// The stored matrices of `name`, checked against `shape`.
-    fn read_packed(&self, name: &str, shape: &[usize]) -> Result<Option<Vec<PackedMatrix>>, LoadError> {
+    /// The stored matrices of `name` (of stacked experts: those `held`), checked against `shape`.
+    fn read_packed(
+        &self,
+        name: &str,
+        shape: &[usize],
+        held: Option<Range<usize>>,
+    ) -> Result<Option<Vec<PackedMatrix>>, LoadError> {
         if !matches!(self.loader.residency, Residency::Packed(_)) {
             return Ok(None);
         }
         let full = self.name(name);
-        let Some(matrices) = self.loader.source.read_packed(&full, shape)? else {
+        let count = match (&held, shape.len()) {
+            (Some(held), _) => held.len(),
+            (None, 3) => shape[0],
+            (None, _) => 1,
+        };
+        let matrices = match held {
+            Some(held) => self.loader.source.read_packed_rows(&full, shape, held)?,
+            None => self.loader.source.read_packed(&full, shape)?,
+        };
+        let Some(matrices) = matrices else {
             return Ok(None);
         };
         let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
-        let count = if shape.len() == 3 { shape[0] } else { 1 };
         if matrices.len() != count || matrices.iter().any(|m| m.rows != rows || m.cols != cols) {
             let found = matrices
                 .first()

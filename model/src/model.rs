@@ -13,7 +13,7 @@ use crate::block::Block;
 use crate::cache::{ModelCache, Segment, SequenceCaches};
 use crate::config::{ConfigError, V4Config};
 use crate::hyper_connection::HcHead;
-use crate::loader::{Loader, NamedParam, Residency};
+use crate::loader::{ExpertShard, Loader, NamedParam, Residency};
 use crate::moe::{ExpertRunner, LocalExperts, Routing};
 use crate::mtp::Mtp;
 use crate::norm::{Embedding, Linear, RmsNorm};
@@ -39,6 +39,17 @@ pub struct V4Model<B: Backend> {
     /// Every trainable parameter under its checkpoint name, as the modules loaded them.
     pub params: Vec<NamedParam>,
     pub resident: ResidentBytes,
+}
+
+/// What a load keeps, and where ([`V4Model::load_plan`]).
+#[derive(Debug, Clone, Default)]
+pub struct LoadPlan {
+    /// Where the large matrices live.
+    pub residency: Residency,
+    /// The main layers to keep (`None`: all).
+    pub layers: Option<Range<usize>>,
+    /// The routed experts to keep of each MoE layer.
+    pub experts: ExpertShard,
 }
 
 /// The bytes of weights a loaded model holds.
@@ -80,7 +91,7 @@ pub enum InputError {
     /// A padded batch with a different number of rows than its decoding states.
     Caches { caches: usize, batch: usize },
     /// A model loaded with only some of its layers asked for logits or to start from tokens past
-    /// its first layer (see [`V4Model::load_layers`]).
+    /// its first layer (see [`V4Model::load_plan`]).
     Partial { layers: Range<usize>, num_layers: usize },
 }
 
@@ -394,7 +405,7 @@ impl<B: Backend> V4Model<B> {
         })
     }
 
-    /// The loaded layers (all of a whole model's, or the range of [`load_layers`](Self::load_layers))
+    /// The loaded layers (all of a whole model's, or the range of [`load_plan`](Self::load_plan))
     /// over `tokens` from a fresh state: starting from the embedding, or from `streams: [B, S, c, D]`
     /// entering the first loaded layer (required when it is not layer 0). Returns the streams after the
     /// last loaded layer, `[B, S, c, D]`; the head is not run.
@@ -747,20 +758,30 @@ impl<B: Backend> V4Model<B> {
         device: &B::Device,
         residency: Residency,
     ) -> Result<Self, LoadError> {
-        Self::load_layers(config, source, device, residency, 0..config.num_layers())
+        let plan = LoadPlan {
+            residency,
+            ..LoadPlan::default()
+        };
+        Self::load_plan(config, source, device, plan)
     }
 
-    /// [`load_with`](Self::load_with), keeping only the main layers `layers` (plus the embedding, the
-    /// heads and, when the range reaches the last layer, the MTP layers): a machine that cannot hold the
-    /// model runs it range by range ([`forward_layers`](Self::forward_layers)). The source's tensors of
-    /// other layers are not read.
-    pub fn load_layers(
+    /// [`load`](Self::load) of what `plan` keeps: where the large matrices live, which main layers (plus
+    /// the embedding, the heads and, when the range reaches the last layer, the MTP layers: a machine that
+    /// cannot hold the model runs it range by range with [`forward_layers`](Self::forward_layers)), and
+    /// which routed experts (one rank's share under expert parallelism). The source's tensors of other
+    /// layers and experts are not read.
+    pub fn load_plan(
         config: &V4Config,
         source: &dyn WeightSource,
         device: &B::Device,
-        residency: Residency,
-        layers: Range<usize>,
+        plan: LoadPlan,
     ) -> Result<Self, LoadError> {
+        let LoadPlan {
+            residency,
+            layers,
+            experts,
+        } = plan;
+        let layers = layers.unwrap_or(0..config.num_layers());
         let num_layers = config.num_layers();
         if layers.is_empty() || layers.end > num_layers {
             return Err(LoadError::Config {
@@ -775,7 +796,19 @@ impl<B: Backend> V4Model<B> {
             path: source.describe(),
             error,
         })?;
-        let loader = Loader::new(source, device, residency);
+        if experts.ranks == 0 || !config.n_routed_experts.is_multiple_of(experts.ranks) {
+            return Err(LoadError::Config {
+                path: source.describe(),
+                error: ConfigError {
+                    key: "n_routed_experts".into(),
+                    message: format!(
+                        "{} routed experts cannot be shared by {} expert-parallel ranks (it must divide them)",
+                        config.n_routed_experts, experts.ranks
+                    ),
+                },
+            });
+        }
+        let loader = Loader::new(source, device, residency, experts);
         let root = loader.root();
         let (v, d) = (config.vocab_size, config.hidden_size);
         let model = root.pp("model");

@@ -19,10 +19,13 @@ use crate::weights::{Init, LoadError};
 use burn::module::{Module, Param};
 use burn::tensor::{activation, backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
 
-/// The routed experts of one layer: stacked f32 tensors (trainable), or each expert's matrices in their
-/// stored precision. Exactly one of `w13_t`/`w2_t` and `packed` is set.
+/// The routed experts of one layer (all of them, or one rank's consecutive share under expert
+/// parallelism): stacked f32 tensors (trainable), or each expert's matrices in their stored precision.
+/// Exactly one of `w13_t`/`w2_t` and `packed` is set. Expert indices below are local (0 = `first`).
 #[derive(Module, Debug)]
 pub struct Experts<B: Backend> {
+    /// The layer's index of the first expert held.
+    pub first: usize,
     /// Gate (w1) then up (w3) projections, transposed per expert: `[E, D, 2I]` (HF's `gate_up_proj`
     /// is `[E, 2I, D]`).
     pub w13_t: Option<Param<Tensor<B, 3>>>,
@@ -38,12 +41,16 @@ pub struct Experts<B: Backend> {
 pub type DenseExperts<'a, B> = (&'a Param<Tensor<B, 3>>, &'a Param<Tensor<B, 3>>);
 
 impl<B: Backend> Experts<B> {
-    /// Loads HF's fused `gate_up_proj [E, 2I, D]` and `down_proj [E, D, I]` under `w`.
+    /// Loads HF's fused `gate_up_proj [E, 2I, D]` and `down_proj [E, D, I]` under `w`: the experts of
+    /// the load's [`ExpertShard`](crate::loader::ExpertShard), reading only their rows.
     pub fn load(w: &Weights<'_, '_, B>, e: usize, d: usize, i: usize, limit: f64) -> Result<Self, LoadError> {
-        let packed_gate_up = w.packed("gate_up_proj", &[e, 2 * i, d])?;
-        let packed_down = w.packed("down_proj", &[e, d, i])?;
+        let held = w.expert_range(e);
+        let first = held.start;
+        let packed_gate_up = w.packed_experts("gate_up_proj", [e, 2 * i, d], held.clone())?;
+        let packed_down = w.packed_experts("down_proj", [e, d, i], held.clone())?;
         if let (Some(gate_up), Some(down)) = (packed_gate_up, packed_down) {
             return Ok(Self {
+                first,
                 w13_t: None,
                 w2_t: None,
                 packed: Some(gate_up.into_iter().zip(down).collect()),
@@ -51,8 +58,9 @@ impl<B: Backend> Experts<B> {
             });
         }
         Ok(Self {
-            w13_t: Some(w.blocks_transposed("gate_up_proj", [e, 2 * i, d], false, Init::FanIn)?),
-            w2_t: Some(w.blocks_transposed("down_proj", [e, d, i], false, Init::FanIn)?),
+            first,
+            w13_t: Some(w.experts_transposed("gate_up_proj", [e, 2 * i, d], held.clone(), Init::FanIn)?),
+            w2_t: Some(w.experts_transposed("down_proj", [e, d, i], held, Init::FanIn)?),
             packed: None,
             limit,
         })
@@ -89,7 +97,7 @@ impl<B: Backend> Experts<B> {
         }
     }
 
-    /// Number of experts.
+    /// Number of experts held.
     pub fn len(&self) -> usize {
         self.shape().0
     }
@@ -133,9 +141,10 @@ impl<B: Backend> Experts<B> {
         }
     }
 
-    /// Runs `rows: [R, D]`, grouped by expert (`counts[e]` consecutive rows for expert `e`), and returns
-    /// the outputs in the same order.
+    /// Runs `rows: [R, D]`, grouped by expert (`counts[e]` consecutive rows for held expert `e`), and
+    /// returns the outputs in the same order.
     pub fn forward_grouped(&self, rows: Tensor<B, 2>, counts: &[usize]) -> Tensor<B, 2> {
+        assert_eq!(counts.len(), self.len(), "a count per held expert");
         let mut outputs = Vec::new();
         let mut offset = 0;
         for (e, &n) in counts.iter().enumerate() {
@@ -151,11 +160,12 @@ impl<B: Backend> Experts<B> {
 /// Executes routed experts on grouped rows. The local runner computes them in place; an expert-parallel
 /// runner exchanges the rows with the ranks that own the experts.
 pub trait ExpertRunner<B: Backend> {
-    /// `rows: [R, D]` grouped by expert as in [`Experts::forward_grouped`]; returns `[R, D]`.
+    /// `rows: [R, D]` grouped by expert (`counts[e]` rows for each of the layer's `E` experts; this
+    /// process may hold only some of them: [`Experts::first`]); returns `[R, D]`.
     fn run(&self, layer: usize, experts: &Experts<B>, rows: Tensor<B, 2>, counts: &[usize]) -> Tensor<B, 2>;
 }
 
-/// Runs every expert in this process.
+/// Runs every expert in this process (which holds them all).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LocalExperts;
 
@@ -206,6 +216,8 @@ pub struct Moe<B: Backend> {
     pub shared: SharedExpert<B>,
     pub routing: RoutingKind,
     pub score_func: ScoreFunc,
+    /// The layer's routed experts `E` (this process may hold only some: [`Experts::first`]).
+    pub n_routed: usize,
     pub top_k: usize,
     pub route_scale: f64,
     /// Also compute the sequence-wise balance term of a top-k layer (training with a balance loss).
@@ -269,6 +281,7 @@ impl<B: Backend> Moe<B> {
             shared: SharedExpert::load(&w.pp("shared_experts"), d, i)?,
             routing,
             score_func: cfg.score_func,
+            n_routed: e,
             top_k: k,
             route_scale: cfg.route_scale,
             sequence_balance: false,
@@ -299,7 +312,7 @@ impl<B: Backend> Moe<B> {
         };
         tap(probe, &format!("{name}.router.scores"), &scores);
 
-        let experts = self.experts.len();
+        let experts = self.n_routed;
         let chosen: Vec<usize> = match self.routing {
             RoutingKind::Hash => ids
                 .iter()

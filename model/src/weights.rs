@@ -6,6 +6,7 @@
 
 use crate::config::ConfigError;
 use std::fmt;
+use std::ops::Range;
 use v4_formats::PackedMatrix;
 
 /// A tensor on the host, as read from a source.
@@ -13,6 +14,21 @@ use v4_formats::PackedMatrix;
 pub struct HostTensor {
     pub shape: Vec<usize>,
     pub data: HostData,
+}
+
+impl HostTensor {
+    /// Rows `rows` of the first dimension (`[n, ...]` -> `[rows.len(), ...]`).
+    pub fn rows(self, rows: Range<usize>) -> HostTensor {
+        let per = self.shape[1..].iter().product::<usize>();
+        let mut shape = self.shape;
+        shape[0] = rows.len();
+        let (a, b) = (rows.start * per, rows.end * per);
+        let data = match self.data {
+            HostData::F32(v) => HostData::F32(v[a..b].to_vec()),
+            HostData::I64(v) => HostData::I64(v[a..b].to_vec()),
+        };
+        HostTensor { shape, data }
+    }
 }
 
 /// Element data of a [`HostTensor`].
@@ -141,8 +157,53 @@ pub trait WeightSource {
     fn read_packed(&self, _name: &str, _shape: &[usize]) -> Result<Option<Vec<PackedMatrix>>, LoadError> {
         Ok(None)
     }
+    /// Rows `rows` of the first dimension of tensor `name` (whole shape `spec.shape`), decoded: the
+    /// experts one rank of an expert-parallel run holds. Sources that can read a part alone override it.
+    fn read_rows(
+        &self,
+        name: &str,
+        spec: &TensorSpec<'_>,
+        rows: Range<usize>,
+    ) -> Result<HostTensor, LoadError> {
+        let whole = self.read(name, spec)?;
+        check_rows(self, name, &whole.shape, &rows)?;
+        Ok(whole.rows(rows))
+    }
+    /// The stored matrices `rows` of stacked experts `name` (whole shape `[n, out, in]`), as
+    /// [`read_packed`](Self::read_packed) gives them.
+    fn read_packed_rows(
+        &self,
+        name: &str,
+        shape: &[usize],
+        rows: Range<usize>,
+    ) -> Result<Option<Vec<PackedMatrix>>, LoadError> {
+        let Some(mut matrices) = self.read_packed(name, shape)? else {
+            return Ok(None);
+        };
+        check_rows(self, name, &[matrices.len()], &rows)?;
+        matrices.truncate(rows.end);
+        Ok(Some(matrices.split_off(rows.start)))
+    }
     /// Every tensor name the source holds (so that unused tensors can be reported); empty if generated.
     fn names(&self) -> Vec<String>;
+}
+
+/// Fails unless `rows` lies within the first dimension of `shape` (tensor `name` of `source`).
+pub fn check_rows<S: WeightSource + ?Sized>(
+    source: &S,
+    name: &str,
+    shape: &[usize],
+    rows: &Range<usize>,
+) -> Result<(), LoadError> {
+    match shape.first() {
+        Some(&n) if rows.end <= n => Ok(()),
+        _ => Err(LoadError::Shape {
+            source: source.describe(),
+            name: name.to_string(),
+            expected: vec![rows.end],
+            found: shape.to_vec(),
+        }),
+    }
 }
 
 /// Seeded pseudo-random weights with realistic magnitudes, by each tensor's [`Init`]: projections scaled
@@ -244,6 +305,24 @@ impl WeightSource for RandomWeights {
         Ok(HostTensor {
             shape: spec.shape.to_vec(),
             data,
+        })
+    }
+
+    fn read_rows(
+        &self,
+        name: &str,
+        spec: &TensorSpec<'_>,
+        rows: Range<usize>,
+    ) -> Result<HostTensor, LoadError> {
+        check_rows(self, name, spec.shape, &rows)?;
+        let per: usize = spec.shape[1..].iter().product();
+        let mut values = vec![0.0; rows.len() * per];
+        self.fill(name, spec, rows.start * per, &mut values);
+        let mut shape = spec.shape.to_vec();
+        shape[0] = rows.len();
+        Ok(HostTensor {
+            shape,
+            data: HostData::F32(values),
         })
     }
 

@@ -12,7 +12,9 @@ use v4_train::{train, Autodiff, Collective, RunOptions, TrainConfig};
 pub struct Args {
     /// Training configuration (TOML: [model], [data], [optimizer], [schedule], [training], [moe],
     /// [parallel], [checkpoint], [logging]). Expert-parallel over N processes (`mpi` feature):
-    /// `mpirun -np N v4 train config.toml` with `[parallel] expert_parallel = N`.
+    /// `mpirun -np N v4 train config.toml` with `[parallel] expert_parallel = N`: each rank loads,
+    /// holds, optimizes and checkpoints only its 1/N of the routed experts (checkpoints resume on any N
+    /// dividing the experts; they need a directory every rank sees).
     config: PathBuf,
     /// Print the resolved configuration, defaults filled in, and exit.
     #[arg(long)]

@@ -5,10 +5,11 @@
 //! - every rank runs `batch / N` sequences of the global batch, its loss divided by the global number of
 //!   target tokens, so the SUM of the ranks' gradients is the gradient of the global batch's loss;
 //! - routed rows travel to the rank owning their expert and back with `all_to_all_v` (forward and, in
-//!   reverse with the same splits, backward), so each expert's gradient holds every rank's rows;
-//! - all gradients are then summed over the ranks (`all_reduce_sum_f32`, the loss with them), which also
-//!   brings every rank the gradients of the experts it does not own, and the load counts for the bias
-//!   update (`all_reduce_sum_u64`).
+//!   reverse with the same splits, backward), so each expert's gradient holds every rank's rows and stays
+//!   on its rank, the only one that holds the expert;
+//! - the dense gradients are summed over the ranks (`all_reduce_sum_f32`, the loss with them), the
+//!   experts' squared gradient norms (`all_reduce_sum_f64`, for clipping), and the load counts for the
+//!   bias update (`all_reduce_sum_u64`).
 
 /// The collective operations training needs, on host buffers. Every rank must make the same calls in the
 /// same order.
@@ -18,6 +19,7 @@ pub trait Collective: Send + Sync {
     fn size(&self) -> usize;
     /// Elementwise sum across ranks, in place.
     fn all_reduce_sum_f32(&self, data: &mut [f32]);
+    fn all_reduce_sum_f64(&self, data: &mut [f64]);
     fn all_reduce_sum_u64(&self, data: &mut [u64]);
     /// Sends `send[counts[r] rows for rank r]` (row width `width`), returns what every rank sent here and
     /// the per-source row counts.
@@ -42,6 +44,7 @@ impl Collective for SingleProcess {
         1
     }
     fn all_reduce_sum_f32(&self, _data: &mut [f32]) {}
+    fn all_reduce_sum_f64(&self, _data: &mut [f64]) {}
     fn all_reduce_sum_u64(&self, _data: &mut [u64]) {}
     fn all_to_all_v(&self, send: &[f32], counts: &[usize], width: usize) -> (Vec<f32>, Vec<usize>) {
         assert_eq!(counts.len(), 1, "a single process sends only to itself");
@@ -82,6 +85,12 @@ impl Collective for Mpi {
         self.universe.world().size() as usize
     }
     fn all_reduce_sum_f32(&self, data: &mut [f32]) {
+        use mpi::traits::CommunicatorCollectives;
+        let send = data.to_vec();
+        let op = mpi::collective::SystemOperation::sum();
+        self.universe.world().all_reduce_into(&send[..], data, op);
+    }
+    fn all_reduce_sum_f64(&self, data: &mut [f64]) {
         use mpi::traits::CommunicatorCollectives;
         let send = data.to_vec();
         let op = mpi::collective::SystemOperation::sum();

@@ -1,5 +1,5 @@
 //! Expert parallelism: an [`ExpertRunner`] that runs each MoE layer's routed experts on the rank that owns
-//! them (rank `r` of `N` owns experts `[r E/N, (r+1) E/N)`).
+//! them (rank `r` of `N` owns, and holds, experts `[r E/N, (r+1) E/N)`).
 //!
 //! Per layer, the model hands the runner its rows grouped by expert (`counts[e]` rows for expert `e`):
 //! 1. the per-expert counts of every rank are summed into a `[N x E]` table (`all_reduce_sum_u64`), so
@@ -13,7 +13,8 @@
 //! Both exchanges are one autodiff op ([`exchange`]): its backward sends the output's gradient back along
 //! the reversed splits of its forward. Backward therefore runs the exchanges in reverse order on every rank
 //! (each layer's dispatch feeds its combine, which feeds the next layer: burn executes them by depth),
-//! and each expert's weight gradient collects the rows of every rank.
+//! and each expert's weight gradient collects the rows of every rank: it is complete where it is, and
+//! never sent anywhere.
 
 use crate::collective::Collective;
 use crate::fused_experts::grouped_experts;
@@ -23,32 +24,62 @@ use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_autodiff::Autodiff;
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use v4_model::moe::Experts;
-use v4_model::ExpertRunner;
+use v4_model::{ExpertRunner, ExpertShard};
 
-/// Runs the routed experts sharded over the ranks of a [`Collective`].
+/// Runs the routed experts sharded over the ranks of a [`Collective`]; each rank's model holds only its
+/// own experts ([`ExpertShard`]).
 #[derive(Clone)]
 pub struct ExpertParallel {
     collective: Arc<dyn Collective>,
+    stats: Arc<ExchangeStats>,
+}
+
+/// What the exchanges did since they were last read.
+#[derive(Debug, Default)]
+struct ExchangeStats {
+    /// Rows this rank received for its experts, per layer.
+    received: Mutex<BTreeMap<usize, usize>>,
+    /// Time spent in the all-to-all exchanges, forward and backward.
+    nanos: AtomicU64,
 }
 
 impl ExpertParallel {
     pub fn new(collective: Arc<dyn Collective>) -> Self {
-        Self { collective }
+        Self {
+            collective,
+            stats: Arc::default(),
+        }
     }
 
-    /// The experts rank `rank` owns, of `experts` in all.
-    pub fn shard(&self, experts: usize, rank: usize) -> std::ops::Range<usize> {
-        let per = experts / self.collective.size();
-        rank * per..(rank + 1) * per
+    /// The time the exchanges (forward and backward) took since the last call.
+    pub fn take_exchange_time(&self) -> Duration {
+        Duration::from_nanos(self.stats.nanos.swap(0, Ordering::Relaxed))
+    }
+
+    /// The experts this rank holds.
+    pub fn shard(&self) -> ExpertShard {
+        ExpertShard {
+            rank: self.collective.rank(),
+            ranks: self.collective.size(),
+        }
+    }
+
+    /// The rows the all-to-all brought this rank for its experts, per layer (the rows it sent itself
+    /// included), counted since the last call.
+    pub fn take_received(&self) -> BTreeMap<usize, usize> {
+        std::mem::take(&mut *self.stats.received.lock().expect("not poisoned"))
     }
 }
 
 impl<I: Backend, C: CheckpointStrategy> ExpertRunner<Autodiff<I, C>> for ExpertParallel {
     fn run(
         &self,
-        _layer: usize,
+        layer: usize,
         experts: &Experts<Autodiff<I, C>>,
         rows: Tensor<Autodiff<I, C>, 2>,
         counts: &[usize],
@@ -57,6 +88,11 @@ impl<I: Backend, C: CheckpointStrategy> ExpertRunner<Autodiff<I, C>> for ExpertP
         let e = counts.len();
         assert_eq!(e % ranks, 0, "checked at start-up: the ranks divide the experts");
         let per = e / ranks;
+        assert_eq!(
+            (experts.first, experts.len()),
+            (rank * per, per),
+            "each rank holds its own experts"
+        );
         let mut table = vec![0u64; ranks * e];
         for (slot, &c) in table[rank * e..][..e].iter_mut().zip(counts) {
             *slot = c as u64;
@@ -71,7 +107,10 @@ impl<I: Backend, C: CheckpointStrategy> ExpertRunner<Autodiff<I, C>> for ExpertP
             .map(|src| (0..per).map(|j| rows_for(src, rank, j)).sum())
             .collect();
 
-        let received = exchange(&self.collective, rows, &send, &recv);
+        let received = exchange(&self.collective, &self.stats, rows, &send, &recv);
+        let mut counts = self.stats.received.lock().expect("not poisoned");
+        *counts.entry(layer).or_default() += received.dims()[0];
+        drop(counts);
         // Regroup by local expert: received rows are ordered by source rank, then expert.
         let mut order = Vec::with_capacity(recv.iter().sum());
         let mut local_counts = vec![0usize; per];
@@ -99,18 +138,17 @@ impl<I: Backend, C: CheckpointStrategy> ExpertRunner<Autodiff<I, C>> for ExpertP
             let index =
                 |v: Vec<i64>| Tensor::<Autodiff<I, C>, 1, Int>::from_data(TensorData::new(v, [n]), &device);
             let grouped = received.select(0, index(order));
-            let mut all_counts = vec![0; e];
-            all_counts[rank * per..(rank + 1) * per].copy_from_slice(&local_counts);
-            grouped_experts(experts, grouped, &all_counts).select(0, index(inverse))
+            grouped_experts(experts, grouped, &local_counts).select(0, index(inverse))
         };
-        exchange(&self.collective, outputs, &recv, &send)
+        exchange(&self.collective, &self.stats, outputs, &recv, &send)
     }
 }
 
 /// Sends `send[q]` consecutive rows of `x: [R, W]` to rank `q` and returns the rows received, `recv[q]`
 /// from rank `q`, in rank order. Differentiable: the backward sends the gradient back the same way.
-pub fn exchange<I: Backend, C: CheckpointStrategy>(
+fn exchange<I: Backend, C: CheckpointStrategy>(
     collective: &Arc<dyn Collective>,
+    stats: &Arc<ExchangeStats>,
     x: Tensor<Autodiff<I, C>, 2>,
     send: &[usize],
     recv: &[usize],
@@ -124,10 +162,10 @@ pub fn exchange<I: Backend, C: CheckpointStrategy>(
     }
     let inner = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(input.primitive.clone()));
     let device = inner.device();
-    let output = send_rows::<I>(collective.as_ref(), inner, send, recv, width, &device);
+    let output = send_rows::<I>(collective.as_ref(), stats, inner, send, recv, width, &device);
     let output = output.into_primitive().tensor();
     let state = ExchangeState {
-        collective: Shared(collective.clone()),
+        collective: Shared(collective.clone(), stats.clone()),
         send: recv.to_vec(),
         recv: send.to_vec(),
         width,
@@ -146,6 +184,7 @@ pub fn exchange<I: Backend, C: CheckpointStrategy>(
 /// The host exchange of `x: [sum send, width]` -> `[sum recv, width]`.
 fn send_rows<I: Backend>(
     collective: &dyn Collective,
+    stats: &ExchangeStats,
     x: Tensor<I, 2>,
     send: &[usize],
     recv: &[usize],
@@ -157,7 +196,10 @@ fn send_rows<I: Backend>(
         .convert::<f32>()
         .into_vec::<f32>()
         .expect("f32 rows");
+    let started = Instant::now();
     let (got, counts) = collective.all_to_all_v(&host, send, width);
+    let nanos = started.elapsed().as_nanos() as u64;
+    stats.nanos.fetch_add(nanos, Ordering::Relaxed);
     assert_eq!(counts, recv, "the ranks disagree on the exchange's splits");
     let rows = recv.iter().sum();
     Tensor::from_data(TensorData::new(got, [rows, width]), device)
@@ -166,9 +208,9 @@ fn send_rows<I: Backend>(
 #[derive(Debug)]
 struct Exchange;
 
-/// The collective, shared with the backward step.
+/// The collective and the exchange statistics, shared with the backward step.
 #[derive(Clone, Debug)]
-struct Shared(Arc<dyn Collective>);
+struct Shared(Arc<dyn Collective>, Arc<ExchangeStats>);
 
 /// The backward's splits: the forward's, swapped.
 #[derive(Clone, Debug)]
@@ -188,6 +230,7 @@ impl<I: Backend> Backward<I, 1> for Exchange {
         let device = grad.device();
         let back = send_rows::<I>(
             state.collective.0.as_ref(),
+            &state.collective.1,
             grad,
             &state.send,
             &state.recv,

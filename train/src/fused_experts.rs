@@ -80,6 +80,7 @@ fn inner<I: Backend, const D: usize>(p: I::FloatTensorPrimitive) -> Tensor<I, D>
 /// The experts on the inner backend (the model's own forward code, without autodiff).
 fn inner_experts<I: Backend>(state: &FusedState<I>) -> Experts<I> {
     Experts {
+        first: 0,
         w13_t: Some(Param::from_tensor(inner(state.w13.clone()))),
         w2_t: Some(Param::from_tensor(inner(state.w2.clone()))),
         packed: None,
@@ -179,6 +180,7 @@ mod tests {
         };
         let (e, d, i) = (4, 8, 6);
         let experts = Experts {
+            first: 0,
             w13_t: Some(Param::from_tensor(seeded(1, [e, d, 2 * i]).require_grad())),
             w2_t: Some(Param::from_tensor(seeded(2, [e, i, d]).require_grad())),
             packed: None,

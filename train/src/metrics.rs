@@ -78,9 +78,9 @@ impl MetricsWriter {
         }
     }
 
-    pub fn scalar(&mut self, tag: &str, step: usize, value: f64) {
+    /// Appends one record to `metrics.jsonl`; a failed write drops that sink.
+    fn line(&mut self, line: serde_json::Value) {
         if let Some(file) = self.jsonl.as_mut() {
-            let line = serde_json::json!({"tag": tag, "step": step, "value": value});
             if let Err(e) = writeln!(file, "{line}") {
                 eprintln!(
                     "warning: {}: {e}; training goes on without it",
@@ -89,12 +89,17 @@ impl MetricsWriter {
                 self.jsonl = None;
             }
         }
+    }
+
+    pub fn scalar(&mut self, tag: &str, step: usize, value: f64) {
+        self.line(serde_json::json!({"tag": tag, "step": step, "value": value}));
         self.with_tensorboard(|tb| tb.add_scalar(tag, value as f32, step));
     }
 
     /// A histogram over expert ids weighted by the rows each expert received: bucket `e` spans
-    /// `(e - 0.5, e + 0.5]` and holds `load[e]` (TensorBoard only).
+    /// `(e - 0.5, e + 0.5]` and holds `load[e]` (in `metrics.jsonl` as `"counts": load`).
     pub fn expert_histogram(&mut self, tag: &str, step: usize, load: &[usize]) {
+        self.line(serde_json::json!({"tag": tag, "step": step, "counts": load}));
         let limits: Vec<f64> = (0..load.len()).map(|e| e as f64 + 0.5).collect();
         let counts: Vec<f64> = load.iter().map(|&l| l as f64).collect();
         let num: f64 = counts.iter().sum();

@@ -1,7 +1,7 @@
 //! The training loop, generic over burn's [`AutodiffBackend`].
 
 use crate::adamw::{sum_of_squares, AdamW};
-use crate::checkpoint::{self, CheckpointData, MomentState, TrainerState};
+use crate::checkpoint::{self, CheckpointData, MomentState, SharedTensor, TrainerState};
 use crate::collective::{Collective, SingleProcess};
 use crate::config::TrainConfig;
 use crate::data::{load_windows, Loader, Tokenizer, Window};
@@ -13,15 +13,16 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{activation, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use v4_model::config::RoutingKind;
 use v4_model::{
-    read_config, ExpertRunner, LocalExperts, ModelCache, MtpForward, NoProbe, RandomWeights, SafetensorsDir,
-    Tokens, V4Model,
+    read_config, ExpertRunner, ExpertShard, LoadPlan, ModelCache, MtpForward, NoProbe, RandomWeights,
+    SafetensorsDir, Tokens, V4Model,
 };
 
 /// How a run ends early (for tests and `--stop-after`) and which processes take part.
@@ -58,6 +59,8 @@ pub struct StepLog {
     pub balance: Option<f64>,
     /// The MTP loss (before its weight, averaged over depths), when `[mtp] weight` is on.
     pub mtp: Option<f64>,
+    /// Under expert parallelism, the share of the step this rank spent in the all-to-all exchanges.
+    pub all_to_all: Option<f64>,
 }
 
 /// What a run did.
@@ -179,12 +182,14 @@ fn mtp_losses<B: Backend>(
         .collect()
 }
 
-/// Mean loss per target token of `model` over `windows` (in batches of `batch`): the main model's, and
-/// the MTP layers' averaged over depths (None without MTP layers).
+/// Mean loss per target token of `model` over `windows` (in batches of `batch`, experts run by `runner`:
+/// under expert parallelism every rank evaluates every window): the main model's, and the MTP layers'
+/// averaged over depths (None without MTP layers).
 pub fn evaluate<B: Backend>(
     model: &V4Model<B>,
     windows: &[Window],
     batch: usize,
+    runner: &dyn ExpertRunner<B>,
 ) -> Result<(f64, Option<f64>), String> {
     let depths = model.mtp.len();
     let refs: Vec<&Window> = windows.iter().collect();
@@ -192,7 +197,7 @@ pub fn evaluate<B: Backend>(
     let (mut sum, mut mtp) = (0.0f64, 0.0f64);
     for chunk in refs.chunks(batch) {
         let (tokens, targets, mask) = batch_tensors(chunk);
-        let out = forward(model, &tokens, &LocalExperts, depths > 0)?;
+        let out = forward(model, &tokens, runner, depths > 0)?;
         sum += masked_loss(out.main.logits, targets.clone(), mask.clone(), 1.0)
             .into_scalar()
             .elem_f64();
@@ -268,18 +273,24 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_> {
     }
 }
 
-/// Loads the initial model (or the resumed one) and says where its `config.json` text came from.
+/// Loads the initial model (or the resumed one), with only the experts of `experts`, and says where its
+/// `config.json` text came from.
 fn load_model<B: Backend>(
     cfg: &TrainConfig,
     resume: Option<&PathBuf>,
+    experts: ExpertShard,
     device: &B::Device,
 ) -> Result<(V4Model<B>, String), String> {
+    let plan = LoadPlan {
+        experts,
+        ..LoadPlan::default()
+    };
     let from_dir = |dir: &PathBuf| -> Result<(V4Model<B>, String), String> {
         let config = read_config(dir).map_err(|e| e.to_string())?;
         let text = std::fs::read_to_string(dir.join("config.json"))
             .map_err(|e| format!("{}: {e}", dir.join("config.json").display()))?;
         let source = SafetensorsDir::open(dir).map_err(|e| e.to_string())?;
-        let model = V4Model::load(&config, &source, device).map_err(|e| e.to_string())?;
+        let model = V4Model::load_plan(&config, &source, device, plan.clone()).map_err(|e| e.to_string())?;
         Ok((model, text))
     };
     if let Some(dir) = resume {
@@ -299,7 +310,7 @@ fn load_model<B: Backend>(
         seed: cfg.model.seed,
         experts: config.n_routed_experts,
     };
-    let model = V4Model::load(&config, &source, device).map_err(|e| e.to_string())?;
+    let model = V4Model::load_plan(&config, &source, device, plan).map_err(|e| e.to_string())?;
     Ok((model, text))
 }
 
@@ -313,7 +324,8 @@ impl<B: Backend> ModuleVisitor<B> for Sizes {
 }
 
 /// Runs the training described by `cfg` on `device`: in this process alone, or as one rank of an
-/// expert-parallel run (`opts.collective`), where rank 0 prints, logs and writes the checkpoints.
+/// expert-parallel run (`opts.collective`), where each rank holds and writes its own experts and rank 0
+/// prints and logs.
 pub fn train<B: AutodiffBackend>(
     cfg: &TrainConfig,
     device: &B::Device,
@@ -367,15 +379,12 @@ where
         Some("latest") => checkpoint::latest(cfg.checkpoint.dir.as_ref().expect("validated"))?,
         Some(path) => Some(PathBuf::from(path)),
     };
-    let (state, moments) = match &resume_dir {
-        Some(dir) => {
-            checkpoint::verify(dir)?;
-            let (s, m) = checkpoint::read_training_state(dir)?;
-            (s, m)
-        }
-        None => (TrainerState::default(), HashMap::new()),
-    };
-    let (mut model, config_json) = load_model::<B>(cfg, resume_dir.as_ref(), device)?;
+    if let Some(dir) = &resume_dir {
+        checkpoint::verify(dir)?;
+    }
+    let expert_parallel = ExpertParallel::new(collective.clone());
+    let (mut model, config_json) =
+        load_model::<B>(cfg, resume_dir.as_ref(), expert_parallel.shard(), device)?;
     let vocab = model.config.vocab_size;
     if tokenizer.vocab_size() > vocab {
         return Err(format!(
@@ -400,13 +409,6 @@ where
         }
     }
 
-    if !model.config.n_routed_experts.is_multiple_of(ranks) {
-        return Err(format!(
-            "[parallel] expert_parallel = {ranks} does not divide the model's {} routed experts",
-            model.config.n_routed_experts
-        ));
-    }
-    let expert_parallel = ExpertParallel::new(collective.clone());
     let runner: &dyn ExpertRunner<B> = if ranks > 1 {
         &expert_parallel
     } else {
@@ -437,6 +439,19 @@ where
         .map(|p| p.id)
         .collect();
     let by_name: HashMap<&str, ParamId> = named.iter().map(|p| (p.name.as_str(), p.id)).collect();
+    // The flat elements of its checkpoint tensor each expert shard holds (moments are stored flat).
+    let parts: HashMap<String, Range<usize>> = named
+        .iter()
+        .filter_map(|p| {
+            let (rows, _) = p.part.as_ref()?;
+            let per = sizes.0[&p.id] / rows.len();
+            Some((p.name.clone(), rows.start * per..rows.end * per))
+        })
+        .collect();
+    let (state, moments) = match &resume_dir {
+        Some(dir) => checkpoint::read_training_state(dir, &parts)?,
+        None => (TrainerState::default(), HashMap::new()),
+    };
     let mut states: HashMap<ParamId, MomentState> = HashMap::new();
     for (name, m) in moments {
         let id = by_name
@@ -479,9 +494,19 @@ where
         cfg.data.seq_len,
         valid_windows.len()
     ));
+    if ranks > 1 && !opts.quiet {
+        // Every rank says what it holds (the experts divide; the rest is replicated).
+        let held: usize = sizes.0.values().sum();
+        let experts = expert_parallel.shard().range(model.config.n_routed_experts);
+        println!(
+            "rank {rank} of {ranks}: holds {held} parameters ({:.1} MB as f32, as much again twice for AdamW's \
+             moments), routed experts {experts:?} of each layer",
+            held as f64 * 4e-6
+        );
+    }
     let validate =
         |step: usize, model: &V4Model<B>, report: &mut RunReport, metrics: &mut Option<MetricsWriter>| {
-            let (v, mtp) = evaluate(model, &valid_windows, micro)?;
+            let (v, mtp) = evaluate(model, &valid_windows, micro, runner)?;
             let mtp_note = mtp.map(|l| format!("  MTP {l:.4}")).unwrap_or_default();
             say(format!("step {step:>6}  validation loss {v:.4}{mtp_note}"));
             report.validations.push((step, v));
@@ -516,7 +541,6 @@ where
         let denom = targets_in(&all, 1);
         let mtp_denoms: Vec<usize> = (0..mtp_depths).map(|k| targets_in(&all, 2 + k)).collect();
         let mut acc: HashMap<ParamId, Tensor<Inner<B>, 1>> = HashMap::new();
-        let interrupted;
         let mut loss_sum = 0.0f64;
         let mut balance_sum = 0.0f64;
         let mut mtp_sum = 0.0f64;
@@ -562,76 +586,49 @@ where
         }
         // The summed gradients on the host, where the optimizer works.
         let host = |g: Tensor<Inner<B>, 1>| g.into_data().convert::<f32>().into_vec::<f32>().expect("f32");
-        let mut grads: HashMap<ParamId, Vec<f32>> = HashMap::new();
-        if ranks == 1 {
-            interrupted = interrupt_requested();
-            grads.extend(acc.into_iter().map(|(id, g)| (id, host(g))));
-        } else {
-            // Sum the ranks' gradients (each rank's loss is already divided by the global token count),
-            // their losses and their expert loads. Each gradient carries a count of the ranks that had
-            // one: a parameter no rank has a gradient for (the indexer's) stays without, as alone.
-            let mut flat = Vec::new();
-            let mut layout = Vec::new();
-            for p in named.iter().filter(|p| trainable.contains(&p.id)) {
-                let n = sizes.0[&p.id];
-                match acc.remove(&p.id) {
-                    Some(g) => {
-                        flat.extend(host(g));
-                        flat.push(1.0);
-                    }
-                    None => flat.extend(std::iter::repeat_n(0.0, n + 1)),
-                }
-                layout.push((p.id, n));
-            }
-            flat.push(mtp_sum as f32);
-            flat.push(balance_sum as f32);
-            flat.push(loss_sum as f32);
-            collective.all_reduce_sum_f32(&mut flat);
-            loss_sum = flat.pop().expect("the loss") as f64;
-            balance_sum = flat.pop().expect("the balance loss") as f64;
-            mtp_sum = flat.pop().expect("the MTP loss") as f64;
-            let mut offset = 0;
-            for (id, n) in layout {
-                if flat[offset + n] > 0.0 {
-                    grads.insert(id, flat[offset..offset + n].to_vec());
-                }
-                offset += n + 1;
-            }
-            let mut counts: Vec<u64> = loads.iter().flatten().map(|&c| c as u64).collect();
-            counts.push(interrupt_requested() as u64);
-            collective.all_reduce_sum_u64(&mut counts);
-            interrupted = counts.pop().expect("the interrupt flag") > 0;
-            let mut counts = counts.into_iter();
-            for load in loads.iter_mut() {
-                for c in load.iter_mut() {
-                    *c = counts.next().expect("same layout on every rank") as usize;
-                }
-            }
+        let mut grads: HashMap<ParamId, Vec<f32>> = acc.into_iter().map(|(id, g)| (id, host(g))).collect();
+        let mut sums = StepSums {
+            loss: loss_sum,
+            balance: balance_sum,
+            mtp: mtp_sum,
+            loads,
+            interrupt: interrupt_requested(),
+        };
+        if ranks > 1 {
+            sum_over_ranks(
+                collective.as_ref(),
+                &named,
+                &trainable,
+                &sizes.0,
+                &mut grads,
+                &mut sums,
+            );
         }
-        if let (Some(path), true, true) = (&opts.dump_gradients, step == report.start_step, lead) {
-            let dump: Vec<(String, HostF32)> = named
+        let StepSums {
+            loss: loss_sum,
+            balance: balance_sum,
+            mtp: mtp_sum,
+            loads,
+            interrupt: interrupted,
+        } = sums;
+        let received = received_rows(collective.as_ref(), &expert_parallel, &model);
+        let exchange = expert_parallel.take_exchange_time().as_secs_f64();
+        if let (Some(path), true) = (&opts.dump_gradients, step == report.start_step) {
+            dump_gradients(path, collective.as_ref(), &named, &grads)?;
+        }
+        // Global gradient norm (the dense part in parameter order, the same on every rank; the experts'
+        // squares summed over the ranks that hold them) and clipping.
+        let squares = |experts: bool| -> f64 {
+            named
                 .iter()
-                .filter_map(|p| {
-                    let g = grads.get(&p.id)?;
-                    let shape = vec![g.len()];
-                    Some((
-                        p.name.clone(),
-                        HostF32 {
-                            shape,
-                            data: g.clone(),
-                        },
-                    ))
-                })
-                .collect();
-            checkpoint::write_gradients(path, &dump)?;
-        }
-        // Global gradient norm (in parameter order, so that every process sums alike) and clipping.
-        let sq: f64 = named
-            .iter()
-            .filter_map(|p| grads.get(&p.id))
-            .map(|g| sum_of_squares(g))
-            .sum();
-        let grad_norm = sq.sqrt();
+                .filter(|p| p.part.is_some() == experts)
+                .filter_map(|p| grads.get(&p.id))
+                .map(|g| sum_of_squares(g))
+                .sum()
+        };
+        let mut expert_squares = [squares(true)];
+        collective.all_reduce_sum_f64(&mut expert_squares);
+        let grad_norm = (squares(false) + expert_squares[0]).sqrt();
         let grad_scale = if cfg.training.grad_clip > 0.0 && grad_norm > cfg.training.grad_clip {
             (cfg.training.grad_clip / (grad_norm + 1e-6)) as f32
         } else {
@@ -669,11 +666,13 @@ where
             lr,
             grad_norm,
             tokens_per_s: n_tokens as f64 / elapsed.max(1e-9),
+            // Every rank has a device of this peak.
             mfu: opts
                 .peak_flops
-                .map(|peak| n_tokens as f64 / elapsed.max(1e-9) * flops_per_token / peak),
+                .map(|peak| n_tokens as f64 / elapsed.max(1e-9) * flops_per_token / (peak * ranks as f64)),
             balance: (cfg.moe.alpha > 0.0).then_some(balance_sum),
             mtp: (mtp_depths > 0).then_some(mtp_sum),
+            all_to_all: (ranks > 1).then(|| exchange / elapsed.max(1e-9)),
         };
         if step % cfg.logging.interval.max(1) == 0 || step == total_steps {
             let max_vio: f64 = loads
@@ -690,8 +689,8 @@ where
                 log.grad_norm,
                 log.balance.map(|b| format!("  balance {b:.4}")).unwrap_or_default(),
                 log.mfu.map(|m| format!("  MFU {:.1}%", 100.0 * m)).unwrap_or_default(),
-                log.tokens_per_s
-            ));
+                log.tokens_per_s,
+            ) + &log.all_to_all.map(|a| format!("  all-to-all {:.1}%", 100.0 * a)).unwrap_or_default());
             if let Some(m) = metrics.as_mut() {
                 m.scalar("train/loss", step, log.loss);
                 m.scalar("train/lr", step, log.lr);
@@ -706,6 +705,9 @@ where
                 if let Some(mtp) = log.mtp {
                     m.scalar("train/mtp_loss", step, mtp);
                 }
+                if let Some(share) = log.all_to_all {
+                    m.scalar("train/all_to_all_share", step, share);
+                }
                 m.scalar("moe/max_vio", step, max_vio);
                 for (load, block) in loads.iter().zip(model.blocks()) {
                     if load.is_empty() {
@@ -716,14 +718,9 @@ where
                     m.scalar(&format!("{layer}/max_vio"), step, health.max_vio);
                     m.scalar(&format!("{layer}/load_cv"), step, health.cv);
                     m.scalar(&format!("{layer}/dead_experts"), step, health.dead as f64);
-                    // Rank r runs the rows of the experts it owns.
-                    for r in 0..ranks {
-                        let shard = expert_parallel.shard(load.len(), r);
-                        m.scalar(
-                            &format!("{layer}/tokens_received/rank{r}"),
-                            step,
-                            load[shard].iter().sum::<usize>() as f64,
-                        );
+                    // The rows each rank's experts received in the all-to-all.
+                    for (r, rows) in received.get(&block.index).into_iter().flatten().enumerate() {
+                        m.scalar(&format!("{layer}/tokens_received/rank{r}"), step, *rows as f64);
                     }
                     if block.ffn.routing == RoutingKind::TopK {
                         let (lo, hi) = block
@@ -746,20 +743,14 @@ where
             validate(step, &model, &mut report, &mut metrics)?;
         }
         let save_now = interrupted || (cfg.checkpoint.interval > 0 && step % cfg.checkpoint.interval == 0);
-        if let (Some(root), true, true) = (&cfg.checkpoint.dir, save_now || step == total_steps, lead) {
-            let path = save_checkpoint(
-                &model,
-                &named,
-                &states,
-                &config_json,
-                TrainerState {
-                    step,
-                    loader: loader.state,
-                    tokens_seen,
-                },
-                root,
-                cfg.checkpoint.keep_last,
-            )?;
+        if let (Some(root), true) = (&cfg.checkpoint.dir, save_now || step == total_steps) {
+            let state = TrainerState {
+                step,
+                loader: loader.state,
+                tokens_seen,
+            };
+            let data = checkpoint_data(&model, &named, &states, &config_json, state, lead)?;
+            let path = checkpoint::save(root, &data, cfg.checkpoint.keep_last, collective.as_ref())?;
             say(format!("step {step:>6}  saved {}", path.display()));
             report.checkpoints.push(path);
         }
@@ -783,40 +774,179 @@ where
     Ok(report)
 }
 
-fn save_checkpoint<B: AutodiffBackend>(
+/// What the ranks of a step sum besides the dense gradients.
+struct StepSums {
+    loss: f64,
+    balance: f64,
+    mtp: f64,
+    /// Rows routed to each expert, per block.
+    loads: Vec<Vec<usize>>,
+    /// Some rank was asked to stop.
+    interrupt: bool,
+}
+
+/// Sums the step over the ranks: the dense gradients (each rank's loss is already divided by the global
+/// token count), the losses, the expert loads and the stop request. Expert gradients stay where they are
+/// (complete: the all-to-all brought every rank's rows to their expert); the ranks only agree on whether
+/// a layer's experts have one, so that a rank whose experts received no rows steps them with zeros, as
+/// one process steps its whole stacked tensor. A parameter no rank has a gradient for (the indexer's)
+/// stays without, as alone.
+fn sum_over_ranks(
+    collective: &dyn Collective,
+    named: &[NamedParam],
+    trainable: &HashSet<ParamId>,
+    sizes: &HashMap<ParamId, usize>,
+    grads: &mut HashMap<ParamId, Vec<f32>>,
+    sums: &mut StepSums,
+) {
+    // Per trainable parameter: a dense gradient (zeros if absent here) and a count of ranks having one.
+    let mut flat = Vec::new();
+    let mut slots = Vec::new();
+    for p in named.iter().filter(|p| trainable.contains(&p.id)) {
+        let (n, mine) = (sizes[&p.id], grads.contains_key(&p.id));
+        if p.part.is_none() {
+            match grads.remove(&p.id) {
+                Some(g) => flat.extend(g),
+                None => flat.extend(std::iter::repeat_n(0.0, n)),
+            }
+        }
+        flat.push(mine as u8 as f32);
+        slots.push(p);
+    }
+    flat.extend([sums.mtp as f32, sums.balance as f32, sums.loss as f32]);
+    collective.all_reduce_sum_f32(&mut flat);
+    sums.loss = flat.pop().expect("the loss") as f64;
+    sums.balance = flat.pop().expect("the balance loss") as f64;
+    sums.mtp = flat.pop().expect("the MTP loss") as f64;
+    let mut offset = 0;
+    for p in slots {
+        let n = sizes[&p.id];
+        if p.part.is_none() {
+            if flat[offset + n] > 0.0 {
+                grads.insert(p.id, flat[offset..offset + n].to_vec());
+            }
+            offset += n + 1;
+        } else {
+            if flat[offset] > 0.0 {
+                grads.entry(p.id).or_insert_with(|| vec![0.0; n]);
+            }
+            offset += 1;
+        }
+    }
+    let mut counts: Vec<u64> = sums.loads.iter().flatten().map(|&c| c as u64).collect();
+    counts.push(sums.interrupt as u64);
+    collective.all_reduce_sum_u64(&mut counts);
+    sums.interrupt = counts.pop().expect("the interrupt flag") > 0;
+    for (c, total) in sums.loads.iter_mut().flatten().zip(counts) {
+        *c = total as usize;
+    }
+}
+
+/// The rows each rank's experts received in the step's all-to-all exchanges, per block index and rank
+/// (empty in one process, which exchanges nothing).
+fn received_rows<B: Backend>(
+    collective: &dyn Collective,
+    expert_parallel: &ExpertParallel,
+    model: &V4Model<B>,
+) -> HashMap<usize, Vec<u64>> {
+    let (rank, ranks) = (collective.rank(), collective.size());
+    if ranks == 1 {
+        return HashMap::new();
+    }
+    let mine = expert_parallel.take_received();
+    let blocks: Vec<usize> = model.blocks().map(|b| b.index).collect();
+    let mut table = vec![0u64; blocks.len() * ranks];
+    for (slot, block) in table.chunks_exact_mut(ranks).zip(&blocks) {
+        slot[rank] = mine.get(block).copied().unwrap_or(0) as u64;
+    }
+    collective.all_reduce_sum_u64(&mut table);
+    blocks
+        .into_iter()
+        .zip(table.chunks_exact(ranks).map(<[u64]>::to_vec))
+        .collect()
+}
+
+/// Writes the step's gradients by checkpoint name, flattened, to `path` (the lead rank; each expert
+/// tensor gathered whole from the ranks holding its parts): for comparing a parallel run with one process.
+fn dump_gradients(
+    path: &std::path::Path,
+    collective: &dyn Collective,
+    named: &[NamedParam],
+    grads: &HashMap<ParamId, Vec<f32>>,
+) -> Result<(), String> {
+    let mut dump = Vec::new();
+    for p in named {
+        let Some(g) = grads.get(&p.id) else { continue };
+        let data = match &p.part {
+            None => g.clone(),
+            Some((rows, total)) => {
+                let per = g.len() / rows.len();
+                let mut whole = vec![0.0; per * total];
+                whole[rows.start * per..rows.end * per].copy_from_slice(g);
+                collective.all_reduce_sum_f32(&mut whole);
+                whole
+            }
+        };
+        let shape = vec![data.len()];
+        dump.push((p.name.clone(), HostF32 { shape, data }));
+    }
+    match collective.rank() {
+        0 => checkpoint::write_gradients(path, &dump),
+        _ => Ok(()),
+    }
+}
+
+/// This rank's view of the checkpoint after a step: every tensor of the files, with the bytes this rank
+/// writes (the lead rank the dense tensors and routing state, every rank its experts and their moments).
+fn checkpoint_data<'a, B: AutodiffBackend>(
     model: &V4Model<B>,
     named: &[NamedParam],
     states: &HashMap<ParamId, MomentState>,
-    config_json: &str,
+    config_json: &'a str,
     state: TrainerState,
-    root: &std::path::Path,
-    keep_last: usize,
-) -> Result<PathBuf, String> {
+    lead: bool,
+) -> Result<CheckpointData<'a>, String> {
     let host = host_params(model);
-    let params = named
-        .iter()
-        .map(|p| {
-            let t = host
-                .get(&p.id)
-                .ok_or_else(|| format!("parameter {} not found", p.name))?;
-            Ok((p.name.clone(), to_checkpoint(t, p.layout)))
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+    // Whole shape and this rank's (element offset, values) of a parameter-shaped tensor.
+    let share = |p: &NamedParam, shape: Vec<usize>, values: &'_ [f32]| {
+        let Some((rows, total)) = &p.part else {
+            return SharedTensor::f32(p.name.clone(), shape, lead.then_some((0, values)));
+        };
+        let per = values.len() / rows.len();
+        let mut whole = shape;
+        whole[0] = whole[0] / rows.len() * total;
+        SharedTensor::f32(p.name.clone(), whole, Some((rows.start * per, values)))
+    };
+    let mut model_tensors = Vec::new();
+    for p in named {
+        let t = host
+            .get(&p.id)
+            .ok_or_else(|| format!("parameter {} not found", p.name))?;
+        let t = to_checkpoint(t, p.layout);
+        model_tensors.push(share(p, t.shape.clone(), &t.data));
+    }
     let (biases, tables) = routing_state(model);
-    let optimizer = named
-        .iter()
-        .filter_map(|p| states.get(&p.id).map(|s| (p.name.clone(), s.clone())))
-        .collect();
-    checkpoint::save(
-        root,
-        &CheckpointData {
-            config_json,
-            params,
-            biases,
-            tables,
-            optimizer,
-            state,
-        },
-        keep_last,
-    )
+    for (name, t) in biases {
+        model_tensors.push(SharedTensor::f32(name, t.shape, lead.then_some((0, &t.data[..]))));
+    }
+    for (name, shape, values) in tables {
+        model_tensors.push(SharedTensor::i64(name, shape, lead.then_some(&values[..])));
+    }
+    let (mut moments, mut times) = (Vec::new(), BTreeMap::new());
+    for p in named {
+        let Some(s) = states.get(&p.id) else { continue };
+        for (prefix, values) in [("exp_avg", &s.m.data), ("exp_avg_sq", &s.v.data)] {
+            let mut t = share(p, vec![values.len()], values);
+            t.name = format!("{prefix}.{}", p.name);
+            moments.push(t);
+        }
+        times.insert(p.name.clone(), s.time);
+    }
+    Ok(CheckpointData {
+        config_json,
+        model: model_tensors,
+        moments,
+        times,
+        state,
+    })
 }

@@ -49,7 +49,7 @@ pub fn record<B: Backend>(
     Ok(recorder.records)
 }
 
-/// Records like [`record`] on a model loaded with only some layers ([`V4Model::load_layers`]): runs
+/// Records like [`record`] on a model loaded with only some layers ([`V4Model::load_plan`]): runs
 /// them from `streams` entering the first one (the embedding for layer 0), records their probes and the
 /// streams after the last as `layers.N.output`, then the head when the range reaches the last layer.
 pub fn record_range<B: Backend>(
