@@ -7,7 +7,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
-use v4_model::{LoadPlan, Residency, Tokens, V4Config, V4Model};
+use v4_model::{ExpertShard, LoadPlan, Residency, Tokens, V4Config, V4Model};
 
 /// The loading flags every command that runs a checkpoint shares.
 #[derive(clap::Args, Debug, Clone, Copy)]
@@ -29,17 +29,23 @@ fn residency(device: Device, dequantize: bool) -> Residency {
     }
 }
 
-/// Loads the checkpoint in `dir` for `kind` (only main layers `layers` when given) after checking that
-/// its weights fit in memory.
+/// Loads the checkpoint in `dir` for `kind` (only main layers `layers` when given, only the routed
+/// experts of `experts`) after checking that its weights fit in memory.
 pub fn load_model<B: Backend>(
     dir: &Path,
     config: &V4Config,
     kind: Device,
     args: LoadArgs,
     layers: Option<Range<usize>>,
+    experts: ExpertShard,
     device: &B::Device,
 ) -> Result<V4Model<B>> {
-    let estimate = v4_checkpoint::estimate(dir, args.dequantize, layers.clone())?;
+    let plan = LoadPlan {
+        residency: residency(kind, args.dequantize),
+        layers,
+        experts,
+    };
+    let estimate = v4_checkpoint::estimate(dir, &plan)?;
     if let Some(available) = v4_checkpoint::available_memory() {
         if estimate.total() > available {
             return Err(v4_checkpoint::MemoryError {
@@ -52,11 +58,6 @@ pub fn load_model<B: Backend>(
         }
     }
     let source = v4_checkpoint::open(dir)?;
-    let plan = LoadPlan {
-        residency: residency(kind, args.dequantize),
-        layers,
-        ..LoadPlan::default()
-    };
     Ok(V4Model::<B>::load_plan(config, source.as_ref(), device, plan)?)
 }
 

@@ -7,6 +7,7 @@ mod commands;
 mod device;
 mod io;
 mod load;
+mod parallel;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -1,6 +1,7 @@
 //! Expert parallelism over MPI (`--features mpi`, `mpirun` from OpenMPI): EP = 2 and EP = 4 give the
-//! gradients and losses of one process on the same global batch, tokens are received by the rank owning
-//! their experts, and a checkpoint of an EP = 4 run resumes on 2 ranks and on 1.
+//! gradients and losses of one process on the same global batch while each rank holds only its experts,
+//! tokens are received by the rank owning their experts, and a checkpoint of an EP = 4 run resumes on 2
+//! ranks and on 1. Inference on 2 and 4 ranks gives one process's ids and logits.
 #![cfg(feature = "mpi")]
 
 use safetensors::SafeTensors;
@@ -17,6 +18,11 @@ fn scratch(name: &str) -> PathBuf {
 
 /// `v4 train` on `ranks` processes (`mpirun -np ranks`, oversubscribed; 1: no mpirun).
 fn train(ranks: usize, args: &[&str]) -> Output {
+    v4(ranks, "train", args)
+}
+
+/// `v4 COMMAND` on `ranks` processes (`mpirun -np ranks`, oversubscribed; 1: no mpirun).
+fn v4(ranks: usize, command: &str, args: &[&str]) -> Output {
     let v4 = env!("CARGO_BIN_EXE_v4");
     let mut cmd = if ranks == 1 {
         Command::new(v4)
@@ -25,7 +31,7 @@ fn train(ranks: usize, args: &[&str]) -> Output {
         c.args(["-np", &ranks.to_string(), v4]);
         c
     };
-    cmd.arg("train").args(args);
+    cmd.arg(command).args(args);
     // CI runs as root in a container with fewer cores than ranks.
     cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
@@ -346,4 +352,58 @@ fn the_mtp_loss_trains_under_expert_parallelism() {
         median <= 1e-5,
         "EP=2 with MTP: median relative gradient difference {median:.2e}"
     );
+}
+
+/// `mpirun -np N v4 generate --greedy` and `v4 forward`, each rank holding 1/N of the experts, give one
+/// process's ids and logits: each row's expert output is computed by one rank alone, so bit for bit.
+#[test]
+fn expert_parallel_inference_gives_one_process_ids_and_logits() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let fixture = root.join("tests/fixtures/v4-tiny-a");
+    for layout in ["hf", "native"] {
+        let model = fixture.join(layout);
+        let model = model.to_str().unwrap();
+        let ids = |ranks: usize| {
+            let args = [
+                "--model",
+                model,
+                "--prompt-ids",
+                "1,5,9,200,17",
+                "--max-tokens",
+                "12",
+                "--greedy",
+                "--json",
+            ];
+            let out = v4(ranks, "generate", &args);
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            assert_eq!(text.lines().count(), 1, "rank 0 alone prints: {text}");
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            v["generated_ids"].clone()
+        };
+        let alone = ids(1);
+        assert_eq!(alone.as_array().unwrap().len(), 12);
+        for ranks in [2, 4] {
+            assert_eq!(ids(ranks), alone, "{layout}: greedy ids on {ranks} ranks");
+        }
+        let logits = |ranks: usize| {
+            let out = scratch(&format!("forward-{layout}-{ranks}")).join("out.safetensors");
+            let input = fixture.join("io.safetensors");
+            let args = [
+                "--model",
+                model,
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ];
+            v4(ranks, "forward", &args);
+            f32_tensors(&out).remove("logits").unwrap()
+        };
+        let (alone, two) = (logits(1), logits(2));
+        assert_eq!(alone.len(), two.len());
+        assert!(
+            alone == two,
+            "{layout}: logits on 2 ranks differ from one process's"
+        );
+    }
 }

@@ -2,10 +2,10 @@
 //! anything is read, against the memory this machine has available.
 
 use std::fmt;
-use std::ops::Range;
 use std::path::Path;
 use v4_convert::codec::fp8::FP8_BLOCK;
 use v4_convert::{Checkpoint, Layout};
+use v4_model::{LoadPlan, Residency};
 
 /// The bytes a load would keep resident.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,16 +57,17 @@ impl fmt::Display for MemoryError {
 
 impl std::error::Error for MemoryError {}
 
-/// The resident bytes of loading the checkpoint in `dir` with every weight as f32 (`dequantize`) or
-/// with the large matrices in their stored precision; only the tensors a load of main layers `layers`
-/// reads when given ([`v4_model::tensor_in_layers`]). Integer tensors (hash tables) count 4 bytes
-/// an id, as the model holds them.
-pub fn estimate(dir: &Path, dequantize: bool, layers: Option<Range<usize>>) -> Result<Estimate, String> {
+/// The resident bytes of loading the checkpoint in `dir` as `plan` says: every weight as f32
+/// ([`Residency::Dequantize`]) or the large matrices in their stored precision; only the tensors of its
+/// main layers ([`v4_model::tensor_in_layers`]) and its share of the routed experts. Integer tensors
+/// (hash tables) count 4 bytes an id, as the model holds them.
+pub fn estimate(dir: &Path, plan: &LoadPlan) -> Result<Estimate, String> {
     let checkpoint = Checkpoint::open(dir).map_err(|e| e.to_string())?;
     let config = v4_model::read_config(dir).ok();
     let groups = config.as_ref().map_or(1, |c| c.o_groups);
     let num_layers = config.as_ref().map_or(0, |c| c.num_layers());
-    let layers = layers.unwrap_or(0..num_layers);
+    let layers = plan.layers.clone().unwrap_or(0..num_layers);
+    let dequantize = matches!(plan.residency, Residency::Dequantize);
     let mut estimate = Estimate { packed: 0, dense: 0 };
     for name in checkpoint.hf_tensor_names() {
         if config.is_some() && !v4_model::tensor_in_layers(&name, &layers, num_layers) {
@@ -84,10 +85,16 @@ pub fn estimate(dir: &Path, dequantize: bool, layers: Option<Range<usize>>) -> R
             || (shape[0] / groups).is_multiple_of(FP8_BLOCK);
         let packable =
             checkpoint.layout() == Layout::DeepSeek && stored < 4 * numel && shape.len() >= 2 && bands_fit;
+        // Of stacked routed experts (equal in size), a rank holds its share.
+        let (kept, of) = match shape.len() == 3 && name.contains(".experts.") {
+            true => (plan.experts.range(shape[0]).len() as u64, shape[0] as u64),
+            false => (1, 1),
+        };
+        let held = |bytes: u64| bytes * kept / of;
         if !dequantize && packable {
-            estimate.packed += stored;
+            estimate.packed += held(stored);
         } else {
-            estimate.dense += 4 * numel;
+            estimate.dense += held(4 * numel);
         }
     }
     Ok(estimate)

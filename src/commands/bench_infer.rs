@@ -6,6 +6,7 @@ use crate::commands::generate::{describe_acceptance, SpeculativeArgs};
 use crate::device::{with_backend, Device};
 use crate::io::{bench_ids, random_ids, read_config_file, Result};
 use crate::load::{load_model, LoadArgs};
+use crate::parallel::Ranks;
 use burn::tensor::backend::Backend;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,7 +16,7 @@ use v4_infer::{
     cache_footprint, human_bytes, scalars_per_token, Flow, GenerateParams, Generator, SamplingParams,
     SpeculativeParams,
 };
-use v4_model::{read_config, RandomWeights, V4Config, V4Model};
+use v4_model::{read_config, LoadPlan, RandomWeights, V4Config, V4Model};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -163,17 +164,22 @@ fn bench<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         cache_table(args, &config);
         return Ok(());
     }
+    let ranks = Ranks::launched()?;
     let model = match &args.model {
-        Some(dir) => load_model::<B>(dir, &config, args.device, args.load, None, device)?,
+        Some(dir) => load_model::<B>(dir, &config, args.device, args.load, None, ranks.shard(), device)?,
         None => {
             let source = RandomWeights {
                 seed: args.seed,
                 experts: config.n_routed_experts,
             };
-            V4Model::<B>::load(&config, &source, device)?
+            let plan = LoadPlan {
+                experts: ranks.shard(),
+                ..LoadPlan::default()
+            };
+            V4Model::<B>::load_plan(&config, &source, device, plan)?
         }
     };
-    let generator = Generator::new(&model);
+    let generator = Generator::with_runner(&model, ranks.runner());
     let threads = rayon::current_num_threads();
     let what = args.source();
     println!(

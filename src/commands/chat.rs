@@ -11,6 +11,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use v4_infer::{ChatSession, Flow, Generator, InferError, StopStrings, TextStream};
 use v4_model::read_config;
+use v4_model::ExpertShard;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -50,7 +51,15 @@ fn chat<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         )
     })?;
     let params = args.sampling.params(&config)?;
-    let model = load_model::<B>(&args.model, &config, args.device, args.load, None, device)?;
+    let model = load_model::<B>(
+        &args.model,
+        &config,
+        args.device,
+        args.load,
+        None,
+        ExpertShard::default(),
+        device,
+    )?;
     let generator = Generator::new(&model);
     let mut session = ChatSession::<B>::new(&tokenizer, args.system.as_deref(), args.think);
 

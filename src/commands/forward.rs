@@ -3,11 +3,13 @@
 use crate::device::{with_backend, Device};
 use crate::io::{read_input_ids, write_safetensors, Output, Result};
 use crate::load::{entry_streams, load_model, LoadArgs};
+use crate::parallel::Ranks;
 use burn::tensor::backend::Backend;
 use burn::tensor::TensorData;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use v4_model::ExpertShard;
 use v4_model::{read_config, LocalExperts, Recorder, Tokens};
 use v4_validate::filter::parse_layers;
 
@@ -63,9 +65,19 @@ fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     if let Some(range) = range.filter(|r| *r != (0..config.num_layers())) {
         return forward_layers::<B>(args, &tokens, range, device);
     }
+    let ranks = Ranks::launched()?;
     let started = Instant::now();
-    let model = load_model::<B>(&args.model, &config, args.device, args.load, None, device)?;
+    let model = load_model::<B>(
+        &args.model,
+        &config,
+        args.device,
+        args.load,
+        None,
+        ranks.shard(),
+        device,
+    )?;
     let loaded = started.elapsed();
+    let runner = ranks.runner();
 
     let layers = config.num_layers();
     let mtp = !model.mtp.is_empty() && seq >= 2;
@@ -77,20 +89,20 @@ fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     });
     let started = Instant::now();
     let depths = if mtp {
-        model
-            .forward_mtp(&tokens, &LocalExperts, &mut recorder)?
-            .logits
-            .len()
+        model.forward_mtp(&tokens, runner, &mut recorder)?.logits.len()
     } else {
         model.forward_with(
             &tokens,
             &mut v4_model::ModelCache::new(layers),
-            &LocalExperts,
+            runner,
             &mut recorder,
         )?;
         0
     };
     let elapsed = started.elapsed();
+    if !ranks.lead() {
+        return Ok(());
+    }
 
     let outputs = recorder
         .records
@@ -149,6 +161,7 @@ fn forward_layers<B: Backend>(
         args.device,
         args.load,
         Some(range.clone()),
+        ExpertShard::default(),
         device,
     )?;
     let loaded = started.elapsed();

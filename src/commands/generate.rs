@@ -4,6 +4,7 @@
 use crate::device::{with_backend, Device};
 use crate::io::Result;
 use crate::load::{load_model, LoadArgs};
+use crate::parallel::Ranks;
 use burn::tensor::backend::Backend;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -225,10 +226,19 @@ fn generate<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     check_prompt(&config, &ids)?;
     let params = args.sampling.params(&config)?;
 
+    let ranks = Ranks::launched()?;
     let started = Instant::now();
-    let model = load_model::<B>(&args.model, &config, args.device, args.load, None, device)?;
+    let model = load_model::<B>(
+        &args.model,
+        &config,
+        args.device,
+        args.load,
+        None,
+        ranks.shard(),
+        device,
+    )?;
     let load_s = started.elapsed().as_secs_f64();
-    let generator = Generator::new(&model);
+    let generator = Generator::with_runner(&model, ranks.runner());
 
     let mut stream = tokenizer.as_ref().map(TextStream::new);
     let mut stops = StopStrings::new(&args.sampling.stop);
@@ -273,6 +283,10 @@ fn generate<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     };
     if let Some(e) = failure {
         return Err(e.into());
+    }
+    if !ranks.lead() {
+        // Every rank generated the same tokens; rank 0 reports them.
+        return Ok(());
     }
     if let Some(stream) = stream.as_mut() {
         if !stops.stopped() {

@@ -6,6 +6,7 @@ use crate::io::{read_input_ids, Result};
 use crate::load::{entry_streams, load_model, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::path::{Path, PathBuf};
+use v4_model::ExpertShard;
 use v4_model::{read_config, Tokens};
 use v4_validate::{trace::TraceInfo, ProbeFilter, TraceMode};
 
@@ -145,7 +146,15 @@ fn trace<B: Backend>(args: &Args, info: TraceInfo, device: &B::Device) -> Result
         Some(range) => entry_streams::<B>(args.streams.as_deref(), range, &tokens, &config, device)?,
         None => None,
     };
-    let model = load_model::<B>(&args.model, &config, args.device, args.load, range, device)?;
+    let model = load_model::<B>(
+        &args.model,
+        &config,
+        args.device,
+        args.load,
+        range,
+        ExpertShard::default(),
+        device,
+    )?;
     let trace = v4_validate::run::trace(
         &model,
         &tokens,

@@ -99,14 +99,11 @@ fn interrupt_flag() -> Result<Arc<AtomicBool>> {
 /// The MPI world when this process runs under `mpirun` (or expert parallelism is configured).
 #[cfg(feature = "mpi")]
 fn collective(cfg: &TrainConfig) -> Result<Option<Arc<dyn Collective>>> {
-    let launched = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some());
-    if cfg.parallel.expert_parallel == 1 && !launched {
+    let ranks = crate::parallel::launched_ranks();
+    if cfg.parallel.expert_parallel == 1 && ranks.is_none() {
         return Ok(None);
     }
-    let world = v4_train::collective::Mpi::init().ok_or("MPI could not be initialised")?;
-    Ok(Some(Arc::new(world)))
+    crate::parallel::world(ranks.unwrap_or(1)).map(Some)
 }
 
 #[cfg(not(feature = "mpi"))]

@@ -8,6 +8,7 @@ use crate::load::{load_model, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::path::PathBuf;
 use v4_model::read_config;
+use v4_model::ExpertShard;
 use v4_validate::filter::parse_layers;
 use v4_validate::{trace::TraceInfo, Dtype, RunMode, Tolerances, Trace, ValidateOptions};
 
@@ -93,7 +94,15 @@ fn validate<B: Backend>(args: &Args, info: TraceInfo, device: &B::Device) -> Res
     let config = read_config(&args.model)?;
     let layers = args.layers.as_deref().map(parse_layers).transpose()?;
     let layers = layers.map(|r| r.start..r.end.min(config.num_layers()));
-    let model = load_model::<B>(&args.model, &config, args.device, args.load, layers, device)?;
+    let model = load_model::<B>(
+        &args.model,
+        &config,
+        args.device,
+        args.load,
+        layers,
+        ExpertShard::default(),
+        device,
+    )?;
     let opts = ValidateOptions {
         mode: args.mode.parse::<RunMode>()?,
         dtype,

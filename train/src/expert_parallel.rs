@@ -243,3 +243,54 @@ impl<I: Backend> Backward<I, 1> for Exchange {
         }
     }
 }
+
+/// Runs the routed experts of a model each rank holds a share of ([`ExpertShard`]), on rows every rank
+/// has: inference, where every rank runs the same requests. Each rank computes the rows routed to its own
+/// experts and one all-reduce of the `[R, D]` outputs (zeros for the rows of other ranks' experts) gives
+/// every rank all of them. With the rows already on every rank, this is the all-to-all's combine without
+/// its dispatch; each row's output comes from one rank alone, so the result is one process's, bit for bit.
+#[derive(Clone)]
+pub struct ShardedExperts {
+    collective: Arc<dyn Collective>,
+}
+
+impl ShardedExperts {
+    pub fn new(collective: Arc<dyn Collective>) -> Self {
+        Self { collective }
+    }
+
+    /// The experts this rank holds.
+    pub fn shard(&self) -> ExpertShard {
+        ExpertShard {
+            rank: self.collective.rank(),
+            ranks: self.collective.size(),
+        }
+    }
+}
+
+impl<B: Backend> ExpertRunner<B> for ShardedExperts {
+    fn run(&self, _layer: usize, experts: &Experts<B>, rows: Tensor<B, 2>, counts: &[usize]) -> Tensor<B, 2> {
+        let held = self.shard().range(counts.len());
+        assert_eq!(
+            (experts.first, experts.len()),
+            (held.start, held.len()),
+            "each rank holds its own experts"
+        );
+        let [r, d] = rows.dims();
+        let device = rows.device();
+        let start: usize = counts[..held.start].iter().sum();
+        let n: usize = counts[held.clone()].iter().sum();
+        let mut outputs = vec![0f32; r * d];
+        if n > 0 {
+            let mine = experts.forward_grouped(rows.narrow(0, start, n), &counts[held]);
+            let mine = mine
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .expect("f32 rows");
+            outputs[start * d..(start + n) * d].copy_from_slice(&mine);
+        }
+        self.collective.all_reduce_sum_f32(&mut outputs);
+        Tensor::from_data(TensorData::new(outputs, [r, d]), &device)
+    }
+}
