@@ -26,7 +26,8 @@ pub struct TrainConfig {
     pub logging: LoggingSection,
 }
 
-/// Where the initial weights come from: an HF-layout checkpoint directory (`checkpoint`), or a model
+/// Where the initial weights come from: a checkpoint directory in HF or DeepSeek release layout
+/// (`checkpoint`; FP8 / FP4 weights are dequantised to f32 to train), or a model
 /// `config.json` (`config`) initialised from scratch with `seed`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

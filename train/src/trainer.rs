@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::Instant;
 use v4_model::config::RoutingKind;
 use v4_model::{
-    read_config, ExpertRunner, ExpertShard, LoadPlan, ModelCache, MtpForward, NoProbe, RandomWeights,
-    SafetensorsDir, Tokens, V4Model,
+    read_config, ExpertRunner, ExpertShard, LoadPlan, ModelCache, MtpForward, NoProbe, RandomWeights, Tokens,
+    V4Model,
 };
 
 /// How a run ends early (for tests and `--stop-after`) and which processes take part.
@@ -289,8 +289,10 @@ fn load_model<B: Backend>(
         let config = read_config(dir).map_err(|e| e.to_string())?;
         let text = std::fs::read_to_string(dir.join("config.json"))
             .map_err(|e| format!("{}: {e}", dir.join("config.json").display()))?;
-        let source = SafetensorsDir::open(dir).map_err(|e| e.to_string())?;
-        let model = V4Model::load_plan(&config, &source, device, plan.clone()).map_err(|e| e.to_string())?;
+        // Either layout: a DeepSeek release checkpoint (FP8 / FP4) trains from its dequantised weights.
+        let source = v4_checkpoint::open(dir).map_err(|e| e.to_string())?;
+        let model =
+            V4Model::load_plan(&config, source.as_ref(), device, plan.clone()).map_err(|e| e.to_string())?;
         Ok((model, text))
     };
     if let Some(dir) = resume {
