@@ -30,8 +30,7 @@ done
 [[ -x $V4 ]] || { echo "no v4 binary at $V4: run cargo build --release" >&2; exit 1; }
 "$PY" -c "import torch, transformers" 2>/dev/null || { echo "$PY lacks torch/transformers: see --help" >&2; exit 1; }
 
-CPU=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
-SLUG=$(echo "$CPU" | tr 'A-Z' 'a-z' | sed 's/([^)]*)//g; s/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
+source scripts/cpu.sh
 ISAS=(default)
 grep -qw avx512f /proc/cpuinfo && ISAS=(default avx2)
 OUT=${OUT:-docs/bench/$SLUG.md}

@@ -23,8 +23,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 [[ -x $V4 ]] || { echo "no v4 binary at $V4: run cargo build --release" >&2; exit 1; }
-CPU=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
-SLUG=$(echo "$CPU" | tr 'A-Z' 'a-z' | sed 's/([^)]*)//g; s/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
+source scripts/cpu.sh
 OUT=${OUT:-docs/bench/speculative-$SLUG.md}
 MODEL=tests/fixtures/v4-shakespeare-mtp
 IDS=$(mktemp /tmp/heldout-ids.XXXXXX.jsonl)

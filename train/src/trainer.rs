@@ -496,7 +496,7 @@ where
         cfg.data.seq_len,
         valid_windows.len()
     ));
-    if ranks > 1 && !opts.quiet {
+    if !opts.quiet {
         // Every rank says what it holds (the experts divide; the rest is replicated).
         let held: usize = sizes.0.values().sum();
         let experts = expert_parallel.shard().range(model.config.n_routed_experts);
