@@ -294,39 +294,44 @@ fn expert_parallel_runs_equal_one_process_and_reshard_on_resume() {
             &format!("resume = \"{}\"\n", same_step2.display()),
         );
         train(1, &[cfg.to_str().unwrap()]);
-        for file in ["model.safetensors", "training/optimizer.safetensors"] {
-            let want = f32_tensors(&same.join("ckpt/step-00000004").join(file));
-            let got = f32_tensors(&sub.join("ckpt/step-00000004").join(file));
-            assert_eq!(
-                got.keys().collect::<Vec<_>>(),
-                want.keys().collect::<Vec<_>>(),
-                "{file}"
-            );
-            let mut rels: Vec<(f64, &String)> = got
-                .iter()
-                .map(|(name, g)| {
-                    let w = &want[name];
-                    assert_eq!(g.len(), w.len(), "{name}");
-                    let diff: Vec<f32> = g.iter().zip(w).map(|(a, b)| a - b).collect();
-                    (norm(&diff) / norm(w).max(1e-12), name)
-                })
-                .collect();
-            rels.sort_by(|a, b| b.0.total_cmp(&a.0));
-            let ((worst, name), median) = (rels[0], rels[rels.len() / 2].0);
-            println!("resumed on {ranks} rank(s): {file}: relative differences: median {median:.1e}, worst {worst:.1e} ({name})");
-            // Up to the order of the ranks' sums. Adam's first step is sign(g): an element whose gradient
-            // is near 0 moves by +-lr on rounding alone, which a whole tensor can show (measured on an AMD
-            // EPYC: median 3e-7 for the weights and 7.5e-6 for the moments, worst 2.2e-3, layer 0's
-            // `attn_hc.fn` and the HC head's moments).
-            assert!(
-                median <= 2e-5,
-                "resumed on {ranks} rank(s): {file}: median difference {median:.1e}"
-            );
-            assert!(
-                worst <= 5e-3,
-                "resumed on {ranks} rank(s): {file}: {name} differs by {worst:.2e} (relative)"
-            );
-        }
+        same_state(
+            &sub.join("ckpt/step-00000004"),
+            &same.join("ckpt/step-00000004"),
+            &format!("resumed on {ranks} rank(s)"),
+        );
+    }
+}
+
+/// Asserts that checkpoint `got` holds the weights and AdamW moments of `want`, tensor by tensor, up to
+/// the order of the ranks' sums. Adam's first step is sign(g): an element whose gradient is near 0 moves by
+/// +-lr on rounding alone, which a whole tensor can show (measured on an AMD EPYC: median 3e-7 for the
+/// weights and 7.5e-6 for the moments, worst 2.2e-3, layer 0's `attn_hc.fn` and the HC head's moments).
+fn same_state(got: &Path, want: &Path, what: &str) {
+    for file in ["model.safetensors", "training/optimizer.safetensors"] {
+        let want = f32_tensors(&want.join(file));
+        let got = f32_tensors(&got.join(file));
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "{file}"
+        );
+        let mut rels: Vec<(f64, &String)> = got
+            .iter()
+            .map(|(name, g)| {
+                let w = &want[name];
+                assert_eq!(g.len(), w.len(), "{name}");
+                let diff: Vec<f32> = g.iter().zip(w).map(|(a, b)| a - b).collect();
+                (norm(&diff) / norm(w).max(1e-12), name)
+            })
+            .collect();
+        rels.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let ((worst, name), median) = (rels[0], rels[rels.len() / 2].0);
+        println!("{what}: {file}: relative differences: median {median:.1e}, worst {worst:.1e} ({name})");
+        assert!(median <= 2e-5, "{what}: {file}: median difference {median:.1e}");
+        assert!(
+            worst <= 5e-3,
+            "{what}: {file}: {name} differs by {worst:.2e} (relative)"
+        );
     }
 }
 
@@ -457,4 +462,83 @@ fn expert_parallel_inference_gives_one_process_ids_and_logits() {
             "{layout}: logits on 2 ranks differ from one process's"
         );
     }
+}
+
+/// Data parallelism over expert parallelism: 2 replicas x 2 expert shards on 4 ranks give one process's
+/// gradients and losses (the same grouping of the batch), each rank holding half of the experts.
+#[test]
+fn data_parallel_replicas_of_expert_parallel_groups_equal_one_process() {
+    let same = scratch("dp-reference");
+    let same_grads = same.join("grads.safetensors");
+    let cfg = config_with(&same, 1, 1, "");
+    train(
+        1,
+        &[
+            cfg.to_str().unwrap(),
+            "--dump-gradients",
+            same_grads.to_str().unwrap(),
+        ],
+    );
+    let reference = f32_tensors(&same_grads);
+
+    let dir = scratch("dp2-ep2");
+    let cfg = config(&dir, 2, "interval = 1\n");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "expert_parallel = 2\n",
+            "expert_parallel = 2\ndata_parallel = 2\n",
+        ),
+    )
+    .unwrap();
+    let grads = dir.join("grads.safetensors");
+    let out = train(
+        4,
+        &[cfg.to_str().unwrap(), "--dump-gradients", grads.to_str().unwrap()],
+    );
+    let held = held(&out);
+    let experts = 4 * 8 * 3 * 256 * 128;
+    assert_eq!(held.len(), 4, "{held:?}");
+    assert!(
+        held.values().all(|&h| h == v4_parameters() - experts / 2),
+        "{held:?}"
+    );
+    let got = f32_tensors(&grads);
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        reference.keys().collect::<Vec<_>>()
+    );
+    for (name, g) in &got {
+        let r = &reference[name];
+        assert_eq!(g.len(), r.len(), "{name}");
+        let diff: Vec<f32> = g.iter().zip(r).map(|(a, b)| a - b).collect();
+        let rel = norm(&diff) / norm(r).max(1e-12);
+        assert!(
+            rel <= 5e-6,
+            "DP=2 x EP=2: gradient of {name} differs by {rel:.2e} (relative)"
+        );
+    }
+    let (got, want) = (losses(&metrics(&dir)), losses(&metrics(&same)));
+    for (step, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (a - b).abs() <= 2e-5 * b,
+            "DP=2 x EP=2: loss at step {} is {a}, one process: {b}",
+            step + 1
+        );
+    }
+    // Its checkpoints (dense tensors from rank 0, each expert shard from replica 0) hold one process's
+    // weights and moments, and step 3's resumes in one process to step 4's.
+    let cfg = config_with(&same, 1, 1, "interval = 1\n");
+    train(1, &[cfg.to_str().unwrap()]);
+    let step3 = dir.join("ckpt/step-00000003");
+    same_state(&step3, &same.join("ckpt/step-00000003"), "DP=2 x EP=2");
+    let one = scratch("dp2-ep2-resumed");
+    let cfg = config_with(&one, 1, 1, &format!("resume = \"{}\"\n", step3.display()));
+    train(1, &[cfg.to_str().unwrap()]);
+    same_state(
+        &one.join("ckpt/step-00000004"),
+        &dir.join("ckpt/step-00000004"),
+        "DP=2 x EP=2 resumed alone",
+    );
 }

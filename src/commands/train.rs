@@ -14,7 +14,8 @@ pub struct Args {
     /// [parallel], [checkpoint], [logging]). Expert-parallel over N processes (`mpi` feature):
     /// `mpirun -np N v4 train config.toml` with `[parallel] expert_parallel = N`: each rank loads,
     /// holds, optimizes and checkpoints only its 1/N of the routed experts (checkpoints resume on any N
-    /// dividing the experts; they need a directory every rank sees).
+    /// dividing the experts; they need a directory every rank sees). With `data_parallel = D`,
+    /// `mpirun -np D*N` runs D such groups on the global batch.
     config: PathBuf,
     /// Print the resolved configuration, defaults filled in, and exit.
     #[arg(long)]
@@ -100,7 +101,7 @@ fn interrupt_flag() -> Result<Arc<AtomicBool>> {
 #[cfg(feature = "mpi")]
 fn collective(cfg: &TrainConfig) -> Result<Option<Arc<dyn Collective>>> {
     let ranks = crate::parallel::launched_ranks();
-    if cfg.parallel.expert_parallel == 1 && ranks.is_none() {
+    if cfg.parallel.world() == 1 && ranks.is_none() {
         return Ok(None);
     }
     crate::parallel::world(ranks.unwrap_or(1)).map(Some)
@@ -108,12 +109,13 @@ fn collective(cfg: &TrainConfig) -> Result<Option<Arc<dyn Collective>>> {
 
 #[cfg(not(feature = "mpi"))]
 fn collective(cfg: &TrainConfig) -> Result<Option<Arc<dyn Collective>>> {
-    if cfg.parallel.expert_parallel > 1 {
+    let world = cfg.parallel.world();
+    if world > 1 {
         return Err(format!(
-            "[parallel] expert_parallel = {} needs MPI, and this v4 was built without it: install OpenMPI and \
-             libclang (Debian: apt-get install libopenmpi-dev openmpi-bin libclang-dev), then \
-             `cargo build --release --features mpi` and run `mpirun -np {} target/release/v4 train ...`",
-            cfg.parallel.expert_parallel, cfg.parallel.expert_parallel
+            "[parallel] expert_parallel = {} x data_parallel = {} needs MPI, and this v4 was built without it: \
+             install OpenMPI and libclang (Debian: apt-get install libopenmpi-dev openmpi-bin libclang-dev), \
+             then `cargo build --release --features mpi` and run `mpirun -np {world} target/release/v4 train ...`",
+            cfg.parallel.expert_parallel, cfg.parallel.data_parallel
         )
         .into());
     }

@@ -11,6 +11,8 @@
 //!   experts' squared gradient norms (`all_reduce_sum_f64`, for clipping), and the load counts for the
 //!   bias update (`all_reduce_sum_u64`).
 
+use std::sync::Arc;
+
 /// The collective operations training needs, on host buffers. Every rank must make the same calls in the
 /// same order.
 pub trait Collective: Send + Sync {
@@ -24,11 +26,44 @@ pub trait Collective: Send + Sync {
     /// Sends `send[counts[r] rows for rank r]` (row width `width`), returns what every rank sent here and
     /// the per-source row counts.
     fn all_to_all_v(&self, send: &[f32], counts: &[usize], width: usize) -> (Vec<f32>, Vec<usize>);
+    /// The group of the ranks that pass the same `color`, ranked in this group's order (every rank calls
+    /// it, at the same point).
+    fn split(&self, color: usize) -> Arc<dyn Collective>;
 }
 
 impl std::fmt::Debug for dyn Collective {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Collective(rank {} of {})", self.rank(), self.size())
+    }
+}
+
+/// The groups of a run of `data_parallel x expert_parallel` ranks: world rank `r` is shard `r % EP` of
+/// replica `r / EP`.
+#[derive(Clone)]
+pub struct Groups {
+    pub world: Arc<dyn Collective>,
+    /// The ranks of this replica, one per expert shard: the all-to-all runs among them.
+    pub experts: Arc<dyn Collective>,
+    /// The ranks holding this rank's expert shard, one per replica: expert gradients are summed among them.
+    pub replicas: Arc<dyn Collective>,
+}
+
+impl Groups {
+    /// Splits `world` into replicas of `expert_parallel` consecutive ranks (which must divide it).
+    pub fn new(world: Arc<dyn Collective>, expert_parallel: usize) -> Self {
+        let rank = world.rank();
+        let experts = world.split(rank / expert_parallel);
+        let replicas = world.split(rank % expert_parallel);
+        Self {
+            world,
+            experts,
+            replicas,
+        }
+    }
+
+    /// This rank's replica (0 for every rank without data parallelism).
+    pub fn replica(&self) -> usize {
+        self.replicas.rank()
     }
 }
 
@@ -51,12 +86,17 @@ impl Collective for SingleProcess {
         assert_eq!(send.len(), counts[0] * width);
         (send.to_vec(), counts.to_vec())
     }
+    fn split(&self, _color: usize) -> Arc<dyn Collective> {
+        Arc::new(SingleProcess)
+    }
 }
 
-/// MPI's world communicator (OpenMPI through the `mpi` crate).
+/// An MPI communicator (OpenMPI through the `mpi` crate): the world, or a group split from it.
 #[cfg(feature = "mpi")]
 pub struct Mpi {
-    universe: mpi::environment::Universe,
+    /// Kept alive (MPI finalizes when the last holder drops it) by every group split from the world.
+    universe: Arc<mpi::environment::Universe>,
+    comm: mpi::topology::SimpleCommunicator,
 }
 
 // The universe is only used from one thread at a time (MPI is initialised with `Threading::Serialized`).
@@ -70,7 +110,11 @@ impl Mpi {
     /// Initialises MPI (once per process; None if it was already initialised).
     pub fn init() -> Option<Self> {
         let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Serialized)?;
-        Some(Self { universe })
+        let comm = universe.world();
+        Some(Self {
+            universe: Arc::new(universe),
+            comm,
+        })
     }
 }
 
@@ -78,34 +122,34 @@ impl Mpi {
 impl Collective for Mpi {
     fn rank(&self) -> usize {
         use mpi::topology::Communicator;
-        self.universe.world().rank() as usize
+        self.comm.rank() as usize
     }
     fn size(&self) -> usize {
         use mpi::topology::Communicator;
-        self.universe.world().size() as usize
+        self.comm.size() as usize
     }
     fn all_reduce_sum_f32(&self, data: &mut [f32]) {
         use mpi::traits::CommunicatorCollectives;
         let send = data.to_vec();
         let op = mpi::collective::SystemOperation::sum();
-        self.universe.world().all_reduce_into(&send[..], data, op);
+        self.comm.all_reduce_into(&send[..], data, op);
     }
     fn all_reduce_sum_f64(&self, data: &mut [f64]) {
         use mpi::traits::CommunicatorCollectives;
         let send = data.to_vec();
         let op = mpi::collective::SystemOperation::sum();
-        self.universe.world().all_reduce_into(&send[..], data, op);
+        self.comm.all_reduce_into(&send[..], data, op);
     }
     fn all_reduce_sum_u64(&self, data: &mut [u64]) {
         use mpi::traits::CommunicatorCollectives;
         let send = data.to_vec();
         let op = mpi::collective::SystemOperation::sum();
-        self.universe.world().all_reduce_into(&send[..], data, op);
+        self.comm.all_reduce_into(&send[..], data, op);
     }
     fn all_to_all_v(&self, send: &[f32], counts: &[usize], width: usize) -> (Vec<f32>, Vec<usize>) {
         use mpi::datatype::{Partition, PartitionMut};
         use mpi::traits::CommunicatorCollectives;
-        let world = self.universe.world();
+        let world = &self.comm;
         let displs = |c: &[i32]| {
             c.iter()
                 .scan(0, |acc, &n| {
@@ -127,6 +171,17 @@ impl Collective for Mpi {
         world.all_to_all_varcount_into(&outgoing, &mut incoming);
         let rows = recv_counts.iter().map(|&c| c as usize / width.max(1)).collect();
         (recv, rows)
+    }
+    fn split(&self, color: usize) -> Arc<dyn Collective> {
+        use mpi::topology::{Color, Communicator};
+        let comm = self
+            .comm
+            .split_by_color(Color::with_value(color as i32))
+            .expect("a defined color joins a group");
+        Arc::new(Self {
+            universe: self.universe.clone(),
+            comm,
+        })
     }
 }
 

@@ -146,19 +146,35 @@ pub struct MtpSection {
     pub weight: f32,
 }
 
-/// Expert parallelism: `mpirun -np N v4 train config.toml` with `expert_parallel = N` shards the routed
-/// experts of every layer over the N ranks (E/N each) and the global batch's sequences over them too.
+/// Expert and data parallelism: `mpirun -np N v4 train config.toml` with `N = data_parallel x
+/// expert_parallel` runs `data_parallel` replicas of the model, each sharding the routed experts of every
+/// layer over its `expert_parallel` ranks (E / expert_parallel each); the global batch's sequences are
+/// shared by all N ranks.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelSection {
-    /// Number of ranks the experts are sharded over (= the MPI world size; 1: one process).
+    /// Number of ranks the experts are sharded over (1: every rank holds them all).
     #[serde(default = "default_one")]
     pub expert_parallel: usize,
+    /// Number of replicas of the expert-parallel group (the MPI world is `data_parallel x
+    /// expert_parallel` ranks).
+    #[serde(default = "default_one")]
+    pub data_parallel: usize,
+}
+
+impl ParallelSection {
+    /// The ranks a run takes.
+    pub fn world(&self) -> usize {
+        self.expert_parallel * self.data_parallel
+    }
 }
 
 impl Default for ParallelSection {
     fn default() -> Self {
-        Self { expert_parallel: 1 }
+        Self {
+            expert_parallel: 1,
+            data_parallel: 1,
+        }
     }
 }
 
@@ -371,11 +387,12 @@ impl TrainConfig {
         if self.schedule.steps == 0 {
             return Err("[schedule] steps must be positive".into());
         }
-        let ep = self.parallel.expert_parallel;
-        if ep == 0 || !self.training.batch.is_multiple_of(ep) {
+        let (ep, dp) = (self.parallel.expert_parallel, self.parallel.data_parallel);
+        if ep == 0 || dp == 0 || !self.training.batch.is_multiple_of(ep * dp) {
             return Err(format!(
-                "[parallel] expert_parallel = {ep} must be positive and divide [training] batch = {} \
-                 (each rank takes batch / expert_parallel sequences of the global batch)",
+                "[parallel] expert_parallel = {ep} times data_parallel = {dp} must be positive and divide \
+                 [training] batch = {} (each rank takes batch / (expert_parallel x data_parallel) sequences \
+                 of the global batch)",
                 self.training.batch
             ));
         }

@@ -2,7 +2,7 @@
 
 use crate::adamw::{sum_of_squares, AdamW};
 use crate::checkpoint::{self, CheckpointData, MomentState, SharedTensor, TrainerState};
-use crate::collective::{Collective, SingleProcess};
+use crate::collective::{Collective, Groups, SingleProcess};
 use crate::config::TrainConfig;
 use crate::data::{load_windows, Loader, Tokenizer, Window};
 use crate::expert_parallel::ExpertParallel;
@@ -339,12 +339,15 @@ where
 {
     let collective: Arc<dyn Collective> = opts.collective.clone().unwrap_or_else(|| Arc::new(SingleProcess));
     let (rank, ranks) = (collective.rank(), collective.size());
-    if ranks != cfg.parallel.expert_parallel {
+    let (ep, dp) = (cfg.parallel.expert_parallel, cfg.parallel.data_parallel);
+    if ranks != ep * dp {
         return Err(format!(
-            "[parallel] expert_parallel = {} but {ranks} process(es) run: start it with `mpirun -np {} v4 train ...`",
-            cfg.parallel.expert_parallel, cfg.parallel.expert_parallel
+            "[parallel] expert_parallel = {ep} x data_parallel = {dp} but {ranks} process(es) run: start it \
+             with `mpirun -np {} v4 train ...`",
+            ep * dp
         ));
     }
+    let groups = Groups::new(collective.clone(), ep);
     let lead = rank == 0;
     let bar = match lead && !opts.quiet {
         true => ProgressBar::new(cfg.schedule.steps as u64),
@@ -384,7 +387,7 @@ where
     if let Some(dir) = &resume_dir {
         checkpoint::verify(dir)?;
     }
-    let expert_parallel = ExpertParallel::new(collective.clone());
+    let expert_parallel = ExpertParallel::new(groups.experts.clone());
     let (mut model, config_json) =
         load_model::<B>(cfg, resume_dir.as_ref(), expert_parallel.shard(), device)?;
     let vocab = model.config.vocab_size;
@@ -411,11 +414,7 @@ where
         }
     }
 
-    let runner: &dyn ExpertRunner<B> = if ranks > 1 {
-        &expert_parallel
-    } else {
-        &FusedExperts
-    };
+    let runner: &dyn ExpertRunner<B> = if ep > 1 { &expert_parallel } else { &FusedExperts };
     // The MTP layers are trained (and their loss computed) only with a weight.
     let mtp_depths = if cfg.mtp.weight > 0.0 { model.mtp.len() } else { 0 };
     if cfg.mtp.weight > 0.0 && mtp_depths == 0 {
@@ -501,8 +500,9 @@ where
         let held: usize = sizes.0.values().sum();
         let experts = expert_parallel.shard().range(model.config.n_routed_experts);
         println!(
-            "rank {rank} of {ranks}: holds {held} parameters ({:.1} MB as f32, as much again twice for AdamW's \
+            "rank {rank} of {ranks} (replica {}): holds {held} parameters ({:.1} MB as f32, as much again twice for AdamW's \
              moments), routed experts {experts:?} of each layer",
+            groups.replica(),
             held as f64 * 4e-6
         );
     }
@@ -597,14 +597,7 @@ where
             interrupt: interrupt_requested(),
         };
         if ranks > 1 {
-            sum_over_ranks(
-                collective.as_ref(),
-                &named,
-                &trainable,
-                &sizes.0,
-                &mut grads,
-                &mut sums,
-            );
+            sum_over_ranks(&groups, &named, &trainable, &sizes.0, &mut grads, &mut sums);
         }
         let StepSums {
             loss: loss_sum,
@@ -613,13 +606,13 @@ where
             loads,
             interrupt: interrupted,
         } = sums;
-        let received = received_rows(collective.as_ref(), &expert_parallel, &model);
+        let received = received_rows(groups.experts.as_ref(), &expert_parallel, &model);
         let exchange = expert_parallel.take_exchange_time().as_secs_f64();
         if let (Some(path), true) = (&opts.dump_gradients, step == report.start_step) {
-            dump_gradients(path, collective.as_ref(), &named, &grads)?;
+            dump_gradients(path, &groups, &named, &grads)?;
         }
         // Global gradient norm (the dense part in parameter order, the same on every rank; the experts'
-        // squares summed over the ranks that hold them) and clipping.
+        // squares summed over the shards of a replica) and clipping.
         let squares = |experts: bool| -> f64 {
             named
                 .iter()
@@ -629,7 +622,7 @@ where
                 .sum()
         };
         let mut expert_squares = [squares(true)];
-        collective.all_reduce_sum_f64(&mut expert_squares);
+        groups.experts.all_reduce_sum_f64(&mut expert_squares);
         let grad_norm = (squares(false) + expert_squares[0]).sqrt();
         let grad_scale = if cfg.training.grad_clip > 0.0 && grad_norm > cfg.training.grad_clip {
             (cfg.training.grad_clip / (grad_norm + 1e-6)) as f32
@@ -674,7 +667,7 @@ where
                 .map(|peak| n_tokens as f64 / elapsed.max(1e-9) * flops_per_token / (peak * ranks as f64)),
             balance: (cfg.moe.alpha > 0.0).then_some(balance_sum),
             mtp: (mtp_depths > 0).then_some(mtp_sum),
-            all_to_all: (ranks > 1).then(|| exchange / elapsed.max(1e-9)),
+            all_to_all: (ep > 1).then(|| exchange / elapsed.max(1e-9)),
         };
         if step % cfg.logging.interval.max(1) == 0 || step == total_steps {
             let max_vio: f64 = loads
@@ -751,7 +744,9 @@ where
                 loader: loader.state,
                 tokens_seen,
             };
-            let data = checkpoint_data(&model, &named, &states, &config_json, state, lead)?;
+            // The dense tensors from rank 0, each expert shard from its first replica.
+            let writes = (lead, groups.replica() == 0);
+            let data = checkpoint_data(&model, &named, &states, &config_json, state, writes)?;
             let path = checkpoint::save(root, &data, cfg.checkpoint.keep_last, collective.as_ref())?;
             say(format!("step {step:>6}  saved {}", path.display()));
             report.checkpoints.push(path);
@@ -794,7 +789,7 @@ struct StepSums {
 /// one process steps its whole stacked tensor. A parameter no rank has a gradient for (the indexer's)
 /// stays without, as alone.
 fn sum_over_ranks(
-    collective: &dyn Collective,
+    groups: &Groups,
     named: &[NamedParam],
     trainable: &HashSet<ParamId>,
     sizes: &HashMap<ParamId, usize>,
@@ -816,11 +811,12 @@ fn sum_over_ranks(
         slots.push(p);
     }
     flat.extend([sums.mtp as f32, sums.balance as f32, sums.loss as f32]);
-    collective.all_reduce_sum_f32(&mut flat);
+    groups.world.all_reduce_sum_f32(&mut flat);
     sums.loss = flat.pop().expect("the loss") as f64;
     sums.balance = flat.pop().expect("the balance loss") as f64;
     sums.mtp = flat.pop().expect("the MTP loss") as f64;
     let mut offset = 0;
+    let mut experts = Vec::new();
     for p in slots {
         let n = sizes[&p.id];
         if p.part.is_none() {
@@ -831,13 +827,26 @@ fn sum_over_ranks(
         } else {
             if flat[offset] > 0.0 {
                 grads.entry(p.id).or_insert_with(|| vec![0.0; n]);
+                experts.push(p.id);
             }
             offset += 1;
         }
     }
+    // With data parallelism, each replica's expert gradients hold its own sequences: sum the replicas'.
+    if groups.replicas.size() > 1 {
+        let mut flat: Vec<f32> = experts.iter().flat_map(|id| grads[id].iter().copied()).collect();
+        groups.replicas.all_reduce_sum_f32(&mut flat);
+        let mut rest = &flat[..];
+        for id in experts {
+            let g = grads.get_mut(&id).expect("inserted above");
+            let (mine, tail) = rest.split_at(g.len());
+            g.copy_from_slice(mine);
+            rest = tail;
+        }
+    }
     let mut counts: Vec<u64> = sums.loads.iter().flatten().map(|&c| c as u64).collect();
     counts.push(sums.interrupt as u64);
-    collective.all_reduce_sum_u64(&mut counts);
+    groups.world.all_reduce_sum_u64(&mut counts);
     sums.interrupt = counts.pop().expect("the interrupt flag") > 0;
     for (c, total) in sums.loads.iter_mut().flatten().zip(counts) {
         *c = total as usize;
@@ -872,7 +881,7 @@ fn received_rows<B: Backend>(
 /// tensor gathered whole from the ranks holding its parts): for comparing a parallel run with one process.
 fn dump_gradients(
     path: &std::path::Path,
-    collective: &dyn Collective,
+    groups: &Groups,
     named: &[NamedParam],
     grads: &HashMap<ParamId, Vec<f32>>,
 ) -> Result<(), String> {
@@ -885,29 +894,30 @@ fn dump_gradients(
                 let per = g.len() / rows.len();
                 let mut whole = vec![0.0; per * total];
                 whole[rows.start * per..rows.end * per].copy_from_slice(g);
-                collective.all_reduce_sum_f32(&mut whole);
+                groups.experts.all_reduce_sum_f32(&mut whole);
                 whole
             }
         };
         let shape = vec![data.len()];
         dump.push((p.name.clone(), HostF32 { shape, data }));
     }
-    match collective.rank() {
+    match groups.world.rank() {
         0 => checkpoint::write_gradients(path, &dump),
         _ => Ok(()),
     }
 }
 
 /// This rank's view of the checkpoint after a step: every tensor of the files, with the bytes this rank
-/// writes (the lead rank the dense tensors and routing state, every rank its experts and their moments).
+/// writes (`writes.0`: the dense tensors and routing state; `writes.1`: its experts and their moments).
 fn checkpoint_data<'a, B: AutodiffBackend>(
     model: &V4Model<B>,
     named: &[NamedParam],
     states: &HashMap<ParamId, MomentState>,
     config_json: &'a str,
     state: TrainerState,
-    lead: bool,
+    writes: (bool, bool),
 ) -> Result<CheckpointData<'a>, String> {
+    let (lead, experts) = writes;
     let host = host_params(model);
     // Whole shape and this rank's (element offset, values) of a parameter-shaped tensor.
     let share = |p: &NamedParam, shape: Vec<usize>, values: &'_ [f32]| {
@@ -917,7 +927,11 @@ fn checkpoint_data<'a, B: AutodiffBackend>(
         let per = values.len() / rows.len();
         let mut whole = shape;
         whole[0] = whole[0] / rows.len() * total;
-        SharedTensor::f32(p.name.clone(), whole, Some((rows.start * per, values)))
+        SharedTensor::f32(
+            p.name.clone(),
+            whole,
+            experts.then_some((rows.start * per, values)),
+        )
     };
     let mut model_tensors = Vec::new();
     for p in named {
