@@ -10,7 +10,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use v4_model::ExpertShard;
-use v4_model::{read_config, LocalExperts, Recorder, Tokens};
+use v4_model::{read_config, LocalExperts, Recorder, Tokens, V4Config};
 use v4_validate::filter::parse_layers;
 
 #[derive(clap::Args)]
@@ -63,7 +63,7 @@ fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let range = args.layers.as_deref().map(parse_layers).transpose()?;
     let range = range.map(|r| r.start..r.end.min(config.num_layers()));
     if let Some(range) = range.filter(|r| *r != (0..config.num_layers())) {
-        return forward_layers::<B>(args, &tokens, range, device);
+        return forward_layers::<B>(args, &config, &tokens, range, device);
     }
     let ranks = Ranks::launched()?;
     let started = Instant::now();
@@ -81,12 +81,7 @@ fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
 
     let layers = config.num_layers();
     let mtp = !model.mtp.is_empty() && seq >= 2;
-    let mut recorder = Recorder::new(|name: &str| {
-        (name.starts_with("layers.") && name.ends_with(".input") && name.split('.').count() == 3)
-            || name == "final.hidden"
-            || name == "logits"
-            || (mtp && (name == "final.streams" || (name.starts_with("mtp.") && name.ends_with(".logits"))))
-    });
+    let mut recorder = Recorder::new(|name: &str| written(name, mtp));
     let started = Instant::now();
     let depths = if mtp {
         model.forward_mtp(&tokens, runner, &mut recorder)?.logits.len()
@@ -107,20 +102,7 @@ fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let outputs = recorder
         .records
         .into_iter()
-        .map(|(name, data)| {
-            let name = match name.as_str() {
-                "logits" => name,
-                "final.hidden" => format!("hidden.{layers}"),
-                "final.streams" => "streams".into(),
-                "mtp.0.logits" => "mtp_logits".into(),
-                other if other.starts_with("mtp.") => format!("mtp_logits.{}", &other[4..other.len() - 7]),
-                other => format!(
-                    "hidden.{}",
-                    other.trim_start_matches("layers.").trim_end_matches(".input")
-                ),
-            };
-            output(name, data)
-        })
+        .map(|(probe, data)| output(output_name(&probe, layers), data))
         .collect::<Result<Vec<_>>>()?;
     write_safetensors(&args.output, &outputs, Path::new(&args.input))?;
     let mtp_note = match depths {
@@ -144,20 +126,20 @@ fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
 /// (A = 0) or from the recorded streams entering layer A.
 fn forward_layers<B: Backend>(
     args: &Args,
+    config: &V4Config,
     tokens: &Tokens,
     range: Range<usize>,
     device: &B::Device,
 ) -> Result<()> {
-    let config = read_config(&args.model)?;
     let num_layers = config.num_layers();
     if range.is_empty() {
         return Err(format!("--layers {range:?}: no layer of the {num_layers} in that range").into());
     }
-    let streams = entry_streams::<B>(args.streams.as_deref(), &range, tokens, &config, device)?;
+    let streams = entry_streams::<B>(args.streams.as_deref(), &range, tokens, config, device)?;
     let started = Instant::now();
     let model = load_model::<B>(
         &args.model,
-        &config,
+        config,
         args.device,
         args.load,
         Some(range.clone()),
@@ -165,11 +147,7 @@ fn forward_layers<B: Backend>(
         device,
     )?;
     let loaded = started.elapsed();
-    let mut recorder = Recorder::new(|name: &str| {
-        (name.starts_with("layers.") && name.ends_with(".input") && name.split('.').count() == 3)
-            || name == "final.hidden"
-            || name == "logits"
-    });
+    let mut recorder = Recorder::new(|name: &str| written(name, false));
     let started = Instant::now();
     let out = model.forward_layers(tokens, streams, &LocalExperts, &mut recorder)?;
     let mut outputs = Vec::new();
@@ -181,16 +159,8 @@ fn forward_layers<B: Backend>(
         format!("hidden.{}", range.end)
     };
     let elapsed = started.elapsed();
-    for (name, data) in recorder.records {
-        let name = match name.as_str() {
-            "logits" => name,
-            "final.hidden" => format!("hidden.{num_layers}"),
-            other => format!(
-                "hidden.{}",
-                other.trim_start_matches("layers.").trim_end_matches(".input")
-            ),
-        };
-        outputs.push(output(name, data)?);
+    for (probe, data) in recorder.records {
+        outputs.push(output(output_name(&probe, num_layers), data)?);
     }
     write_safetensors(&args.output, &outputs, Path::new(&args.input))?;
     println!(
@@ -204,6 +174,30 @@ fn forward_layers<B: Backend>(
         args.output.display()
     );
     Ok(())
+}
+
+/// Whether probe `name` is written: the streams entering each layer, the final hidden state, the logits,
+/// and with `mtp` the final streams and every MTP depth's logits.
+fn written(name: &str, mtp: bool) -> bool {
+    (name.starts_with("layers.") && name.ends_with(".input") && name.split('.').count() == 3)
+        || name == "final.hidden"
+        || name == "logits"
+        || (mtp && (name == "final.streams" || (name.starts_with("mtp.") && name.ends_with(".logits"))))
+}
+
+/// The output name of a written probe of a model of `layers` main layers (HF's `hidden_states` numbering).
+fn output_name(probe: &str, layers: usize) -> String {
+    match probe {
+        "logits" => probe.into(),
+        "final.hidden" => format!("hidden.{layers}"),
+        "final.streams" => "streams".into(),
+        "mtp.0.logits" => "mtp_logits".into(),
+        other if other.starts_with("mtp.") => format!("mtp_logits.{}", &other[4..other.len() - 7]),
+        other => format!(
+            "hidden.{}",
+            other.trim_start_matches("layers.").trim_end_matches(".input")
+        ),
+    }
 }
 
 /// A recorded tensor as the f32 output `name`.
