@@ -4,14 +4,15 @@ use safetensors::SafeTensors;
 use std::path::PathBuf;
 use std::process::Command;
 
+#[path = "support/scratch.rs"]
+mod support;
+
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v4-tiny-a")
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("v4-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    support::fresh("cli", name)
 }
 
 fn v4(args: &[&str]) -> std::process::Output {

@@ -4,6 +4,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+#[path = "support/scratch.rs"]
+mod support;
+
 fn v4(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_v4"))
         .args(args)
@@ -37,8 +40,7 @@ fn f32_tensor(path: &str, name: &str) -> Vec<f32> {
 
 /// A fresh scratch directory for test `tag`, and the tiny fixture's model and input ids.
 fn setup(tag: &str) -> (PathBuf, String, String) {
-    let dir = std::env::temp_dir().join(format!("v4-validate-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::scratch("validate_cli", tag);
     let f = "tests/fixtures/v4-tiny-a";
     (dir, format!("{f}/hf"), format!("{f}/io.safetensors"))
 }

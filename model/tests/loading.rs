@@ -5,6 +5,9 @@ use safetensors::tensor::{SafeTensors, TensorView};
 use std::path::{Path, PathBuf};
 use v4_model::{read_config, InputError, LoadError, SafetensorsDir, Tokens, V4Model};
 
+#[path = "../../tests/support/scratch.rs"]
+mod support;
+
 type B = NdArray<f32>;
 
 fn hf_dir() -> PathBuf {
@@ -13,8 +16,7 @@ fn hf_dir() -> PathBuf {
 
 /// A scratch copy of the fixture whose tensors pass through `edit` (which may rename, reshape or drop).
 fn edited_copy(tag: &str, edit: impl Fn(&str, TensorView<'_>) -> Option<(String, Vec<usize>)>) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("v4-loading-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::scratch("loading", tag);
     std::fs::copy(hf_dir().join("config.json"), dir.join("config.json")).unwrap();
     let bytes = std::fs::read(hf_dir().join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -42,8 +44,7 @@ fn load(dir: &Path) -> Result<V4Model<B>, LoadError> {
 
 #[test]
 fn truncated_file_is_reported_with_its_path() {
-    let dir = std::env::temp_dir().join(format!("v4-loading-truncated-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::scratch("loading", "truncated");
     std::fs::copy(hf_dir().join("config.json"), dir.join("config.json")).unwrap();
     let bytes = std::fs::read(hf_dir().join("model.safetensors")).unwrap();
     std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() - 1000]).unwrap();

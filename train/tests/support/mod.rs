@@ -11,10 +11,10 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A fresh scratch directory `v4-train-{suite}-{name}-{pid}`.
+#[path = "../../../tests/support/scratch.rs"]
+mod shared;
+
+/// An empty scratch directory for case `name` of test file `suite` (under `target/tmp`).
 pub fn scratch(suite: &str, name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("v4-train-{suite}-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    shared::scratch(&format!("train-{suite}"), name)
 }
