@@ -362,21 +362,8 @@ where
             bar.suspend(|| println!("{s}"));
         }
     };
-    let tokenizer = Tokenizer::from_spec(&cfg.data.tokenizer)?;
-    let train_windows = load_windows(
-        &cfg.data.train,
-        &tokenizer,
-        cfg.data.seq_len,
-        cfg.data.max_records,
-    )?;
-    let mut valid_windows = match &cfg.data.validation {
-        Some(p) => load_windows(p, &tokenizer, cfg.data.seq_len, cfg.data.max_validation_records)?,
-        None => Vec::new(),
-    };
+    let (tokenizer, train_windows, valid_windows) = load_data(cfg)?;
     let micro = cfg.training.batch;
-    if cfg.data.validation_batches > 0 {
-        valid_windows.truncate(cfg.data.validation_batches * micro);
-    }
 
     // Resume?
     let resume_dir: Option<PathBuf> = match cfg.checkpoint.resume.as_deref() {
@@ -390,30 +377,12 @@ where
     let expert_parallel = ExpertParallel::new(groups.experts.clone());
     let (mut model, config_json) =
         load_model::<B>(cfg, resume_dir.as_ref(), expert_parallel.shard(), device)?;
-    let vocab = model.config.vocab_size;
-    if tokenizer.vocab_size() > vocab {
-        return Err(format!(
-            "the tokenizer's vocabulary ({}) exceeds the model's ({vocab})",
-            tokenizer.vocab_size()
-        ));
-    }
-    // Pre-tokenized `ids` records bypass the tokenizer: check them against the model.
-    for (windows, path) in [
-        (&train_windows, Some(&cfg.data.train)),
-        (&valid_windows, cfg.data.validation.as_ref()),
-    ] {
-        if let Some(id) = windows
-            .iter()
-            .flat_map(|w| &w.tokens)
-            .find(|&&id| id as usize >= vocab)
-        {
-            let path = path.map_or(String::new(), |p| p.display().to_string());
-            return Err(format!(
-                "{path}: token id {id} is not in the model's vocabulary [0, {vocab})"
-            ));
-        }
-    }
-
+    check_vocabulary(
+        cfg,
+        &tokenizer,
+        [&train_windows, &valid_windows],
+        model.config.vocab_size,
+    )?;
     let runner: &dyn ExpertRunner<B> = if ep > 1 { &expert_parallel } else { &FusedExperts };
     // The MTP layers are trained (and their loss computed) only with a weight.
     let mtp_depths = if cfg.mtp.weight > 0.0 { model.mtp.len() } else { 0 };
@@ -439,34 +408,10 @@ where
         .filter(|p| !cfg.training.freeze.iter().any(|f| p.name.contains(f.as_str())))
         .map(|p| p.id)
         .collect();
-    let by_name: HashMap<&str, ParamId> = named.iter().map(|p| (p.name.as_str(), p.id)).collect();
-    // The flat elements of its checkpoint tensor each expert shard holds (moments are stored flat).
-    let parts: HashMap<String, Range<usize>> = named
-        .iter()
-        .filter_map(|p| {
-            let (rows, _) = p.part.as_ref()?;
-            let per = sizes.0[&p.id] / rows.len();
-            Some((p.name.clone(), rows.start * per..rows.end * per))
-        })
-        .collect();
-    let (state, moments) = match &resume_dir {
-        Some(dir) => checkpoint::read_training_state(dir, &parts)?,
+    let (state, mut states) = match &resume_dir {
+        Some(dir) => resume_state(dir, &named, &sizes.0)?,
         None => (TrainerState::default(), HashMap::new()),
     };
-    let mut states: HashMap<ParamId, MomentState> = HashMap::new();
-    for (name, m) in moments {
-        let id = by_name
-            .get(name.as_str())
-            .ok_or_else(|| format!("optimizer state names `{name}`, which the model does not have"))?;
-        if m.m.data.len() != sizes.0[id] || m.v.data.len() != sizes.0[id] {
-            return Err(format!(
-                "optimizer state of `{name}` has {} values, the parameter {}",
-                m.m.data.len(),
-                sizes.0[id]
-            ));
-        }
-        states.insert(*id, m);
-    }
     let optim = AdamW {
         beta_1: cfg.optimizer.betas[0],
         beta_2: cfg.optimizer.betas[1],
@@ -637,20 +582,7 @@ where
             states: &mut states,
         });
         // Aux-loss-free balancing of the top-k layers' selection bias.
-        if cfg.moe.gamma != 0.0 {
-            for (block, load) in model.blocks_mut().zip(&loads) {
-                if block.ffn.routing != RoutingKind::TopK || load.is_empty() {
-                    continue;
-                }
-                let mean = load.iter().sum::<usize>() as f64 / load.len() as f64;
-                for (b, &l) in block.ffn.bias.iter_mut().zip(load) {
-                    let diff = mean - l as f64;
-                    if diff != 0.0 {
-                        *b += cfg.moe.gamma * diff.signum() as f32;
-                    }
-                }
-            }
-        }
+        balance_biases(&mut model, &loads, cfg.moe.gamma);
         step += 1;
         bar.set_position(step as u64);
         let elapsed = started.elapsed().as_secs_f64();
@@ -687,49 +619,7 @@ where
                 log.tokens_per_s,
             ) + &log.all_to_all.map(|a| format!("  all-to-all {:.1}%", 100.0 * a)).unwrap_or_default());
             if let Some(m) = metrics.as_mut() {
-                m.scalar("train/loss", step, log.loss);
-                m.scalar("train/lr", step, log.lr);
-                m.scalar("train/grad_norm", step, log.grad_norm);
-                m.scalar("train/tokens_per_s", step, log.tokens_per_s);
-                if let Some(mfu) = log.mfu {
-                    m.scalar("train/mfu", step, mfu);
-                }
-                if let Some(balance) = log.balance {
-                    m.scalar("train/balance_loss", step, balance);
-                }
-                if let Some(mtp) = log.mtp {
-                    m.scalar("train/mtp_loss", step, mtp);
-                }
-                if let Some(share) = log.all_to_all {
-                    m.scalar("train/all_to_all_share", step, share);
-                }
-                m.scalar("moe/max_vio", step, max_vio);
-                for (load, block) in loads.iter().zip(model.blocks()) {
-                    if load.is_empty() {
-                        continue;
-                    }
-                    let layer = format!("moe/layer{}", block.index);
-                    let health = MoeHealth::of(load);
-                    m.scalar(&format!("{layer}/max_vio"), step, health.max_vio);
-                    m.scalar(&format!("{layer}/load_cv"), step, health.cv);
-                    m.scalar(&format!("{layer}/dead_experts"), step, health.dead as f64);
-                    // The rows each rank's experts received in the all-to-all.
-                    for (r, rows) in received.get(&block.index).into_iter().flatten().enumerate() {
-                        m.scalar(&format!("{layer}/tokens_received/rank{r}"), step, *rows as f64);
-                    }
-                    if block.ffn.routing == RoutingKind::TopK {
-                        let (lo, hi) = block
-                            .ffn
-                            .bias
-                            .iter()
-                            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &b| {
-                                (lo.min(b), hi.max(b))
-                            });
-                        m.scalar(&format!("{layer}/bias_min"), step, lo as f64);
-                        m.scalar(&format!("{layer}/bias_max"), step, hi as f64);
-                    }
-                    m.expert_histogram(&format!("{layer}/tokens_per_expert"), step, load);
-                }
+                write_step_metrics(m, &log, max_vio, &model, &loads, &received);
             }
         }
         report.steps.push(log);
@@ -769,6 +659,161 @@ where
         .map(|b| b.ffn.bias.clone())
         .collect();
     Ok(report)
+}
+
+/// The tokenizer, the training windows and the validation windows (`validation_batches` batches at most).
+fn load_data(cfg: &TrainConfig) -> Result<(Tokenizer, Vec<Window>, Vec<Window>), String> {
+    let tokenizer = Tokenizer::from_spec(&cfg.data.tokenizer)?;
+    let (seq, max) = (cfg.data.seq_len, cfg.data.max_records);
+    let train = load_windows(&cfg.data.train, &tokenizer, seq, max)?;
+    let mut valid = match &cfg.data.validation {
+        Some(p) => load_windows(p, &tokenizer, seq, cfg.data.max_validation_records)?,
+        None => Vec::new(),
+    };
+    if cfg.data.validation_batches > 0 {
+        valid.truncate(cfg.data.validation_batches * cfg.training.batch);
+    }
+    Ok((tokenizer, train, valid))
+}
+
+/// Fails when the tokenizer or the token ids of the `[train, validation]` windows (pre-tokenized `ids`
+/// records bypass the tokenizer) reach past the model's vocabulary.
+fn check_vocabulary(
+    cfg: &TrainConfig,
+    tokenizer: &Tokenizer,
+    windows: [&[Window]; 2],
+    vocab: usize,
+) -> Result<(), String> {
+    if tokenizer.vocab_size() > vocab {
+        return Err(format!(
+            "the tokenizer's vocabulary ({}) exceeds the model's ({vocab})",
+            tokenizer.vocab_size()
+        ));
+    }
+    for (windows, path) in windows
+        .into_iter()
+        .zip([Some(&cfg.data.train), cfg.data.validation.as_ref()])
+    {
+        if let Some(id) = windows
+            .iter()
+            .flat_map(|w| &w.tokens)
+            .find(|&&id| id as usize >= vocab)
+        {
+            let path = path.map_or(String::new(), |p| p.display().to_string());
+            return Err(format!(
+                "{path}: token id {id} is not in the model's vocabulary [0, {vocab})"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The trainer state and the AdamW moments of the parameters `named` (of `sizes` elements) in checkpoint
+/// `dir`: of an expert shard, only its part of the stored (flat) moments.
+fn resume_state(
+    dir: &std::path::Path,
+    named: &[NamedParam],
+    sizes: &HashMap<ParamId, usize>,
+) -> Result<(TrainerState, HashMap<ParamId, MomentState>), String> {
+    let parts: HashMap<String, Range<usize>> = named
+        .iter()
+        .filter_map(|p| {
+            let (rows, _) = p.part.as_ref()?;
+            let per = sizes[&p.id] / rows.len();
+            Some((p.name.clone(), rows.start * per..rows.end * per))
+        })
+        .collect();
+    let (state, moments) = checkpoint::read_training_state(dir, &parts)?;
+    let by_name: HashMap<&str, ParamId> = named.iter().map(|p| (p.name.as_str(), p.id)).collect();
+    let mut states = HashMap::new();
+    for (name, m) in moments {
+        let id = by_name
+            .get(name.as_str())
+            .ok_or_else(|| format!("optimizer state names `{name}`, which the model does not have"))?;
+        if m.m.data.len() != sizes[id] || m.v.data.len() != sizes[id] {
+            return Err(format!(
+                "optimizer state of `{name}` has {} values, the parameter {}",
+                m.m.data.len(),
+                sizes[id]
+            ));
+        }
+        states.insert(*id, m);
+    }
+    Ok((state, states))
+}
+
+/// DeepSeek's aux-loss-free balancing of the top-k layers' selection bias after a step with expert
+/// `loads` (per block): `bias_e += gamma * sign(mean load - load_e)`.
+fn balance_biases<B: Backend>(model: &mut V4Model<B>, loads: &[Vec<usize>], gamma: f32) {
+    if gamma == 0.0 {
+        return;
+    }
+    for (block, load) in model.blocks_mut().zip(loads) {
+        if block.ffn.routing != RoutingKind::TopK || load.is_empty() {
+            continue;
+        }
+        let mean = load.iter().sum::<usize>() as f64 / load.len() as f64;
+        for (b, &l) in block.ffn.bias.iter_mut().zip(load) {
+            let diff = mean - l as f64;
+            if diff != 0.0 {
+                *b += gamma * diff.signum() as f32;
+            }
+        }
+    }
+}
+
+/// A step's scalars and, per MoE block, its load health, the rows each rank received in the all-to-all,
+/// the bias range and the tokens-per-expert histogram.
+fn write_step_metrics<B: Backend>(
+    m: &mut MetricsWriter,
+    log: &StepLog,
+    max_vio: f64,
+    model: &V4Model<B>,
+    loads: &[Vec<usize>],
+    received: &HashMap<usize, Vec<u64>>,
+) {
+    let step = log.step;
+    m.scalar("train/loss", step, log.loss);
+    m.scalar("train/lr", step, log.lr);
+    m.scalar("train/grad_norm", step, log.grad_norm);
+    m.scalar("train/tokens_per_s", step, log.tokens_per_s);
+    let optional = [
+        ("train/mfu", log.mfu),
+        ("train/balance_loss", log.balance),
+        ("train/mtp_loss", log.mtp),
+        ("train/all_to_all_share", log.all_to_all),
+    ];
+    for (tag, value) in optional {
+        if let Some(v) = value {
+            m.scalar(tag, step, v);
+        }
+    }
+    m.scalar("moe/max_vio", step, max_vio);
+    for (load, block) in loads.iter().zip(model.blocks()) {
+        if load.is_empty() {
+            continue;
+        }
+        let layer = format!("moe/layer{}", block.index);
+        let health = MoeHealth::of(load);
+        m.scalar(&format!("{layer}/max_vio"), step, health.max_vio);
+        m.scalar(&format!("{layer}/load_cv"), step, health.cv);
+        m.scalar(&format!("{layer}/dead_experts"), step, health.dead as f64);
+        for (r, rows) in received.get(&block.index).into_iter().flatten().enumerate() {
+            m.scalar(&format!("{layer}/tokens_received/rank{r}"), step, *rows as f64);
+        }
+        if block.ffn.routing == RoutingKind::TopK {
+            let (lo, hi) = block
+                .ffn
+                .bias
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &b| {
+                    (lo.min(b), hi.max(b))
+                });
+            m.scalar(&format!("{layer}/bias_min"), step, lo as f64);
+            m.scalar(&format!("{layer}/bias_max"), step, hi as f64);
+        }
+        m.expert_histogram(&format!("{layer}/tokens_per_expert"), step, load);
+    }
 }
 
 /// What the ranks of a step sum besides the dense gradients.
