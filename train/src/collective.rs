@@ -5,11 +5,12 @@
 //! - every rank runs `batch / N` sequences of the global batch, its loss divided by the global number of
 //!   target tokens, so the SUM of the ranks' gradients is the gradient of the global batch's loss;
 //! - routed rows travel to the rank owning their expert and back with `all_to_all_v` (forward and, in
-//!   reverse with the same splits, backward), so each expert's gradient holds every rank's rows and stays
-//!   on its rank, the only one that holds the expert;
-//! - the dense gradients are summed over the ranks (`all_reduce_sum_f32`, the loss with them), the
-//!   experts' squared gradient norms (`all_reduce_sum_f64`, for clipping), and the load counts for the
-//!   bias update (`all_reduce_sum_u64`).
+//!   reverse with the same splits, backward), so each expert's gradient holds every rank's rows of its
+//!   replica and stays on its rank, the only one of the replica that holds the expert;
+//! - the dense gradients are summed over all ranks (`all_reduce_sum_f32`, the loss with them), the expert
+//!   gradients over the replicas holding the same shard ([`Groups`], with `data_parallel` > 1), the
+//!   experts' squared gradient norms over a replica (`all_reduce_sum_f64`, for clipping), and the load
+//!   counts for the bias update over all ranks (`all_reduce_sum_u64`).
 
 use std::sync::Arc;
 
