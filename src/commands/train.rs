@@ -119,5 +119,9 @@ fn collective(cfg: &TrainConfig) -> Result<Option<Arc<dyn Collective>>> {
         )
         .into());
     }
+    // Started as several ranks without MPI: each would train alone and write the same checkpoints.
+    if let Some(ranks) = crate::parallel::launched_ranks().filter(|&n| n > 1) {
+        return crate::parallel::world(ranks).map(Some);
+    }
     Ok(None)
 }
