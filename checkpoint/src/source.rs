@@ -9,7 +9,7 @@ use std::ops::Range;
 use std::path::Path;
 use v4_convert::{Checkpoint, Layout};
 use v4_formats::PackedMatrix;
-use v4_model::weights::check_rows;
+use v4_model::weights::{check_rows, rows_of_whole};
 use v4_model::{HostData, HostTensor, LoadError, SafetensorsDir, TensorSpec, WeightSource};
 
 /// A DeepSeek-release-layout checkpoint: weights in their stored form, or dequantised on read.
@@ -54,9 +54,7 @@ impl WeightSource for ReleaseCheckpoint {
         rows: Range<usize>,
     ) -> Result<HostTensor, LoadError> {
         if self.0.hf_members(name).is_none_or(|m| m.len() == 1) {
-            let whole = self.read(name, spec)?;
-            check_rows(self, name, &whole.shape, &rows)?;
-            return Ok(whole.rows(rows));
+            return rows_of_whole(self, name, spec, rows);
         }
         let mut shape = self.0.hf_shape(name).unwrap_or_default();
         check_rows(self, name, &shape, &rows)?;

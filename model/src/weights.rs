@@ -165,9 +165,7 @@ pub trait WeightSource {
         spec: &TensorSpec<'_>,
         rows: Range<usize>,
     ) -> Result<HostTensor, LoadError> {
-        let whole = self.read(name, spec)?;
-        check_rows(self, name, &whole.shape, &rows)?;
-        Ok(whole.rows(rows))
+        rows_of_whole(self, name, spec, rows)
     }
     /// The stored matrices `rows` of stacked experts `name` (whole shape `[n, out, in]`), as
     /// [`read_packed`](Self::read_packed) gives them.
@@ -204,6 +202,18 @@ pub fn check_rows<S: WeightSource + ?Sized>(
             found: shape.to_vec(),
         }),
     }
+}
+
+/// Rows `rows` of tensor `name` of `source`, read whole and cut (for sources that cannot read a part).
+pub fn rows_of_whole<S: WeightSource + ?Sized>(
+    source: &S,
+    name: &str,
+    spec: &TensorSpec<'_>,
+    rows: Range<usize>,
+) -> Result<HostTensor, LoadError> {
+    let whole = source.read(name, spec)?;
+    check_rows(source, name, &whole.shape, &rows)?;
+    Ok(whole.rows(rows))
 }
 
 /// Seeded pseudo-random weights with realistic magnitudes, by each tensor's [`Init`]: projections scaled
