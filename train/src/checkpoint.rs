@@ -234,6 +234,19 @@ pub fn save(
         (OPTIMIZER, &data.moments, meta),
     ];
     let layouts: Vec<_> = files.iter().map(|(_, t, m)| layout(t, m)).collect();
+    // Every rank writes at offsets it planned itself: the plans must agree.
+    let lengths: Vec<u64> = layouts.iter().map(|(header, _)| header.len() as u64).collect();
+    let mut sums = lengths.clone();
+    collective.all_reduce_sum_u64(&mut sums);
+    let ranks = collective.size() as u64;
+    let planned = match sums.iter().zip(&lengths).all(|(&sum, &len)| sum == len * ranks) {
+        true => Ok(()),
+        false => Err(format!(
+            "{}: the ranks planned different checkpoint files (header lengths {lengths:?} here); nothing written",
+            root.display()
+        )),
+    };
+    agree(collective, planned)?;
     let prepare = || -> Result<(), String> {
         std::fs::create_dir_all(root).map_err(io(root))?;
         if tmp.exists() {
