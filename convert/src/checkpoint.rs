@@ -18,7 +18,7 @@
 //! In the HF layout a fused expert tensor `[E, R, C]` and each of its scale tensors (`[E, R', C']`,
 //! `_scale_2` `[E, parts]`) split evenly per expert and part, w1 before w3.
 
-use crate::codec::{bf16_to_f32, fp8, mxfp4, nvfp4};
+use crate::codec::{bf16_to_f32, fp8, int8, mxfp4, mxfp8, nvfp4};
 use crate::error::ConvertError;
 use crate::layout::{self, DeepSeekSource, DtypeClass, ExpertPart, FusedKind, HfLocation, Layout};
 use crate::st::{self, Dtype, ShardFile, TensorInfo};
@@ -105,13 +105,20 @@ pub(crate) enum Source {
         scale2: View,
         block: usize,
     },
+    /// Symmetric INT8 codes with one F32 scale per row (Ascend W8A8's `weight_scale` `[out, 1]`).
+    Int8 { codes: View, scales: View },
+    /// E4M3 codes with one E8M0 (U8) scale per 32 along the row (Ascend's `W8A8_MXFP8`).
+    Mx8 { codes: View, scales: View },
 }
 
 impl Source {
     fn views(&self) -> Vec<&View> {
         match self {
             Source::Plain(v) => vec![v],
-            Source::Fp8 { codes, scales, .. } | Source::Mx { codes, scales, .. } => vec![codes, scales],
+            Source::Fp8 { codes, scales, .. }
+            | Source::Mx { codes, scales, .. }
+            | Source::Int8 { codes, scales }
+            | Source::Mx8 { codes, scales } => vec![codes, scales],
             Source::Nv {
                 codes,
                 scales,
@@ -145,6 +152,14 @@ impl Source {
                 scale2: f(scale2)?,
                 block: *block,
             },
+            Source::Int8 { codes, scales } => Source::Int8 {
+                codes: f(codes)?,
+                scales: f(scales)?,
+            },
+            Source::Mx8 { codes, scales } => Source::Mx8 {
+                codes: f(codes)?,
+                scales: f(scales)?,
+            },
         })
     }
 
@@ -152,7 +167,11 @@ impl Source {
     pub(crate) fn main(&self) -> &View {
         match self {
             Source::Plain(v) => v,
-            Source::Fp8 { codes, .. } | Source::Mx { codes, .. } | Source::Nv { codes, .. } => codes,
+            Source::Fp8 { codes, .. }
+            | Source::Mx { codes, .. }
+            | Source::Nv { codes, .. }
+            | Source::Int8 { codes, .. }
+            | Source::Mx8 { codes, .. } => codes,
         }
     }
 
@@ -163,6 +182,8 @@ impl Source {
             Source::Fp8 { scales, block, .. } => format!("F8_E4M3+{}/{block}x{block}", scales.dtype),
             Source::Mx { codes, block, .. } => format!("{}(E2M1x2)+F8_E8M0/{block}", codes.dtype),
             Source::Nv { codes, block, .. } => format!("{}(E2M1x2)+F8_E4M3/{block}+F32", codes.dtype),
+            Source::Int8 { .. } => "I8+F32/row".into(),
+            Source::Mx8 { .. } => format!("F8_E4M3+U8(E8M0)/{}", mxfp8::MX8_BLOCK),
         }
     }
 
@@ -471,19 +492,35 @@ impl Checkpoint {
                 };
                 (storage, bytes(codes), bytes(scales))
             }
+            Source::Int8 { codes, scales } => (Storage::Int8, bytes(codes), bytes(scales)),
+            Source::Mx8 { codes, scales } => {
+                if let Some(i) = self.view_bytes(codes).iter().position(|&c| c & 0x7F == 0x7F) {
+                    return Err(self.non_finite(codes, codes.elem_base + i));
+                }
+                (Storage::Mxfp8, bytes(codes), bytes(scales))
+            }
         };
         let nan_scale = match storage {
             Storage::Fp8 {
                 scale: Fp8ScaleKind::E8m0,
                 ..
             }
-            | Storage::Mxfp4 { .. } => scales.as_slice().iter().position(|&s| s == 0xFF),
+            | Storage::Mxfp4 { .. }
+            | Storage::Mxfp8 => scales.as_slice().iter().position(|&s| s == 0xFF),
             Storage::Nvfp4 { .. } => scales.as_slice().iter().position(|&s| s & 0x7F == 0x7F),
+            Storage::Int8 => scales
+                .as_slice()
+                .chunks_exact(4)
+                .position(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
             _ => None,
         };
         if let (
             Some(i),
-            Source::Fp8 { scales: v, .. } | Source::Mx { scales: v, .. } | Source::Nv { scales: v, .. },
+            Source::Fp8 { scales: v, .. }
+            | Source::Mx { scales: v, .. }
+            | Source::Nv { scales: v, .. }
+            | Source::Int8 { scales: v, .. }
+            | Source::Mx8 { scales: v, .. },
         ) = (nan_scale, &e.source)
         {
             return Err(self.non_finite(v, v.elem_base + i));
@@ -577,6 +614,21 @@ impl Checkpoint {
                 let s = &self.view_bytes(scales)[r0 * sc..(r0 + n) * sc];
                 let s2 = self.scale2(scale2)?;
                 nvfp4::dequantize_rows(p, s, s2, *block, out)
+            }
+            Source::Int8 { codes, scales } => {
+                let c = &self.view_bytes(codes)[r0 * e.cols..(r0 + n) * e.cols];
+                let s: Vec<f32> = self.view_bytes(scales)[r0 * 4..(r0 + n) * 4]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                int8::dequantize_rows(c, &s, e.cols, out);
+                s.iter().position(|v| !v.is_finite()).map(|r| r * e.cols)
+            }
+            Source::Mx8 { codes, scales } => {
+                let sc = scales.cols;
+                let c = &self.view_bytes(codes)[r0 * e.cols..(r0 + n) * e.cols];
+                let s = &self.view_bytes(scales)[r0 * sc..(r0 + n) * sc];
+                mxfp8::dequantize_rows(c, s, e.cols, out)
             }
         };
         match bad {
@@ -862,6 +914,8 @@ fn validate_source(source: &Source, rows: usize, cols: usize) -> Result<(), Stri
             }
             Ok(())
         }
+        Source::Int8 { scales, .. } => want(scales, rows, 1, "scale"),
+        Source::Mx8 { scales, .. } => want(scales, rows, mxfp8::scales_per_row(cols), "scale"),
     }
 }
 
@@ -883,6 +937,36 @@ fn fp8_block_size(config: Option<&Value>, path: &Path) -> Result<usize, ConvertE
             ),
         }),
     }
+}
+
+/// An INT8 weight's `weight_offset` (AscendV1 writes zeros): absent, or all zeros; an asymmetric
+/// weight is refused naming the tensor.
+fn check_zero_offset(
+    all: &BTreeMap<&str, (usize, &TensorInfo)>,
+    files: &[ShardFile],
+    offset: &str,
+) -> Result<(), ConvertError> {
+    let Some(&(fi, t)) = all.get(offset) else {
+        return Ok(());
+    };
+    let bytes = &files[fi].bytes()[t.start..t.start + t.len];
+    let zero = match t.dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) == 0.0),
+        _ => false,
+    };
+    if zero {
+        return Ok(());
+    }
+    Err(ConvertError::Checkpoint {
+        file: files[fi].path.clone(),
+        tensor: offset.to_string(),
+        reason: format!(
+            "asymmetric INT8 ({} offsets, not all 0.0) is not supported; v4 reads symmetric W8A8",
+            t.dtype
+        ),
+    })
 }
 
 /// Pairs every stored weight with its scale tensors. Returns stored name -> (source, logical
@@ -942,7 +1026,15 @@ fn pair_scales(
             (Dtype::F8E4M3, Dtype::F8E8M0 | Dtype::F32, None) => {
                 (Source::Fp8 { codes, scales, block }, t.shape.clone())
             }
-            (Dtype::I8 | Dtype::U8, Dtype::F8E8M0, None)
+            // Ascend (msModelSlim AscendV1): `weight_scale` beside `weight`.
+            (Dtype::F8E4M3, Dtype::U8, None) => (Source::Mx8 { codes, scales }, t.shape.clone()),
+            (Dtype::I8, Dtype::F32, None) => {
+                let offset = format!("{}_offset", name);
+                check_zero_offset(&all, files, &offset)?;
+                consumed.insert(offset);
+                (Source::Int8 { codes, scales }, t.shape.clone())
+            }
+            (Dtype::I8 | Dtype::U8, Dtype::F8E8M0 | Dtype::U8, None)
             | (Dtype::I8 | Dtype::U8, Dtype::F8E4M3, Some(_)) => {
                 let inner = 2 * codes.cols;
                 if scales.cols == 0

@@ -15,8 +15,9 @@
 //! - **Refusals**: the output may not be, contain or lie inside the input, and may not be a
 //!   non-empty directory; NaN/Inf inputs fail naming the tensor.
 
+use crate::ascend::{self, QuantType};
 use crate::checkpoint::{Checkpoint, Entry, Source};
-use crate::codec::{self, fp8, mxfp4, nvfp4, ErrStats, ScaleSearch};
+use crate::codec::{self, fp8, int8, mxfp4, mxfp8, nvfp4, ErrStats, ScaleSearch};
 use crate::error::ConvertError;
 use crate::layout::{self, DtypeClass, Layout};
 use crate::report::{ConvertReport, ErrorStats, TensorReport};
@@ -60,6 +61,15 @@ pub enum Target {
     /// Every float tensor in F32.
     #[serde(rename = "f32")]
     F32,
+    /// Ascend 910B/910C: msModelSlim's DeepSeek-V4 W8A8_DYNAMIC recipe in its AscendV1 files. INT8 with one
+    /// scale per output channel for the query/KV projections and the routed and shared experts
+    /// ([`layout::ascend_w8a8_quantised`]); BF16 for the other release FP8/BF16 tensors, F32 kept.
+    #[serde(rename = "w8a8")]
+    W8a8,
+    /// Ascend 950: every release FP8/FP4 tensor as MXFP8 (E4M3 + E8M0 per 32, OCP rule; lossless from
+    /// MXFP4) in AscendV1 files (`W8A8_MXFP8`); BF16 and F32 elsewhere as in the release.
+    #[serde(rename = "mxfp8")]
+    Mxfp8,
 }
 
 impl Target {
@@ -71,6 +81,17 @@ impl Target {
             Target::Fp4Mx => "fp4-mx",
             Target::Fp4Nv => "fp4-nv",
             Target::F32 => "f32",
+            Target::W8a8 => "w8a8",
+            Target::Mxfp8 => "mxfp8",
+        }
+    }
+
+    /// The AscendV1 model type of an Ascend target; `None` for the others.
+    fn ascend(self) -> Option<QuantType> {
+        match self {
+            Target::W8a8 => Some(QuantType::W8a8Dynamic),
+            Target::Mxfp8 => Some(QuantType::W8a8Mxfp8),
+            _ => None,
         }
     }
 }
@@ -85,11 +106,13 @@ impl FromStr for Target {
             Target::Fp4Mx,
             Target::Fp4Nv,
             Target::F32,
+            Target::W8a8,
+            Target::Mxfp8,
         ]
         .into_iter()
         .find(|t| t.name() == s)
         .ok_or_else(|| ConvertError::Options {
-            reason: format!("unknown target `{s}` (bf16, fp8, fp4-mx, fp4-nv, f32)"),
+            reason: format!("unknown target `{s}` (bf16, fp8, fp4-mx, fp4-nv, f32, w8a8, mxfp8)"),
         })
     }
 }
@@ -175,11 +198,21 @@ enum Encoding {
     Mx,
     /// Packed E2M1 (U8) + E4M3 per 16 + F32 tensor scale.
     Nv,
+    /// I8 + F32 `weight_scale` `[out, 1]` + zero F32 `weight_offset` `[out, 1]` (AscendV1 W8A8_DYNAMIC).
+    Int8,
+    /// E4M3 + U8 (E8M0) `weight_scale` `[out, ceil(in/32)]` (AscendV1 W8A8_MXFP8).
+    Mx8,
 }
 
-fn encoding(class: DtypeClass, target: Target) -> Encoding {
+/// How DeepSeek tensor `name`, stored by the release as `class`, is written for `target`.
+fn encoding(name: &str, class: DtypeClass, target: Target) -> Encoding {
+    let release_quantised = matches!(class, DtypeClass::Fp8Block | DtypeClass::Fp4Expert);
     match (class, target) {
         (DtypeClass::I64, _) => Encoding::I64,
+        (_, Target::W8a8) if layout::ascend_w8a8_quantised(name) => Encoding::Int8,
+        (_, Target::Mxfp8) if release_quantised => Encoding::Mx8,
+        (DtypeClass::F32, Target::W8a8 | Target::Mxfp8) => Encoding::F32,
+        (_, Target::W8a8 | Target::Mxfp8) => Encoding::Bf16,
         (_, Target::F32) => Encoding::F32,
         (_, Target::Bf16) | (DtypeClass::Bf16, _) => Encoding::Bf16,
         (DtypeClass::F32, _) => Encoding::F32,
@@ -198,6 +231,8 @@ impl Encoding {
             Encoding::Fp8 => "fp8-e8m0-128x128",
             Encoding::Mx => "mxfp4-rceil",
             Encoding::Nv => "nvfp4-modelopt",
+            Encoding::Int8 => "int8-per-channel",
+            Encoding::Mx8 => "mxfp8-ocp",
         }
     }
 
@@ -277,9 +312,21 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport, ConvertError> {
             reason: "shard size must be positive".into(),
         });
     }
+    if opts.target.ascend().is_some() && opts.layout != Layout::DeepSeek {
+        return Err(ConvertError::Options {
+            reason: format!(
+                "target {} writes msModelSlim's AscendV1 files, which use DeepSeek's release names: drop --layout hf",
+                opts.target.name()
+            ),
+        });
+    }
     let groups = plan_groups(&ck, opts)?;
     check_importance(&ck, &opts.calibration)?;
-    let shards = plan_shards(&groups, opts.shard_size);
+    let names = match opts.target.ascend() {
+        Some(_) => ascend::shard_name,
+        None => shard_name,
+    };
+    let shards = plan_shards(&groups, opts.shard_size, names);
     let run = || {
         Run {
             ck: &ck,
@@ -353,7 +400,10 @@ fn out_specs(
             })
         }
     };
-    if matches!(enc, Encoding::Fp8 | Encoding::Mx | Encoding::Nv) {
+    if matches!(
+        enc,
+        Encoding::Fp8 | Encoding::Mx | Encoding::Nv | Encoding::Int8 | Encoding::Mx8
+    ) {
         need(e.shape.len() == 2, "block quantisation needs a matrix")?;
     }
     if enc == Encoding::Mx {
@@ -388,6 +438,15 @@ fn out_specs(
             ("", Dtype::U8, vec![r, c / 2]),
             ("_scale", Dtype::F8E4M3, vec![r, c / 16]),
             ("_scale_2", Dtype::F32, vec![]),
+        ],
+        Encoding::Int8 => vec![
+            ("", Dtype::I8, vec![r, c]),
+            ("_scale", Dtype::F32, vec![r, 1]),
+            ("_offset", Dtype::F32, vec![r, 1]),
+        ],
+        Encoding::Mx8 => vec![
+            ("", Dtype::F8E4M3, vec![r, c]),
+            ("_scale", Dtype::U8, vec![r, mxfp8::scales_per_row(c)]),
         ],
     };
     let specs = comps
@@ -453,7 +512,7 @@ fn plan_groups(ck: &Checkpoint, opts: &ConvertOptions) -> Result<Vec<Group>, Con
         .into_iter()
         .map(|(members, hf_name, experts)| {
             let e = ck.entry(&members[0])?;
-            let enc = encoding(e.class, opts.target);
+            let enc = encoding(&members[0], e.class, opts.target);
             let hf = (opts.layout == Layout::Hf).then_some((hf_name.as_str(), experts));
             let outputs = out_specs(ck, &members, hf, enc)?;
             let shape = match opts.layout {
@@ -524,7 +583,7 @@ fn shard_name(i: usize, n: usize) -> String {
     }
 }
 
-fn plan_shards(groups: &[Group], shard_size: u64) -> Vec<ShardPlan> {
+fn plan_shards(groups: &[Group], shard_size: u64, shard_name: fn(usize, usize) -> String) -> Vec<ShardPlan> {
     let mut order: Vec<usize> = (0..groups.len()).collect();
     order.sort_by(|&a, &b| layout::natural_cmp(&groups[a].outputs[0].name, &groups[b].outputs[0].name));
     let mut bins: Vec<Vec<usize>> = Vec::new();
@@ -1001,6 +1060,44 @@ impl Run<'_> {
                     .try_reduce(ErrStats::default, |a, b| Ok(a.merge(b)))?;
                 vec![packed, scales, sf2.to_le_bytes().to_vec()]
             }
+            Encoding::Int8 => {
+                let mut codes = vec![0u8; rows * cols];
+                let mut scales = vec![0f32; rows];
+                stats = codes
+                    .par_chunks_mut((BAND_ROWS * cols).max(1))
+                    .zip(scales.par_chunks_mut(BAND_ROWS))
+                    .enumerate()
+                    .map_init(Vec::new, |buf: &mut Vec<f32>, (bi, (c, s))| {
+                        buf.resize(c.len(), 0.0);
+                        ck.decode_rows(e, bi * BAND_ROWS, buf)?;
+                        let (sum_sq, sse, max_abs) = int8::quantize_rows(buf, cols, c, s);
+                        Ok(ErrStats {
+                            sum_sq,
+                            sse,
+                            sse_rtn: sse,
+                            max_abs,
+                        })
+                    })
+                    .try_reduce(ErrStats::default, |a, b| Ok(a.merge(b)))?;
+                let scales = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+                vec![codes, scales, vec![0u8; rows * 4]]
+            }
+            Encoding::Mx8 => {
+                let per_row = mxfp8::scales_per_row(cols);
+                let mut codes = vec![0u8; rows * cols];
+                let mut scales = vec![0u8; rows * per_row];
+                stats = codes
+                    .par_chunks_mut((BAND_ROWS * cols).max(1))
+                    .zip(scales.par_chunks_mut(BAND_ROWS * per_row))
+                    .enumerate()
+                    .map_init(Vec::new, |buf: &mut Vec<f32>, (bi, (c, s))| {
+                        buf.resize(c.len(), 0.0);
+                        ck.decode_rows(e, bi * BAND_ROWS, buf)?;
+                        Ok(mxfp8::quantize_rows(buf, cols, c, s))
+                    })
+                    .try_reduce(ErrStats::default, |a, b| Ok(a.merge(b)))?;
+                vec![codes, scales]
+            }
         };
         Ok(Encoded {
             comps,
@@ -1067,6 +1164,19 @@ impl Run<'_> {
         }))
     }
 
+    /// `quant_model_description.json` for an Ascend target: each output tensor typed by its group.
+    fn ascend_description(&self, model: QuantType) -> Value {
+        let tensors = self.groups.iter().flat_map(|g| {
+            let t = match g.encoding {
+                Encoding::Int8 => QuantType::W8a8Dynamic,
+                Encoding::Mx8 => QuantType::W8a8Mxfp8,
+                _ => QuantType::Float,
+            };
+            g.outputs.iter().map(move |o| (o.name.as_str(), t))
+        });
+        ascend::description(model, tensors)
+    }
+
     /// Writes index, config and the other files of the input into `tmp`.
     fn finish(&self, tmp: &Path, report: &mut ConvertReport) -> Result<(), ConvertError> {
         let mut weight_map = BTreeMap::new();
@@ -1080,7 +1190,17 @@ impl Run<'_> {
             }
         }
         let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-        write_json(&tmp.join(st::INDEX_FILE), &index)?;
+        let index_file = match self.opts.target.ascend() {
+            Some(model) => {
+                write_json(
+                    &tmp.join(ascend::DESCRIPTION_FILE),
+                    &self.ascend_description(model),
+                )?;
+                st::ASCEND_INDEX_FILE
+            }
+            None => st::INDEX_FILE,
+        };
+        write_json(&tmp.join(index_file), &index)?;
         match self.ck.config() {
             Some(cfg) => {
                 let path = self.opts.input.join("config.json");
@@ -1098,7 +1218,13 @@ impl Run<'_> {
             let entry = entry.map_err(|e| ConvertError::io(&self.opts.input, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
-            if name.ends_with(".safetensors") || name == st::INDEX_FILE || name == "config.json" {
+            let written = [
+                st::INDEX_FILE,
+                st::ASCEND_INDEX_FILE,
+                ascend::DESCRIPTION_FILE,
+                "config.json",
+            ];
+            if name.ends_with(".safetensors") || written.contains(&name.as_str()) {
                 continue;
             }
             if path.is_file() {

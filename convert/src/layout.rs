@@ -360,6 +360,23 @@ pub fn dtype_class(name: &str) -> Option<DtypeClass> {
     scope.table().find(|(ds, _, _)| *ds == sub).map(|(_, _, c)| *c)
 }
 
+/// Release-quantised linears that msModelSlim's DeepSeek-V4 W8A8 recipe keeps in float
+/// (`deepseek_v4_flash_w8a8.yaml`): the attention output projections and the MTP input projections.
+const ASCEND_W8A8_FLOAT: &[&str] = &[
+    "attn.wo_a.weight",
+    "attn.wo_b.weight",
+    "e_proj.weight",
+    "h_proj.weight",
+];
+
+/// Whether msModelSlim's DeepSeek-V4 W8A8 recipe quantises DeepSeek tensor `name` to INT8: the query and
+/// KV projections (`wq_a`, `wq_b`, `wkv`, the indexer's `wq_b`) and the routed and shared experts, that is
+/// every FP8/FP4 tensor of the release but those in [`ASCEND_W8A8_FLOAT`].
+pub fn ascend_w8a8_quantised(name: &str) -> bool {
+    let (_, sub) = parse_deepseek(name);
+    matches!(dtype_class(name), Some(Fp8Block | Fp4Expert)) && !ASCEND_W8A8_FLOAT.contains(&sub)
+}
+
 /// Orders names with embedded numbers numerically (`layers.2` before `layers.10`), so that output
 /// shards hold consecutive layers.
 pub fn natural_cmp(a: &str, b: &str) -> Ordering {
@@ -491,6 +508,35 @@ mod tests {
             "e_proj.weight",
         ] {
             assert_eq!(dtype_class(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn ascend_w8a8_recipe_quantises_what_msmodelslim_does() {
+        for q in [
+            "layers.0.attn.wq_a.weight",
+            "layers.0.attn.wq_b.weight",
+            "layers.0.attn.wkv.weight",
+            "layers.2.attn.indexer.wq_b.weight",
+            "layers.1.ffn.experts.7.w2.weight",
+            "layers.1.ffn.shared_experts.w1.weight",
+            "mtp.0.attn.wq_a.weight",
+        ] {
+            assert!(ascend_w8a8_quantised(q), "{q}");
+        }
+        for f in [
+            "layers.0.attn.wo_a.weight",
+            "layers.0.attn.wo_b.weight",
+            "layers.0.attn.compressor.wkv.weight",
+            "layers.2.attn.indexer.weights_proj.weight",
+            "layers.0.ffn.gate.weight",
+            "mtp.0.e_proj.weight",
+            "mtp.0.h_proj.weight",
+            "embed.weight",
+            "head.weight",
+            "hc_head_fn",
+        ] {
+            assert!(!ascend_w8a8_quantised(f), "{f}");
         }
     }
 

@@ -8,10 +8,11 @@
 //!   memory-mapped, as dequantised f32 under DeepSeek or HF names.
 //! - [`convert()`]: streaming, parallel, atomic and resumable conversion of a whole checkpoint to
 //!   BF16 / FP8 / FP4 (MXFP4 or NVFP4) / F32 in either layout, with an optional weight-only scale
-//!   search, returning a [`ConvertReport`].
+//!   search, or to Ascend's W8A8 (INT8) / MXFP8 in msModelSlim's AscendV1 files ([`ascend`]),
+//!   returning a [`ConvertReport`].
 //!
 //! For a command line: [`Target`] and [`Layout`] parse from `bf16`, `fp8`, `fp4-mx`, `fp4-nv`,
-//! `f32` and `deepseek` (or `native`), `hf` with [`str::parse`]; every error is a
+//! `f32`, `w8a8`, `mxfp8` and `deepseek` (or `native`), `hf` with [`str::parse`]; every error is a
 //! [`ConvertError`] whose `Display` names the file and tensor.
 //!
 //! ```no_run
@@ -24,6 +25,7 @@
 //! ```
 
 pub use v4_formats::codec;
+pub mod ascend;
 pub mod layout;
 pub mod st;
 

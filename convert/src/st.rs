@@ -14,6 +14,8 @@ use std::sync::Arc;
 
 /// Name of the shard index file.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The index msModelSlim's AscendV1 checkpoints use instead (`quant_model_weights-0000i-of-0000N.safetensors`).
+pub const ASCEND_INDEX_FILE: &str = "quant_model_weights.safetensors.index.json";
 /// Largest header accepted (the safetensors library's own limit).
 const MAX_HEADER: u64 = 100_000_000;
 
@@ -284,8 +286,11 @@ fn parse_entry(path: &Path, name: &str, v: &Value, data_start: u64) -> Result<Te
 /// exists (every named file must exist and hold the tensors mapped to it), otherwise every
 /// `*.safetensors` file in the directory. Tensor names must be unique across shards.
 pub fn open_dir(dir: &Path) -> Result<Vec<ShardFile>, ConvertError> {
-    let index_path = dir.join(INDEX_FILE);
-    let (names, weight_map) = if index_path.exists() {
+    let index_path = [INDEX_FILE, ASCEND_INDEX_FILE]
+        .map(|f| dir.join(f))
+        .into_iter()
+        .find(|p| p.exists());
+    let (names, weight_map) = if let Some(index_path) = index_path {
         let text = std::fs::read(&index_path).map_err(|e| ConvertError::io(&index_path, e))?;
         let json: Value = serde_json::from_slice(&text).map_err(|e| ConvertError::Json {
             file: index_path.clone(),

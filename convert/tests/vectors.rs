@@ -1,5 +1,6 @@
 //! Every pinned vector of `tests/fixtures/formats/test_vectors.json` (ml_dtypes 0.6, torch 2.15,
-//! torchao 0.18, ModelOpt 0.47).
+//! torchao 0.18, ModelOpt 0.47), and of `tests/fixtures/formats/ascend_vectors.json` (torch 2.15, written by
+//! `scripts/gen-ascend-vectors.py`).
 
 use serde_json::Value;
 use v4_convert::codec::{self, fp8, mxfp4, nvfp4, E4m3Overflow, ScaleSearch};
@@ -228,5 +229,68 @@ fn mxfp4_block_floor_and_rceil() {
             bytes(w["packed_bytes_lo_nibble_first"].as_str().unwrap()),
             "{key} packed"
         );
+    }
+}
+
+fn ascend_vectors() -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/formats/ascend_vectors.json"
+    );
+    serde_json::from_slice(&std::fs::read(path).expect("Ascend vectors present")).expect("valid JSON")
+}
+
+fn f32_list(v: &Value) -> Vec<f32> {
+    hex_list(v).into_iter().map(f32::from_bits).collect()
+}
+
+fn int_list(v: &Value) -> Vec<i64> {
+    v.as_array()
+        .expect("list")
+        .iter()
+        .map(|x| x.as_i64().expect("integer"))
+        .collect()
+}
+
+#[test]
+fn int8_per_channel_matches_torch() {
+    let v = ascend_vectors();
+    let cases = v["int8_per_channel"].as_array().unwrap();
+    assert_eq!(cases.len(), 6);
+    for (i, c) in cases.iter().enumerate() {
+        let x = f32_list(&c["x_f32_bits"]);
+        let want = int_list(&c["codes"]);
+        assert_eq!((x.len(), want.len()), (48, 48), "case {i}");
+        let mut q = vec![0i8; x.len()];
+        let scale = codec::int8::quantize_row(&x, &mut q);
+        assert_eq!(scale.to_bits(), hex(&c["scale_f32_bits"]), "case {i}: scale");
+        let got: Vec<i64> = q.iter().map(|&c| c as i64).collect();
+        assert_eq!(got, want, "case {i}: codes");
+    }
+}
+
+#[test]
+fn mxfp8_ocp_matches_torch() {
+    let v = ascend_vectors();
+    let m = &v["mxfp8_ocp"];
+    let cols = m["cols"].as_u64().unwrap() as usize;
+    let rows = m["rows"].as_array().unwrap();
+    assert_eq!((cols, rows.len()), (80, 3));
+    for (r, row) in rows.iter().enumerate() {
+        let x = f32_list(&row["x_f32_bits"]);
+        let want_codes: Vec<u8> = int_list(&row["codes"]).into_iter().map(|c| c as u8).collect();
+        let want_scales: Vec<u8> = int_list(&row["scales_e8m0"])
+            .into_iter()
+            .map(|c| c as u8)
+            .collect();
+        assert_eq!(
+            (x.len(), want_codes.len(), want_scales.len()),
+            (cols, cols, 3),
+            "row {r}"
+        );
+        let (mut codes, mut scales) = (vec![0u8; cols], vec![0u8; 3]);
+        codec::mxfp8::quantize_rows(&x, cols, &mut codes, &mut scales);
+        assert_eq!(scales, want_scales, "row {r}: scales");
+        assert_eq!(codes, want_codes, "row {r}: codes");
     }
 }

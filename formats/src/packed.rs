@@ -2,7 +2,8 @@
 //!
 //! A [`PackedMatrix`] is a `[rows, cols]` matrix (a checkpoint's `[out, in]` weight) made of one or
 //! more row blocks ([`PackedRows`]), each in the storage its checkpoint used: BF16, F32, DeepSeek's FP8
-//! (E4M3 with 128x128 E8M0 tiles), MXFP4 (E2M1 with an E8M0 scale per 32) or NVFP4. A block borrows
+//! (E4M3 with 128x128 E8M0 tiles), MXFP4 (E2M1 with an E8M0 scale per 32), NVFP4, or Ascend's INT8 (one
+//! scale per row) and MXFP8 (E4M3 with an E8M0 scale per 32). A block borrows
 //! its bytes from their owner (a memory-mapped shard, or a vector), so a model can hold the release
 //! checkpoint as it is on disk. HF's fused expert tensors are such stacks: `gate_up_proj[e]` is
 //! expert `e`'s `w1` rows over its `w3` rows.
@@ -11,7 +12,7 @@
 //! at a time into f32 (exactly the converter's dequantisation) and multiplies; a backend can supply
 //! a faster kernel that reads the same bytes.
 
-use crate::codec::{bf16_to_f32, fp8, mxfp4, nvfp4};
+use crate::codec::{bf16_to_f32, fp8, int8, mxfp4, mxfp8, nvfp4};
 use rayon::prelude::*;
 use std::fmt;
 use std::ops::Range;
@@ -102,6 +103,10 @@ pub enum Storage {
     Mxfp4 { block: usize },
     /// E2M1 packed `[rows, cols/2]`, E4M3 per `block` `[rows, cols/block]`, one f32 tensor scale.
     Nvfp4 { block: usize, scale2: f32 },
+    /// Symmetric INT8 `[rows, cols]`, one little-endian f32 scale per row `[rows]` (Ascend W8A8).
+    Int8,
+    /// E4M3FN `[rows, cols]`, E8M0 per 32 along the row `[rows, ceil(cols/32)]` (OCP MXFP8).
+    Mxfp8,
 }
 
 impl Storage {
@@ -113,6 +118,8 @@ impl Storage {
             Storage::Fp8 { block, .. } => format!("fp8-e4m3/{block}x{block}"),
             Storage::Mxfp4 { block } => format!("mxfp4/{block}"),
             Storage::Nvfp4 { block, .. } => format!("nvfp4/{block}"),
+            Storage::Int8 => "int8/row".into(),
+            Storage::Mxfp8 => format!("mxfp8/{}", mxfp8::MX8_BLOCK),
         }
     }
 
@@ -121,7 +128,7 @@ impl Storage {
         match self {
             Storage::F32 => rows * cols * 4,
             Storage::Bf16 => rows * cols * 2,
-            Storage::Fp8 { .. } => rows * cols,
+            Storage::Fp8 { .. } | Storage::Int8 | Storage::Mxfp8 => rows * cols,
             Storage::Mxfp4 { .. } | Storage::Nvfp4 { .. } => rows * cols / 2,
         }
     }
@@ -168,6 +175,8 @@ impl PackedRows {
                 }
                 rows * cols / block
             }
+            Storage::Int8 => rows * 4,
+            Storage::Mxfp8 => rows * mxfp8::scales_per_row(cols),
         };
         if scales.len() != scales_want {
             return Err(format!(
@@ -213,6 +222,11 @@ impl PackedRows {
             }
             Storage::Mxfp4 { block } | Storage::Nvfp4 { block, .. } => {
                 self.scales.slice(r0 * cols / block..(r0 + rows) * cols / block)
+            }
+            Storage::Int8 => self.scales.slice(r0 * 4..(r0 + rows) * 4),
+            Storage::Mxfp8 => {
+                let per_row = mxfp8::scales_per_row(cols);
+                self.scales.slice(r0 * per_row..(r0 + rows) * per_row)
             }
         };
         let row_bytes = self.storage.code_bytes(1, cols);
@@ -261,6 +275,18 @@ impl PackedRows {
                 let packed = &data[r0 * cols / 2..][..n * cols / 2];
                 let scales = &scales[r0 * cols / block..][..n * cols / block];
                 nvfp4::dequantize_rows(packed, scales, scale2, block, out);
+            }
+            Storage::Int8 => {
+                let scales: Vec<f32> = scales[r0 * 4..][..n * 4]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                int8::dequantize_rows(&data[r0 * cols..][..n * cols], &scales, cols, out);
+            }
+            Storage::Mxfp8 => {
+                let per_row = mxfp8::scales_per_row(cols);
+                let scales = &scales[r0 * per_row..][..n * per_row];
+                mxfp8::dequantize_rows(&data[r0 * cols..][..n * cols], scales, cols, out);
             }
         }
     }
@@ -373,6 +399,11 @@ impl PackedMatrix {
 /// `y = x W^T` on the host, reading `W`'s stored bytes: `x: [n, cols]` -> `y: [n, rows]`.
 pub trait PackedMatmul: Send + Sync + fmt::Debug {
     fn matmul_t(&self, x: &[f32], n: usize, w: &PackedMatrix, y: &mut [f32]);
+
+    /// Whether this kernel multiplies by `w`; a declined matrix is dequantised at the point of use.
+    fn supports(&self, _w: &PackedMatrix) -> bool {
+        true
+    }
 }
 
 /// The portable kernel: decodes panels of `PANEL` rows of `W` into f32 and takes dot products, in
