@@ -3,6 +3,7 @@
 
 use crate::device::Device;
 use crate::io::{read_streams, Result};
+use burn::tensor::backend::DeviceOps;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use std::ops::Range;
 use std::path::Path;
@@ -20,11 +21,13 @@ pub struct LoadArgs {
 }
 
 /// Where the large matrices live on `device`: multiplied on their stored bytes by v4-cpu's kernels on the
-/// CPU backends, dequantized one at a time at the point of use elsewhere; all f32 with `dequantize`.
-fn residency(device: Device, dequantize: bool) -> Residency {
-    match device {
+/// CPU backends; on the NPU emulator, INT8 weights by its W8A8 kernel when its policy asks for it; dequantized
+/// one at a time at the point of use elsewhere; all f32 with `dequantize`.
+fn residency<D: DeviceOps>(kind: Device, dequantize: bool, device: &D) -> Residency {
+    match kind {
         _ if dequantize => Residency::Dequantize,
         Device::Cpu | Device::Ndarray => Residency::Packed(Some(Arc::new(v4_cpu::CpuPackedMatmul))),
+        Device::Npu => Residency::Packed(Some(Arc::new(v4_npu::QuantMatmul::new(device)))),
         _ => Residency::Packed(None),
     }
 }
@@ -41,7 +44,7 @@ pub fn load_model<B: Backend>(
     device: &B::Device,
 ) -> Result<V4Model<B>> {
     let plan = LoadPlan {
-        residency: residency(kind, args.dequantize),
+        residency: residency(kind, args.dequantize, device),
         layers,
         experts,
     };

@@ -164,7 +164,7 @@ impl PackedWeight {
         let [n, _] = x.dims();
         let m = &self.matrix;
         match &self.kernel {
-            Some(kernel) if !B::ad_enabled(&device) => {
+            Some(kernel) if !B::ad_enabled(&device) && kernel.supports(m) => {
                 let x = x.into_data().convert::<f32>();
                 let x = x.as_slice::<f32>().expect("f32 after convert");
                 let mut y = vec![0f32; n * m.rows];

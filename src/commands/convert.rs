@@ -1,4 +1,4 @@
-//! `v4 convert --input DIR --output DIR --to {bf16,fp8,fp4-mx,fp4-nv,f32}`
+//! `v4 convert --input DIR --output DIR --to {bf16,fp8,fp4-mx,fp4-nv,f32,w8a8,mxfp8}`
 
 use crate::calibration::{expert_importance, read_sequences};
 use crate::io::Result;
@@ -24,6 +24,13 @@ pub enum To {
     Fp4Nv,
     /// Every float tensor in F32.
     F32,
+    /// Ascend 910B/910C: msModelSlim's V4 W8A8_DYNAMIC recipe (INT8 weights, one scale per output channel,
+    /// for wq_a/wq_b/wkv, the indexer's wq_b and all experts; BF16/F32 elsewhere), written as AscendV1
+    /// (quant_model_weights*.safetensors + quant_model_description.json) for vllm-ascend's
+    /// `--quantization ascend`. No QuaRot rotation is applied.
+    W8a8,
+    /// Ascend 950: every release FP8/FP4 linear as MXFP8 (E4M3 + E8M0 per 32, OCP rule), AscendV1 files.
+    Mxfp8,
 }
 
 /// Tensor naming of the output.
@@ -96,6 +103,8 @@ pub fn run(args: Args) -> Result<()> {
         To::Fp4Mx => Target::Fp4Mx,
         To::Fp4Nv => Target::Fp4Nv,
         To::F32 => Target::F32,
+        To::W8a8 => Target::W8a8,
+        To::Mxfp8 => Target::Mxfp8,
     };
     let mut opts = ConvertOptions::new(&args.input, &args.output, target);
     opts.layout = match args.layout {

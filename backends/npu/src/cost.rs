@@ -97,8 +97,23 @@ pub fn cube_matmul(
             NpuDType::Hf32 => chip.cube_hf32_divisor,
             _ => 1.0,
         };
-    let in_b = input.size_bytes() as f64;
-    let out_b = output.size_bytes() as f64;
+    cube_tiles(
+        chip,
+        [batch, m, k, n],
+        rate,
+        input.size_bytes() as f64,
+        output.size_bytes() as f64,
+    )
+}
+
+/// Estimate `[m, k] @ [k, n]` with INT8 operands (INT32 accumulation, output in `output`).
+pub fn cube_matmul_int8(chip: &ChipSheet, m: usize, k: usize, n: usize, output: NpuDType) -> Cost {
+    let rate = chip.cube_macs_per_cycle * chip.cube_int8_multiplier;
+    cube_tiles(chip, [1, m, k, n], rate, 1.0, output.size_bytes() as f64)
+}
+
+/// The cube's tile model: `rate` MACs per cycle, operands of `in_b` bytes, output of `out_b` bytes.
+fn cube_tiles(chip: &ChipSheet, [batch, m, k, n]: [usize; 4], rate: f64, in_b: f64, out_b: f64) -> Cost {
     let tiles_m = m.div_ceil(BASE_M);
     let tiles_n = n.div_ceil(BASE_N);
     let tiles = (batch * tiles_m * tiles_n) as f64;

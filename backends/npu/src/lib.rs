@@ -16,6 +16,8 @@
 //! - memory: float tensors hold an HBM allocation (views share it) accounted against the chip's HBM;
 //!   exceeding it panics with a message naming the op, shape and sizes. Int/bool index tensors are
 //!   not accounted;
+//! - quantised weights: with [`WeightQuant::W8a8Dynamic`], INT8 checkpoint weights run the 910B's
+//!   W8A8_DYNAMIC path (per-token INT8 activations, INT32 accumulation) through [`QuantMatmul`];
 //! - cost: a per-op estimate (cube / vector / MTE cycles, HBM roofline, launch) with the bound, read
 //!   by [`report`] and printed beside the chip sheet. Estimates, never measurements.
 //!
@@ -35,6 +37,7 @@ pub mod layout;
 pub mod matmul;
 pub mod numerics;
 pub mod policy;
+pub mod quant;
 pub mod reduce;
 pub mod stats;
 pub mod support;
@@ -45,7 +48,9 @@ pub use layout::{nd_to_nz, nz_to_nd, Fractal, Major};
 pub use numerics::{bf16_rne, f16_rne, fast_approx, NpuDType, OverflowMode};
 pub use policy::{
     ChipSheet, ConfigError, CubeMathType, ImplMode, KOrder, NpuConfig, PrecisionMode, PrecisionPolicy,
+    WeightQuant,
 };
+pub use quant::QuantMatmul;
 pub use stats::{with_scope, DeviceKey, FallbackKey, NpuReport, OpRow, OpStat};
 pub use support::{Engine, OpClass};
 

@@ -69,6 +69,20 @@ pub enum KOrder {
     SplitK { parts: usize },
 }
 
+/// How linears whose weights a checkpoint stores quantised run on the cube.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightQuant {
+    /// Weights are dequantised and take the float path (`cube_input_dtype`), whatever their storage.
+    #[default]
+    Dequantize,
+    /// 910B/910C W8A8_DYNAMIC (`npu_dynamic_quant` + `npu_quant_matmul`): INT8 weights (one scale per
+    /// output channel) stay INT8; each token's activations are quantised to INT8 at run time (vector
+    /// unit); the cube multiplies INT8 by INT8 into INT32; FixPipe dequantises with both scales and
+    /// writes the tile in `cube_output_dtype`. Other stored weights take the float path.
+    W8a8Dynamic,
+}
+
 /// The precision policy: the knobs a port must record (see the module docs of the crate).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -84,6 +98,8 @@ pub struct PrecisionPolicy {
     pub reduce_lanes: usize,
     /// Mantissa bits kept by the `high_performance` transcendental probe (error < 2^-bits).
     pub fast_math_bits: u32,
+    /// The quantised-weight path.
+    pub weight_quant: WeightQuant,
 }
 
 impl Default for PrecisionPolicy {
@@ -97,6 +113,7 @@ impl Default for PrecisionPolicy {
             k_order: KOrder::Sequential,
             reduce_lanes: 64,
             fast_math_bits: 12,
+            weight_quant: WeightQuant::Dequantize,
         }
     }
 }
@@ -175,7 +192,7 @@ impl PrecisionPolicy {
     pub fn describe(&self) -> String {
         format!(
             "precision_mode={:?} cube_math_type={:?} allow_hf32={} impl_mode={:?} overflow_mode={:?} \
-             k_order={:?} reduce_lanes={} -> cube {:?}->{:?}, vector {:?}",
+             k_order={:?} reduce_lanes={} weight_quant={:?} -> cube {:?}->{:?}, vector {:?}",
             self.precision_mode,
             self.cube_math_type,
             self.allow_hf32,
@@ -183,6 +200,7 @@ impl PrecisionPolicy {
             self.overflow_mode,
             self.k_order,
             self.reduce_lanes,
+            self.weight_quant,
             self.cube_input_dtype(),
             self.cube_output_dtype(),
             self.vector_dtype()
@@ -209,6 +227,8 @@ pub struct ChipSheet {
     pub cube_f32_divisor: f64,
     /// Throughput divisor of HF32 operands relative to fp16 (assumption).
     pub cube_hf32_divisor: f64,
+    /// INT8 MACs per cycle relative to fp16 (910B: 2, its INT8 TOPS being twice its fp16 TFLOPS).
+    pub cube_int8_multiplier: f64,
     /// Fixed cycles per Mmad instruction.
     pub mmad_overhead_cycles: f64,
     /// Vector bytes per cycle for simple ops (add/mul/...).
@@ -246,6 +266,7 @@ impl ChipSheet {
             cube_macs_per_cycle: 4096.0,
             cube_f32_divisor: 4.0,
             cube_hf32_divisor: 2.0,
+            cube_int8_multiplier: 2.0,
             mmad_overhead_cycles: 25.0,
             vector_bytes_per_cycle: 128.0,
             vector_complex_bytes_per_cycle: 64.0,
@@ -276,7 +297,7 @@ impl ChipSheet {
     pub fn describe(&self) -> String {
         format!(
             "{}: {} cube + {} vector cores @ {} GHz ({:.0} TFLOPS fp16 peak by arithmetic), HBM {:.1} GiB @ {} GB/s (assumed), \
-             cube {} MAC/cycle (f32 /{}, hf32 /{}), Mmad +{} cycles, vector {}/{} B/cycle, MTE {} B/cycle, launch {} us, \
+             cube {} MAC/cycle (f32 /{}, hf32 /{}, int8 x{}), Mmad +{} cycles, vector {}/{} B/cycle, MTE {} B/cycle, launch {} us, \
              PCIe {} GB/s, AI CPU {} elem/us",
             self.name,
             self.cube_cores,
@@ -288,6 +309,7 @@ impl ChipSheet {
             self.cube_macs_per_cycle,
             self.cube_f32_divisor,
             self.cube_hf32_divisor,
+            self.cube_int8_multiplier,
             self.mmad_overhead_cycles,
             self.vector_bytes_per_cycle,
             self.vector_complex_bytes_per_cycle,
