@@ -11,7 +11,7 @@ use std::sync::Arc;
 use v4_model::{ExpertShard, LoadPlan, Residency, Tokens, V4Config, V4Model};
 
 /// The loading flags every command that runs a checkpoint shares.
-#[derive(clap::Args, Debug, Clone, Copy)]
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
 pub struct LoadArgs {
     /// Decode every weight to f32 at load (the behaviour before v4 kept weights in their checkpoint
     /// precision; what training does). By default the large matrices of a quantized checkpoint (FP8,

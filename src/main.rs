@@ -53,7 +53,7 @@ enum Command {
     Forward(commands::forward::Args),
     /// Time the full-sequence forward pass on random weights for a config.
     Bench(commands::bench::Args),
-    /// Convert a checkpoint between precisions (BF16, FP8, MXFP4, NVFP4, F32) and layouts (DeepSeek, HF).
+    /// Convert a checkpoint between precisions (BF16, FP8, MXFP4, NVFP4, F32; Ascend W8A8, MXFP8) and layouts.
     Convert(commands::convert::Args),
     /// Generate text (or token ids) from a prompt with the incremental cache, streaming to stdout.
     Generate(commands::generate::Args),
@@ -67,6 +67,9 @@ enum Command {
     Trace(commands::trace::Args),
     /// Compare a candidate backend against a reference trace: metrics, pass/fail, first divergence, reports.
     Validate(commands::validate::Args),
+    /// The migration table: the release checkpoint on the CPU against each Ascend precision path (910B BF16,
+    /// 910B W8A8, 950 MXFP8, 950 release) on the NPU emulator: agreement, perplexity, bytes, estimated time.
+    PortReport(commands::port_report::Args),
 }
 
 fn main() -> ExitCode {
@@ -106,5 +109,6 @@ fn run(cli: Cli) -> io::Result<()> {
         Command::Train(args) => commands::train::run(args),
         Command::Trace(args) => commands::trace::run(args),
         Command::Validate(args) => commands::validate::run(args),
+        Command::PortReport(args) => commands::port_report::run(args),
     }
 }

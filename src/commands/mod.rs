@@ -7,6 +7,7 @@ pub mod convert;
 pub mod forward;
 pub mod generate;
 pub mod info;
+pub mod port_report;
 pub mod synth;
 pub mod trace;
 pub mod train;

@@ -106,9 +106,10 @@ pub fn cube_matmul(
     )
 }
 
-/// Estimate `[m, k] @ [k, n]` with INT8 operands (INT32 accumulation, output in `output`).
-pub fn cube_matmul_int8(chip: &ChipSheet, m: usize, k: usize, n: usize, output: NpuDType) -> Cost {
-    let rate = chip.cube_macs_per_cycle * chip.cube_int8_multiplier;
+/// Estimate `[m, k] @ [k, n]` with 8-bit operands (INT8, or MXFP8 activations against MXFP8/MXFP4
+/// weights), at the sheet's 8-bit rate, output in `output`.
+pub fn cube_matmul_8bit(chip: &ChipSheet, m: usize, k: usize, n: usize, output: NpuDType) -> Cost {
+    let rate = chip.cube_macs_per_cycle * chip.cube_8bit_multiplier;
     cube_tiles(chip, [1, m, k, n], rate, 1.0, output.size_bytes() as f64)
 }
 

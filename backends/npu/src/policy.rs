@@ -81,6 +81,11 @@ pub enum WeightQuant {
     /// unit); the cube multiplies INT8 by INT8 into INT32; FixPipe dequantises with both scales and
     /// writes the tile in `cube_output_dtype`. Other stored weights take the float path.
     W8a8Dynamic,
+    /// Ascend 950's MX cube: weights stored as MXFP8, MXFP4 or DeepSeek's FP8 with E8M0 128x128 scales
+    /// (which vllm-ascend re-expresses per 32, losslessly) stay as stored; each token's activations are
+    /// quantised to MXFP8 (E4M3 + E8M0 per 32 along K) at run time; products are exact and accumulate in
+    /// f32; the tile is written in `cube_output_dtype`. Other stored weights take the float path.
+    MxDynamic,
 }
 
 /// The precision policy: the knobs a port must record (see the module docs of the crate).
@@ -227,8 +232,8 @@ pub struct ChipSheet {
     pub cube_f32_divisor: f64,
     /// Throughput divisor of HF32 operands relative to fp16 (assumption).
     pub cube_hf32_divisor: f64,
-    /// INT8 MACs per cycle relative to fp16 (910B: 2, its INT8 TOPS being twice its fp16 TFLOPS).
-    pub cube_int8_multiplier: f64,
+    /// INT8 / MXFP8 MACs per cycle relative to fp16 (910B: 2, its INT8 TOPS being twice its fp16 TFLOPS).
+    pub cube_8bit_multiplier: f64,
     /// Fixed cycles per Mmad instruction.
     pub mmad_overhead_cycles: f64,
     /// Vector bytes per cycle for simple ops (add/mul/...).
@@ -266,7 +271,7 @@ impl ChipSheet {
             cube_macs_per_cycle: 4096.0,
             cube_f32_divisor: 4.0,
             cube_hf32_divisor: 2.0,
-            cube_int8_multiplier: 2.0,
+            cube_8bit_multiplier: 2.0,
             mmad_overhead_cycles: 25.0,
             vector_bytes_per_cycle: 128.0,
             vector_complex_bytes_per_cycle: 64.0,
@@ -297,7 +302,7 @@ impl ChipSheet {
     pub fn describe(&self) -> String {
         format!(
             "{}: {} cube + {} vector cores @ {} GHz ({:.0} TFLOPS fp16 peak by arithmetic), HBM {:.1} GiB @ {} GB/s (assumed), \
-             cube {} MAC/cycle (f32 /{}, hf32 /{}, int8 x{}), Mmad +{} cycles, vector {}/{} B/cycle, MTE {} B/cycle, launch {} us, \
+             cube {} MAC/cycle (f32 /{}, hf32 /{}, 8-bit x{}), Mmad +{} cycles, vector {}/{} B/cycle, MTE {} B/cycle, launch {} us, \
              PCIe {} GB/s, AI CPU {} elem/us",
             self.name,
             self.cube_cores,
@@ -309,7 +314,7 @@ impl ChipSheet {
             self.cube_macs_per_cycle,
             self.cube_f32_divisor,
             self.cube_hf32_divisor,
-            self.cube_int8_multiplier,
+            self.cube_8bit_multiplier,
             self.mmad_overhead_cycles,
             self.vector_bytes_per_cycle,
             self.vector_complex_bytes_per_cycle,
