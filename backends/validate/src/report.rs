@@ -13,6 +13,15 @@ use std::fmt::Write as _;
 use std::ops::Range;
 use std::path::Path;
 
+/// Whether a failure reason is about error size (which accumulated drift explains) rather than structure.
+fn is_drift(reason: &str) -> bool {
+    ["relative L2", "cosine", "KL ", "stats differ"]
+        .iter()
+        .any(|p| reason.starts_with(p))
+        || reason.contains("beyond near ties")
+        || reason.contains(" ULP (")
+}
+
 /// A probe's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -24,6 +33,16 @@ pub enum Status {
     /// Not judged (tolerance `skip`).
     Skip,
 }
+
+impl ProbeResult {
+    /// Whether this propagated probe exceeded its bounds through drift only (see `demote_propagated_drift`).
+    pub fn drifted(&self) -> bool {
+        self.warnings.iter().any(|w| w.starts_with(DRIFT))
+    }
+}
+
+/// The prefix of a propagated failure reason kept as a warning.
+const DRIFT: &str = "propagated drift: ";
 
 /// Routing facts of one layer, from the candidate model.
 #[derive(Debug, Clone)]
@@ -544,6 +563,7 @@ impl Report {
     pub fn finish(&mut self, num_layers: usize) {
         self.layers.clear();
         self.localisation.clear();
+        self.demote_propagated_drift();
         for mode in [RunMode::Propagated, RunMode::Isolated] {
             let rs: Vec<&ProbeResult> = self.results.iter().filter(|r| r.mode == mode).collect();
             if rs.is_empty() {
@@ -579,7 +599,7 @@ impl Report {
             let key = |r: &ProbeResult| r.layer.unwrap_or(usize::MAX);
             if let Some(first) = rs
                 .iter()
-                .filter(|r| r.status == Status::Fail)
+                .filter(|r| r.status == Status::Fail || r.drifted())
                 .min_by_key(|r| key(r))
             {
                 loc.first_divergent_layer = first.layer;
@@ -592,6 +612,35 @@ impl Report {
             self.localisation.push((mode, loc));
         }
         self.passed = !self.results.iter().any(|r| r.status == Status::Fail);
+    }
+
+    /// With isolated results to judge the backend by, a propagated probe that fails only on error size
+    /// (not on structure: NaN/Inf, shape, dtype, a missing probe) shows drift the precision path
+    /// accumulates over layers, which a correct backend has too: it becomes a warning, and the verdict
+    /// rests on the isolated per-layer gates. The propagated localisation still names where drift first
+    /// crossed the bounds.
+    fn demote_propagated_drift(&mut self) {
+        if !self.results.iter().any(|r| r.mode == RunMode::Isolated) {
+            return;
+        }
+        let mut demoted = 0;
+        for r in &mut self.results {
+            if r.mode == RunMode::Propagated
+                && r.status == Status::Fail
+                && r.reasons.iter().all(|x| is_drift(x))
+            {
+                r.warnings
+                    .extend(r.reasons.drain(..).map(|x| format!("{DRIFT}{x}")));
+                r.status = Status::Warn;
+                demoted += 1;
+            }
+        }
+        if demoted > 0 {
+            self.notes.push(format!(
+                "{demoted} propagated probes exceed their bounds through accumulated drift only; \
+                 the isolated per-layer gates, which a backend bug breaks, decide the result"
+            ));
+        }
     }
 
     /// Results worst first.
