@@ -200,3 +200,92 @@ fn fine_tuning_with_the_mtp_loss_lowers_both_losses_and_keeps_the_layer() {
     let (shape, _) = f32s(&out, "mtp_logits");
     assert_eq!(shape, vec![2, 79, 1024]);
 }
+
+/// A random checkpoint with V4's vocabulary, an MTP layer and V4's tokenizer (what `v4 chat` needs).
+fn chat_model_with_mtp() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = support::scratch("mtp_cli", "chat-model");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("tests/fixtures/v4-tiny-a/hf/config.json")).unwrap())
+            .unwrap();
+    for (k, v) in [
+        ("vocab_size", 129_280),
+        ("hidden_size", 64),
+        ("num_hidden_layers", 2),
+        ("num_attention_heads", 2),
+        ("head_dim", 64),
+        ("qk_rope_head_dim", 16),
+        ("q_lora_rank", 32),
+        ("o_lora_rank", 16),
+        ("moe_intermediate_size", 32),
+        ("index_head_dim", 32),
+        ("index_n_heads", 2),
+        ("num_nextn_predict_layers", 1),
+    ] {
+        config[k] = serde_json::json!(v);
+    }
+    config["layer_types"] = serde_json::json!(["sliding_attention", "compressed_sparse_attention"]);
+    config["mlp_layer_types"] = serde_json::json!(["hash_moe", "moe"]);
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let model = dir.join("model");
+    v4(&[
+        "synth",
+        model.to_str().unwrap(),
+        "--config",
+        config_path.to_str().unwrap(),
+        "--seed",
+        "3",
+    ]);
+    std::fs::copy(
+        root.join("tests/fixtures/tokenizer/deepseek-v4/tokenizer.json"),
+        model.join("tokenizer.json"),
+    )
+    .unwrap();
+    model
+}
+
+/// `v4 chat` over two turns from stdin; returns (stdout, stderr).
+fn chat(model: &Path, extra: &[&str]) -> (String, String) {
+    use std::io::Write;
+    let mut args = vec![
+        "chat",
+        "--model",
+        model.to_str().unwrap(),
+        "--greedy",
+        "--max-tokens",
+        "6",
+    ];
+    args.extend(extra);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_v4"))
+        .args(&args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello there\nWhat is 1+1?\n/exit\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "v4 {args:?}: {err}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), err)
+}
+
+#[test]
+fn chat_with_mtp_speculation_replies_as_plain_greedy_chat() {
+    let model = chat_model_with_mtp();
+    let (plain, _) = chat(&model, &[]);
+    let (speculative, err) = chat(&model, &["--speculative", "mtp", "--draft-tokens", "2"]);
+    assert_eq!(plain.lines().count(), 2, "two replies: {plain}");
+    assert_eq!(speculative, plain, "{err}");
+    let reports: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("[speculative (MTP): accepted"))
+        .collect();
+    assert_eq!(reports.len(), 2, "{err}");
+}

@@ -13,6 +13,7 @@
 use crate::error::InferError;
 use crate::generator::{Batch, GenerateParams, Generation, Generator, Timings};
 use crate::sampling::{Sampler, SamplingParams};
+use crate::speculative::{Acceptance, SpeculativeParams};
 use crate::tokenizer::V4Tokenizer;
 use burn::tensor::backend::Backend;
 use std::time::Instant;
@@ -177,20 +178,7 @@ impl<'t, B: Backend> ChatSession<'t, B> {
         mut on_token: impl FnMut(u32) -> crate::generator::Flow,
     ) -> Result<(Generation, Timings, TurnStats), InferError> {
         params.sampling.validate().map_err(InferError::Batch)?;
-        let eos = self.tokenizer.token_id(EOS);
-        let ids = match (&self.transcript, eos, self.messages.last()) {
-            (Some(transcript), Some(eos), Some(user)) if !self.thinking => {
-                self.tokenizer.check_special_tokens(&user.content)?;
-                let mut ids = transcript.clone();
-                if ids.last() != Some(&eos) {
-                    ids.push(eos);
-                }
-                let turn = format!("{USER}{}{ASSISTANT}{END_THINK}", user.content);
-                ids.extend(self.tokenizer.encode(&turn)?);
-                ids
-            }
-            _ => encode_chat(self.tokenizer, &self.messages, self.thinking)?,
-        };
+        let ids = self.prompt_ids()?;
         generator.check_prompt(&ids)?;
         let started = Instant::now();
         let reusable = self.batch.is_some() && self.fed.len() < ids.len() && ids.starts_with(&self.fed);
@@ -227,8 +215,7 @@ impl<'t, B: Backend> ChatSession<'t, B> {
         let generation = gens.pop().expect("one sequence");
         // The cache holds the prompt and every generated token but the last.
         let n = generation.ids.len();
-        self.transcript = (generation.finish != crate::generator::FinishReason::Stop)
-            .then(|| ids.iter().chain(&generation.ids).copied().collect());
+        self.record_transcript(&ids, &generation);
         self.fed = ids;
         self.fed.extend_from_slice(&generation.ids[..n.saturating_sub(1)]);
         self.batch = Some(batch);
@@ -237,6 +224,75 @@ impl<'t, B: Backend> ChatSession<'t, B> {
             reused_tokens: reused,
         };
         Ok((generation, timings, stats))
+    }
+
+    /// [`turn`](Self::turn) with MTP speculative decoding (the model needs an MTP layer). The speculative
+    /// decoder keeps caches of its own, so every such turn prefills the whole conversation
+    /// (`reused_tokens` is 0); the output is what [`turn`](Self::turn) would give (greedy: the same tokens;
+    /// sampled: the same distribution).
+    pub fn turn_speculative(
+        &mut self,
+        generator: &Generator<'_, B>,
+        user: &str,
+        params: &GenerateParams,
+        speculative: SpeculativeParams,
+        mut on_token: impl FnMut(u32) -> crate::generator::Flow,
+    ) -> Result<(Generation, Timings, TurnStats, Acceptance), InferError> {
+        self.messages.push(Message::new(Role::User, user));
+        let result = self.prompt_ids().and_then(|ids| {
+            let params = GenerateParams {
+                sampling: SamplingParams {
+                    seed: params.sampling.seed.wrapping_add(self.turns),
+                    ..params.sampling.clone()
+                },
+                ..params.clone()
+            };
+            let (mut gens, timings, acceptance) =
+                generator.generate_speculative(&[&ids], &params, speculative, |_, id| on_token(id))?;
+            Ok((ids, gens.pop().expect("one sequence"), timings, acceptance))
+        });
+        let (ids, generation, timings, acceptance) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.messages.pop();
+                return Err(e);
+            }
+        };
+        self.turns += 1;
+        self.batch = None;
+        self.fed.clear();
+        self.record_transcript(&ids, &generation);
+        let stats = TurnStats {
+            prompt_tokens: ids.len(),
+            reused_tokens: 0,
+        };
+        Ok((generation, timings, stats, acceptance))
+    }
+
+    /// The token ids of the conversation so far, ending with the opened assistant turn: the transcript
+    /// extended by the new user turn when it can be, else the whole conversation rendered again.
+    fn prompt_ids(&self) -> Result<Vec<u32>, InferError> {
+        let eos = self.tokenizer.token_id(EOS);
+        match (&self.transcript, eos, self.messages.last()) {
+            (Some(transcript), Some(eos), Some(user)) if !self.thinking => {
+                self.tokenizer.check_special_tokens(&user.content)?;
+                let mut ids = transcript.clone();
+                if ids.last() != Some(&eos) {
+                    ids.push(eos);
+                }
+                let turn = format!("{USER}{}{ASSISTANT}{END_THINK}", user.content);
+                ids.extend(self.tokenizer.encode(&turn)?);
+                Ok(ids)
+            }
+            _ => encode_chat(self.tokenizer, &self.messages, self.thinking),
+        }
+    }
+
+    /// Keeps `prompt` + `generation` as the transcript a next turn extends (not after a stop string, whose
+    /// text is what the history keeps).
+    fn record_transcript(&mut self, prompt: &[u32], generation: &Generation) {
+        self.transcript = (generation.finish != crate::generator::FinishReason::Stop)
+            .then(|| prompt.iter().chain(&generation.ids).copied().collect());
     }
 
     /// Records the assistant's reply (its thinking part is dropped from the history, as V4's format does).

@@ -2,7 +2,7 @@
 //! from stdin (a terminal or a pipe), streams each reply; `/reset` starts over, `/exit` quits. The cache is
 //! kept between turns, so a turn only prefills the tokens the conversation added.
 
-use crate::commands::generate::{load_tokenizer, SamplingArgs};
+use crate::commands::generate::{describe_acceptance, load_tokenizer, SamplingArgs, SpeculativeArgs};
 use crate::device::{with_backend, Device};
 use crate::io::Result;
 use crate::load::{load_model, LoadArgs};
@@ -29,6 +29,10 @@ pub struct Args {
     think: bool,
     #[command(flatten)]
     sampling: SamplingArgs,
+    /// With --speculative, each turn prefills the whole conversation: the speculative decoder does not
+    /// keep the cache between turns.
+    #[command(flatten)]
+    speculative: SpeculativeArgs,
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "cpu")]
     device: Device,
@@ -91,7 +95,7 @@ fn chat<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         let mut stops = StopStrings::new(&args.sampling.stop);
         let mut stdout = std::io::stdout().lock();
         let mut failure: Option<InferError> = None;
-        let result = session.turn(&generator, message, &params, |id| {
+        let on_token = |id| {
             let piece = match stream.push(id) {
                 Ok(p) => p,
                 Err(e) => {
@@ -107,9 +111,17 @@ fn chat<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
             } else {
                 Flow::Continue
             }
-        });
+        };
+        let result = match args.speculative.params() {
+            Some(spec) => session
+                .turn_speculative(&generator, message, &params, spec, on_token)
+                .map(|(g, t, s, a)| (g, t, s, Some(a))),
+            None => session
+                .turn(&generator, message, &params, on_token)
+                .map(|(g, t, s)| (g, t, s, None)),
+        };
         match result.map_err(|e| failure.take().unwrap_or(e)) {
-            Ok((generation, timings, stats)) => {
+            Ok((generation, timings, stats, acceptance)) => {
                 if !stops.stopped() {
                     let rest = stream.finish()?;
                     let (shown, _) = stops.push(&rest);
@@ -127,6 +139,9 @@ fn chat<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
                     timings.decode_tokens_per_s(),
                     generation.finish.as_str()
                 );
+                if let Some(a) = acceptance {
+                    eprintln!("[speculative (MTP): {}]", describe_acceptance(&a));
+                }
             }
             Err(e) => {
                 failed += 1;

@@ -130,6 +130,18 @@ pub fn support_table() -> String {
             "rank <= 8",
         ),
         (
+            "quantised cube (npu_quant_matmul, policy weight_quant)",
+            "910B w8a8_dynamic: I8 x I8 -> I32; 950 mx_dynamic: MXFP8 x MXFP8/MXFP4/E8M0-FP8",
+            "other weight storage -> dequantised to the float cube",
+            "weights [out, in]",
+        ),
+        (
+            "activation quantisation (npu_dynamic_quant, npu_dynamic_mx_quant)",
+            "F32 F16 BF16 -> I8 per token / MXFP8 per 32",
+            "-",
+            "rank 2",
+        ),
+        (
             "vector (elementwise, compare, gather/scatter, mask, fill, random, pool)",
             "F32 F16 BF16 I8..I64 U8..U64 Bool",
             "F64 -> ai_cpu",
