@@ -1,17 +1,23 @@
-//! Activation-aware FP4 calibration for `v4 convert --calibrate activation --calib-data FILE.jsonl`:
-//! runs the checkpoint's own model over calibration text and measures `E[x²]` per input channel of every
-//! routed expert ([`ExpertActivationStats`]), keyed by the HF tensor names the converter quantizes.
-//! The converter itself needs no model: it only receives these importances.
+//! Calibration for `v4 convert --calib-data FILE.jsonl`: runs the checkpoint's own model over calibration
+//! text and measures, for `--calibrate activation`, `E[x²]` per input channel of every routed expert
+//! ([`ExpertActivationStats`], keyed by the HF tensor names the converter quantizes), or, for
+//! `--calibrate smooth`, SmoothQuant factors per RMSNorm ([`smoothing_factors`]). The converter itself needs
+//! no model: it only receives these numbers.
 
 use crate::io::Result;
 use burn::tensor::backend::Backend;
+use burn::tensor::TensorData;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::Path;
+use v4_convert::layout::{norm_of_probe, smoothing_norm};
+use v4_convert::Checkpoint;
 use v4_infer::chat::{encode_chat, Message, Role};
 use v4_infer::V4Tokenizer;
-use v4_model::{read_config, ExpertActivationStats, ModelCache, NoProbe, Tokens, V4Model};
+use v4_model::{
+    read_config, ExpertActivationStats, LocalExperts, ModelCache, NoProbe, Probe, Tokens, V4Model,
+};
 
 /// Token sequences for calibration, read from JSONL records: `{"text": ...}` and chat
 /// `{"messages": [{"role", "content"}, ...]}` are tokenized with `tokenizer`; `{"ids": [...]}` are raw
@@ -146,6 +152,104 @@ pub fn expert_importance<B: Backend>(
         importance.insert(format!("model.layers.{layer}.mlp.experts.down_proj"), m.down);
     }
     Ok(importance)
+}
+
+/// Largest |x| per channel of the recorded norm outputs (`<block>.attn.input`, `<block>.ffn.input`), keyed by
+/// the norm's weight name.
+#[derive(Default)]
+struct NormAbsMax {
+    amax: HashMap<String, Vec<f32>>,
+}
+
+impl Probe for NormAbsMax {
+    fn wants(&self, name: &str) -> bool {
+        norm_of_probe(name).is_some()
+    }
+
+    fn record(&mut self, name: &str, value: TensorData) {
+        let (Some(norm), Some(&width)) = (norm_of_probe(name), value.shape.last()) else {
+            return;
+        };
+        let values = value
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("activations are float");
+        let amax = self.amax.entry(norm).or_insert_with(|| vec![0.0; width]);
+        for row in values.chunks_exact(width) {
+            for (m, v) in amax.iter_mut().zip(row) {
+                *m = m.max(v.abs());
+            }
+        }
+    }
+}
+
+/// SmoothQuant factors for every RMSNorm whose output quantised linears read, keyed by the norm's DeepSeek
+/// weight name: `s_j = max|x_j|^α / max|W_j|^(1-α)` (activations measured by running the model in `dir`
+/// over `sequences`, weights over every linear reading that norm), rounded to the nearest power of two so
+/// that folding `s` into the norm and its readers is exact.
+pub fn smoothing_factors<B: Backend>(
+    dir: &Path,
+    sequences: &[Vec<u32>],
+    alpha: f32,
+    device: &B::Device,
+) -> Result<HashMap<String, Vec<f32>>> {
+    if !(0.0..=1.0).contains(&alpha) {
+        return Err(format!("--smooth-alpha {alpha}: must lie in [0, 1]").into());
+    }
+    let config = read_config(dir)?;
+    let source = v4_checkpoint::open(dir)?;
+    let model = V4Model::<B>::load(&config, source.as_ref(), device)?;
+    let mut probe = NormAbsMax::default();
+    for seq in sequences {
+        let ids: Vec<i64> = seq.iter().map(|&t| t as i64).collect();
+        let tokens = Tokens::new(&ids, 1, seq.len(), config.vocab_size)?;
+        let mut cache = ModelCache::new(config.num_layers());
+        model.forward_with(&tokens, &mut cache, &LocalExperts, &mut probe)?;
+    }
+    let checkpoint = Checkpoint::open(dir)?;
+    let mut weight_amax: HashMap<String, Vec<f32>> = HashMap::new();
+    for name in checkpoint.tensor_names() {
+        let Some(norm) = smoothing_norm(&name).filter(|n| probe.amax.contains_key(n)) else {
+            continue;
+        };
+        let shape = checkpoint.shape(&name).unwrap_or_default();
+        let cols = *shape.last().unwrap_or(&1);
+        let values = checkpoint.read_f32(&name)?;
+        let amax = weight_amax.entry(norm).or_insert_with(|| vec![0.0; cols]);
+        for row in values.chunks_exact(cols) {
+            for (m, v) in amax.iter_mut().zip(row) {
+                *m = m.max(v.abs());
+            }
+        }
+    }
+    let factors = probe
+        .amax
+        .into_iter()
+        .filter_map(|(norm, x)| {
+            let w = weight_amax.get(&norm)?;
+            let s = x
+                .iter()
+                .zip(w)
+                .map(|(&x, &w)| power_of_two_factor(x, w, alpha))
+                .collect();
+            Some((norm, s))
+        })
+        .collect::<HashMap<_, _>>();
+    eprintln!(
+        "smoothing: factors for {} norms from {} sequences",
+        factors.len(),
+        sequences.len()
+    );
+    Ok(factors)
+}
+
+/// `x^α / w^(1-α)` rounded to the nearest power of two (1 when either side is zero), within 2^±20.
+fn power_of_two_factor(x: f32, w: f32, alpha: f32) -> f32 {
+    if x <= 0.0 || w <= 0.0 {
+        return 1.0;
+    }
+    let log2 = alpha * x.log2() - (1.0 - alpha) * w.log2();
+    2f32.powi(log2.round().clamp(-20.0, 20.0) as i32)
 }
 
 #[cfg(test)]

@@ -271,3 +271,60 @@ fn port_report_writes_one_row_per_path_all_without_fallbacks() {
         .unwrap()
         .contains("<table>"));
 }
+
+/// SmoothQuant folds power-of-two factors into the norms and their readers: an f32 conversion with
+/// smoothing computes the same logits bit for bit as one without, while its norm weights differ.
+#[test]
+fn smoothing_changes_the_weights_but_not_the_function() {
+    let calib = scratch::scratch("ascend_cli", "calib").join("calib.jsonl");
+    let ids: Vec<String> = (0..4)
+        .map(|r| {
+            let row: Vec<String> = (0..64).map(|i| ((i * 37 + r * 101) % 1024).to_string()).collect();
+            format!("{{\"ids\": [{}]}}", row.join(", "))
+        })
+        .collect();
+    std::fs::write(&calib, ids.join("\n")).unwrap();
+    let plain = convert("plain-f32", "f32");
+    let smoothed = scratch::fresh("ascend_cli", "smoothed-f32");
+    let run = v4_ok(&[
+        "convert",
+        "--input",
+        arg(&release()),
+        "--output",
+        arg(&smoothed),
+        "--to",
+        "f32",
+        "--calibrate",
+        "smooth",
+        "--calib-data",
+        arg(&calib),
+    ]);
+    assert!(String::from_utf8_lossy(&run.stdout).contains("SmoothQuant factors of 8 norms"));
+    let norm = |dir: &Path| tensor_f32(dir, "layers.1.ffn_norm.weight");
+    let (a, b) = (norm(&plain), norm(&smoothed));
+    assert_eq!(a.len(), b.len());
+    assert!(a != b, "the factors are not all 1");
+    let (reference, _) = forward("plain-f32", &plain, &[]);
+    let (candidate, _) = forward("smoothed-f32", &smoothed, &[]);
+    assert_eq!(reference.len(), candidate.len());
+    let differing = reference
+        .iter()
+        .zip(&candidate)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count();
+    assert_eq!(differing, 0, "smoothing changed {differing} logits");
+
+    let missing = cli::v4(&[
+        "convert",
+        "--input",
+        arg(&release()),
+        "--output",
+        arg(&scratch::fresh("ascend_cli", "x")),
+        "--to",
+        "w8a8",
+        "--calibrate",
+        "smooth",
+    ]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("--calib-data"));
+}

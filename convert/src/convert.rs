@@ -167,6 +167,11 @@ pub struct ConvertOptions {
     /// Write at most this many shards in this run, then stop leaving a resumable temporary
     /// directory (time-sliced conversions on preemptible machines).
     pub stop_after_shards: Option<usize>,
+    /// SmoothQuant factors, keyed by DeepSeek norm weight name (`layers.N.attn_norm.weight`): the norm's
+    /// weight is divided by them and the input columns of every linear reading its output
+    /// ([`layout::smoothing_norm`]) multiplied, before encoding. Powers of two keep the fold exact in any
+    /// float format, so only the quantised linears see a difference.
+    pub smoothing: Option<HashMap<String, Vec<f32>>>,
 }
 
 impl ConvertOptions {
@@ -182,6 +187,7 @@ impl ConvertOptions {
             threads: None,
             progress: true,
             stop_after_shards: None,
+            smoothing: None,
         }
     }
 }
@@ -322,6 +328,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport, ConvertError> {
     }
     let groups = plan_groups(&ck, opts)?;
     check_importance(&ck, &opts.calibration)?;
+    check_smoothing(&ck, opts.smoothing.as_ref())?;
     let names = match opts.target.ascend() {
         Some(_) => ascend::shard_name,
         None => shard_name,
@@ -575,6 +582,27 @@ fn check_importance(ck: &Checkpoint, cal: &Calibration) -> Result<(), ConvertErr
     Ok(())
 }
 
+fn check_smoothing(
+    ck: &Checkpoint,
+    smoothing: Option<&HashMap<String, Vec<f32>>>,
+) -> Result<(), ConvertError> {
+    for (norm, s) in smoothing.into_iter().flatten() {
+        let bad = |reason: String| ConvertError::Options {
+            reason: format!("smoothing factors for `{norm}`: {reason}"),
+        };
+        let shape = ck
+            .shape(norm)
+            .ok_or_else(|| bad("not a tensor of this checkpoint (use DeepSeek names)".into()))?;
+        if shape != [s.len()] {
+            return Err(bad(format!("{} factors for a norm of shape {shape:?}", s.len())));
+        }
+        if s.iter().any(|v| !v.is_finite() || *v <= 0.0) {
+            return Err(bad("factors must be finite and positive".into()));
+        }
+    }
+    Ok(())
+}
+
 fn shard_name(i: usize, n: usize) -> String {
     if n == 1 {
         "model.safetensors".into()
@@ -736,6 +764,10 @@ impl Run<'_> {
                 format!("weight-search ({} importance vectors)", m.len())
             }
         };
+        let calibration = match &self.opts.smoothing {
+            Some(m) => format!("{calibration} + SmoothQuant factors of {} norms", m.len()),
+            None => calibration,
+        };
         let name = |l: Layout| if l == Layout::Hf { "hf" } else { "deepseek" }.to_string();
         ConvertReport {
             input: self.opts.input.clone(),
@@ -785,6 +817,12 @@ impl Run<'_> {
                 h.update(k.as_bytes());
                 v.iter().for_each(|w| h.update(&w.to_le_bytes()));
             }
+        }
+        let mut smoothing: Vec<_> = self.opts.smoothing.iter().flatten().collect();
+        smoothing.sort_by(|a, b| a.0.cmp(b.0));
+        for (k, v) in smoothing {
+            h.update(k.as_bytes());
+            v.iter().for_each(|w| h.update(&w.to_le_bytes()));
         }
         for f in self.ck.files() {
             h.update(
@@ -958,9 +996,13 @@ impl Run<'_> {
         search: ScaleSearch<'_>,
     ) -> Result<Encoded, ConvertError> {
         let hf = self.opts.layout == Layout::Hf;
-        if let Some(copied) = self.copy_if_same(e, enc, hf)? {
-            return Ok(copied);
+        let smoothed = self.smoothing_of(name).is_some();
+        if !smoothed {
+            if let Some(copied) = self.copy_if_same(e, enc, hf)? {
+                return Ok(copied);
+            }
         }
+        let decode = |r0: usize, buf: &mut [f32]| self.decode(name, e, r0, buf);
         let (rows, cols) = (e.rows, e.cols);
         let ck = self.ck;
         let mut stats = ErrStats::default();
@@ -977,7 +1019,7 @@ impl Run<'_> {
                     .enumerate()
                     .map_init(Vec::new, |buf: &mut Vec<f32>, (bi, o)| {
                         buf.resize(o.len() / size, 0.0);
-                        ck.decode_rows(e, bi * BAND_ROWS, buf)?;
+                        decode(bi * BAND_ROWS, buf)?;
                         if enc == Encoding::F32 {
                             for (c, v) in o.chunks_exact_mut(4).zip(buf.iter()) {
                                 c.copy_from_slice(&v.to_le_bytes());
@@ -1006,7 +1048,7 @@ impl Run<'_> {
                     .enumerate()
                     .map_init(Vec::new, |buf: &mut Vec<f32>, (bi, (c, s))| {
                         buf.resize(c.len(), 0.0);
-                        ck.decode_rows(e, bi * B, buf)?;
+                        decode(bi * B, buf)?;
                         Ok(fp8::quantize_band(buf, cols, B, c, s))
                     })
                     .try_reduce(ErrStats::default, |a, b| Ok(a.merge(b)))?;
@@ -1021,7 +1063,7 @@ impl Run<'_> {
                     .enumerate()
                     .map_init(Vec::new, |buf: &mut Vec<f32>, (bi, (p, s))| {
                         buf.resize(p.len() * 2, 0.0);
-                        ck.decode_rows(e, bi * BAND_ROWS, buf)?;
+                        decode(bi * BAND_ROWS, buf)?;
                         Ok(mxfp4::quantize_rows(
                             buf,
                             cols,
@@ -1041,7 +1083,7 @@ impl Run<'_> {
                     .map_init(Vec::new, |buf: &mut Vec<f32>, bi| {
                         let n = (rows - bi * BAND_ROWS).min(BAND_ROWS);
                         buf.resize(n * cols, 0.0);
-                        ck.decode_rows(e, bi * BAND_ROWS, buf)?;
+                        decode(bi * BAND_ROWS, buf)?;
                         Ok(buf.iter().fold(0f32, |m, v| m.max(v.abs())))
                     })
                     .try_reduce(|| 0f32, |a, b| Ok(a.max(b)))?;
@@ -1054,7 +1096,7 @@ impl Run<'_> {
                     .enumerate()
                     .map_init(Vec::new, |buf: &mut Vec<f32>, (bi, (p, s))| {
                         buf.resize(p.len() * 2, 0.0);
-                        ck.decode_rows(e, bi * BAND_ROWS, buf)?;
+                        decode(bi * BAND_ROWS, buf)?;
                         Ok(nvfp4::quantize_rows(buf, cols, sf2, search, p, s))
                     })
                     .try_reduce(ErrStats::default, |a, b| Ok(a.merge(b)))?;
@@ -1069,7 +1111,7 @@ impl Run<'_> {
                     .enumerate()
                     .map_init(Vec::new, |buf: &mut Vec<f32>, (bi, (c, s))| {
                         buf.resize(c.len(), 0.0);
-                        ck.decode_rows(e, bi * BAND_ROWS, buf)?;
+                        decode(bi * BAND_ROWS, buf)?;
                         let (sum_sq, sse, max_abs) = int8::quantize_rows(buf, cols, c, s);
                         Ok(ErrStats {
                             sum_sq,
@@ -1092,7 +1134,7 @@ impl Run<'_> {
                     .enumerate()
                     .map_init(Vec::new, |buf: &mut Vec<f32>, (bi, (c, s))| {
                         buf.resize(c.len(), 0.0);
-                        ck.decode_rows(e, bi * BAND_ROWS, buf)?;
+                        decode(bi * BAND_ROWS, buf)?;
                         Ok(mxfp8::quantize_rows(buf, cols, c, s))
                     })
                     .try_reduce(ErrStats::default, |a, b| Ok(a.merge(b)))?;
@@ -1104,6 +1146,42 @@ impl Run<'_> {
             stats,
             copied: false,
         })
+    }
+
+    /// The SmoothQuant factors that apply to DeepSeek tensor `name`, and whether it is the norm (divided by
+    /// them) rather than a reader of its output (whose input columns are multiplied).
+    fn smoothing_of(&self, name: &str) -> Option<(&[f32], bool)> {
+        let smoothing = self.opts.smoothing.as_ref()?;
+        if let Some(s) = smoothing.get(name) {
+            return Some((s, true));
+        }
+        layout::smoothing_norm(name)
+            .and_then(|norm| smoothing.get(&norm))
+            .map(|s| (&s[..], false))
+    }
+
+    /// Decodes rows `[r0, ..)` of `e` (DeepSeek tensor `name`) into `out`, with SmoothQuant folded in.
+    fn decode(&self, name: &str, e: &Entry, r0: usize, out: &mut [f32]) -> Result<(), ConvertError> {
+        self.ck.decode_rows(e, r0, out)?;
+        let Some((s, norm)) = self.smoothing_of(name) else {
+            return Ok(());
+        };
+        if s.len() != e.cols {
+            return Err(ConvertError::Unsupported {
+                tensor: name.into(),
+                reason: format!(
+                    "{} input columns, but its norm has {} smoothing factors",
+                    e.cols,
+                    s.len()
+                ),
+            });
+        }
+        for row in out.chunks_exact_mut(e.cols) {
+            for (v, f) in row.iter_mut().zip(s) {
+                *v = if norm { *v / f } else { *v * f };
+            }
+        }
+        Ok(())
     }
 
     /// Copies stored bytes when the input already has the output's encoding (checking them for

@@ -377,6 +377,62 @@ pub fn ascend_w8a8_quantised(name: &str) -> bool {
     matches!(dtype_class(name), Some(Fp8Block | Fp4Expert)) && !ASCEND_W8A8_FLOAT.contains(&sub)
 }
 
+/// The linears that read a block's normed attention input (`attn_norm`'s output): the query and KV
+/// projections, both compressors and the indexer's head weights.
+const ATTN_NORM_READERS: &[&str] = &[
+    "attn.wq_a.weight",
+    "attn.wkv.weight",
+    "attn.compressor.wkv.weight",
+    "attn.compressor.wgate.weight",
+    "attn.indexer.weights_proj.weight",
+    "attn.indexer.compressor.wkv.weight",
+    "attn.indexer.compressor.wgate.weight",
+];
+
+/// The linears that read a block's normed FFN input (`ffn_norm`'s output), besides every routed expert's
+/// `w1` and `w3`: the router and the shared expert's gate and up projections.
+const FFN_NORM_READERS: &[&str] = &[
+    "ffn.gate.weight",
+    "ffn.shared_experts.w1.weight",
+    "ffn.shared_experts.w3.weight",
+];
+
+/// SmoothQuant folding: the RMSNorm weight (`layers.N.attn_norm.weight`, `layers.N.ffn_norm.weight`, or
+/// the MTP block's) whose output DeepSeek tensor `name` reads, if `name` is one of its readers. Dividing
+/// that norm's weight by per-channel factors `s` and multiplying every reader's input columns by `s`
+/// leaves the model's function unchanged.
+pub fn smoothing_norm(name: &str) -> Option<String> {
+    let (scope, sub) = parse_deepseek(name);
+    if scope == Scope::Top {
+        return None;
+    }
+    let expert_gate_up = matches!(parse_expert(sub), Some((_, ExpertPart::W1 | ExpertPart::W3)));
+    let norm = if ATTN_NORM_READERS.contains(&sub) {
+        "attn_norm"
+    } else if FFN_NORM_READERS.contains(&sub) || expert_gate_up {
+        "ffn_norm"
+    } else {
+        return None;
+    };
+    Some(format!("{}.{norm}.weight", scope.deepseek_prefix()))
+}
+
+/// The norm weight (`<block>.attn_norm.weight` / `<block>.ffn_norm.weight`) of the model's probe point
+/// `<block>.attn.input` / `<block>.ffn.input`, which records that norm's output.
+pub fn norm_of_probe(probe: &str) -> Option<String> {
+    let (block, part) = probe
+        .rsplit_once('.')
+        .filter(|(_, last)| *last == "input")?
+        .0
+        .rsplit_once('.')?;
+    let norm = match part {
+        "attn" => "attn_norm",
+        "ffn" => "ffn_norm",
+        _ => return None,
+    };
+    Some(format!("{block}.{norm}.weight"))
+}
+
 /// Orders names with embedded numbers numerically (`layers.2` before `layers.10`), so that output
 /// shards hold consecutive layers.
 pub fn natural_cmp(a: &str, b: &str) -> Ordering {
@@ -538,6 +594,47 @@ mod tests {
         ] {
             assert!(!ascend_w8a8_quantised(f), "{f}");
         }
+    }
+
+    #[test]
+    fn smoothing_folds_into_the_norm_each_linear_reads() {
+        assert_eq!(
+            smoothing_norm("layers.3.attn.wkv.weight").as_deref(),
+            Some("layers.3.attn_norm.weight")
+        );
+        assert_eq!(
+            smoothing_norm("layers.2.attn.indexer.compressor.wgate.weight").as_deref(),
+            Some("layers.2.attn_norm.weight")
+        );
+        assert_eq!(
+            smoothing_norm("layers.1.ffn.experts.5.w3.weight").as_deref(),
+            Some("layers.1.ffn_norm.weight")
+        );
+        assert_eq!(
+            smoothing_norm("layers.1.ffn.gate.weight").as_deref(),
+            Some("layers.1.ffn_norm.weight")
+        );
+        assert_eq!(
+            smoothing_norm("mtp.0.attn.wq_a.weight").as_deref(),
+            Some("mtp.0.attn_norm.weight")
+        );
+        for none in [
+            "layers.1.ffn.experts.5.w2.weight",
+            "layers.0.attn.wq_b.weight",
+            "layers.0.attn.wo_a.weight",
+            "head.weight",
+        ] {
+            assert_eq!(smoothing_norm(none), None, "{none}");
+        }
+        assert_eq!(
+            norm_of_probe("layers.4.ffn.input").as_deref(),
+            Some("layers.4.ffn_norm.weight")
+        );
+        assert_eq!(
+            norm_of_probe("mtp.0.attn.input").as_deref(),
+            Some("mtp.0.attn_norm.weight")
+        );
+        assert_eq!(norm_of_probe("layers.4.attn.q"), None);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `v4 convert --input DIR --output DIR --to {bf16,fp8,fp4-mx,fp4-nv,f32,w8a8,mxfp8}`
 
-use crate::calibration::{expert_importance, read_sequences};
+use crate::calibration::{expert_importance, read_sequences, smoothing_factors};
 use crate::io::Result;
 use clap::ValueEnum;
 use std::collections::HashMap;
@@ -52,6 +52,12 @@ pub enum Calibrate {
     /// Activation-aware: the same search, each input channel's error weighted by its E[x²], measured by
     /// running the model on `--calib-data` (per expert, for the gate/up and the down projection).
     Activation,
+    /// SmoothQuant for INT8 activations (`--to w8a8`): per input channel j of the linears reading an RMSNorm,
+    /// s_j = max|x_j|^α / max|W_j|^(1-α) (activations measured on `--calib-data`), rounded to a power of two,
+    /// divided out of the norm's weight and multiplied into the linears' columns: the same function, with
+    /// activation outliers moved into the weights. Covers attn_norm (wq_a, wkv, compressors, indexer) and
+    /// ffn_norm (router, shared and routed experts' w1/w3).
+    Smooth,
 }
 
 #[derive(clap::Args)]
@@ -85,6 +91,9 @@ pub struct Args {
     /// Tokens per calibration forward pass.
     #[arg(long, default_value_t = 512)]
     calib_seq_len: usize,
+    /// SmoothQuant's migration strength α for `--calibrate smooth` (0: none moved into the weights, 1: all).
+    #[arg(long, default_value_t = 0.5)]
+    smooth_alpha: f32,
     /// Bytes of tensor data per output shard.
     #[arg(long, default_value_t = v4_convert::DEFAULT_SHARD_SIZE)]
     shard_size: u64,
@@ -119,9 +128,20 @@ pub fn run(args: Args) -> Result<()> {
         Calibrate::Activation => Calibration::WeightSearch {
             channel_importance: Some(measure_importance(&args)?),
         },
+        Calibrate::Smooth => Calibration::Rtn,
     };
-    if args.calib_data.is_some() && !matches!(args.calibrate, Calibrate::Activation) {
-        return Err("--calib-data is only used by --calibrate activation".into());
+    if matches!(args.calibrate, Calibrate::Smooth) {
+        let sequences = calibration_sequences(&args, "smooth")?;
+        let factors = smoothing_factors::<v4_cpu::Cpu>(
+            &args.input,
+            &sequences,
+            args.smooth_alpha,
+            &Default::default(),
+        )?;
+        opts.smoothing = Some(factors);
+    }
+    if args.calib_data.is_some() && !matches!(args.calibrate, Calibrate::Activation | Calibrate::Smooth) {
+        return Err("--calib-data is only used by --calibrate activation and smooth".into());
     }
     opts.shard_size = args.shard_size;
     opts.threads = args.threads;
@@ -135,10 +155,16 @@ pub fn run(args: Args) -> Result<()> {
 
 /// `E[x²]` of the routed experts' inputs, from the model in `--input` run on `--calib-data` (CPU backend).
 fn measure_importance(args: &Args) -> Result<HashMap<String, Vec<f32>>> {
+    let sequences = calibration_sequences(args, "activation")?;
+    expert_importance::<v4_cpu::Cpu>(&args.input, &sequences, &Default::default())
+}
+
+/// The token sequences of `--calib-data`, which `--calibrate {method}` needs.
+fn calibration_sequences(args: &Args, method: &str) -> Result<Vec<Vec<u32>>> {
     let data = args
         .calib_data
         .as_ref()
-        .ok_or("--calibrate activation needs --calib-data FILE.jsonl")?;
+        .ok_or_else(|| format!("--calibrate {method} needs --calib-data FILE.jsonl"))?;
     let tokenizer = match &args.tokenizer {
         Some(path) => Some(V4Tokenizer::from_file(path)?),
         None => V4Tokenizer::from_model_dir(&args.input)?,
@@ -151,5 +177,5 @@ fn measure_importance(args: &Args) -> Result<HashMap<String, Vec<f32>>> {
         args.calib_seq_len.min(config.max_position_embeddings),
         args.calib_tokens,
     )?;
-    expert_importance::<v4_cpu::Cpu>(&args.input, &sequences, &Default::default())
+    Ok(sequences)
 }
