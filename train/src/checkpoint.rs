@@ -12,6 +12,7 @@
 
 use crate::collective::Collective;
 use crate::data::LoaderState;
+use crate::error::TrainError;
 use crate::params::HostF32;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
@@ -66,8 +67,8 @@ fn fnv64(hash: u64, bytes: &[u8]) -> u64 {
         .fold(hash, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> String + '_ {
-    move |e| format!("{}: {e}", path.display())
+fn io(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
+    TrainError::io(path)
 }
 
 fn f32_bytes(data: &[f32]) -> Vec<u8> {
@@ -76,7 +77,7 @@ fn f32_bytes(data: &[f32]) -> Vec<u8> {
 
 /// Writes one step's gradients (flattened, by parameter name) to `path`, atomically: for comparing a
 /// parallel setup with a single process.
-pub fn write_gradients(path: &Path, grads: &[(String, HostF32)]) -> Result<(), String> {
+pub fn write_gradients(path: &Path, grads: &[(String, HostF32)]) -> Result<(), TrainError> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -89,11 +90,13 @@ pub fn write_gradients(path: &Path, grads: &[(String, HostF32)]) -> Result<(), S
     let views = bytes
         .iter()
         .map(|(n, shape, b)| {
-            let view = TensorView::new(Dtype::F32, shape.clone(), b).map_err(|e| format!("{n}: {e}"))?;
+            let view = TensorView::new(Dtype::F32, shape.clone(), b)
+                .map_err(|e| TrainError::checkpoint(path, format!("gradient {n}: {e}")))?;
             Ok((n.clone(), view))
         })
-        .collect::<Result<Vec<_>, String>>()?;
-    let bytes = safetensors::tensor::serialize(views, None).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        .collect::<Result<Vec<_>, TrainError>>()?;
+    let bytes = safetensors::tensor::serialize(views, None)
+        .map_err(|e| TrainError::checkpoint(&tmp, e.to_string()))?;
     std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))
 }
@@ -163,13 +166,15 @@ pub fn step_dir_name(step: usize) -> String {
 }
 
 /// Fails on every rank when any rank failed (its own error where it failed): a collective step's outcome.
-fn agree(collective: &dyn Collective, mine: Result<(), String>) -> Result<(), String> {
+fn agree(collective: &dyn Collective, mine: Result<(), TrainError>) -> Result<(), TrainError> {
     let mut failed = [mine.is_err() as u64];
     collective.all_reduce_sum_u64(&mut failed);
     match (mine, failed[0]) {
         (Err(e), _) => Err(e),
         (Ok(()), 0) => Ok(()),
-        (Ok(()), n) => Err(format!("{n} other rank(s) failed to write the checkpoint")),
+        (Ok(()), n) => Err(TrainError::Parallel(format!(
+            "{n} other rank(s) failed to write the checkpoint"
+        ))),
     }
 }
 
@@ -182,7 +187,7 @@ fn layout(tensors: &[SharedTensor], metadata: &BTreeMap<String, String>) -> (Vec
 }
 
 /// Creates `path` at its full length with its header (the lead rank, before anyone writes).
-fn create(path: &Path, header: &[u8], tensors: &[SharedTensor]) -> Result<(), String> {
+fn create(path: &Path, header: &[u8], tensors: &[SharedTensor]) -> Result<(), TrainError> {
     let data: u64 = tensors.iter().map(|t| t.planned().len).sum();
     let file = std::fs::File::create(path).map_err(io(path))?;
     file.set_len(header.len() as u64 + data).map_err(io(path))?;
@@ -190,7 +195,7 @@ fn create(path: &Path, header: &[u8], tensors: &[SharedTensor]) -> Result<(), St
 }
 
 /// Writes this rank's parts of `tensors` into `path` (created by [`create`]).
-fn write_mine(path: &Path, tensors: &[SharedTensor], at: &HashMap<String, u64>) -> Result<(), String> {
+fn write_mine(path: &Path, tensors: &[SharedTensor], at: &HashMap<String, u64>) -> Result<(), TrainError> {
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(path)
@@ -215,7 +220,7 @@ pub fn save(
     data: &CheckpointData<'_>,
     keep_last: usize,
     collective: &dyn Collective,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, TrainError> {
     let lead = collective.rank() == 0;
     let name = step_dir_name(data.state.step);
     let tmp = root.join(format!(".tmp-{name}"));
@@ -241,13 +246,13 @@ pub fn save(
     let ranks = collective.size() as u64;
     let planned = match sums.iter().zip(&lengths).all(|(&sum, &len)| sum == len * ranks) {
         true => Ok(()),
-        false => Err(format!(
+        false => Err(TrainError::Parallel(format!(
             "{}: the ranks planned different checkpoint files (header lengths {lengths:?} here); nothing written",
             root.display()
-        )),
+        ))),
     };
     agree(collective, planned)?;
-    let prepare = || -> Result<(), String> {
+    let prepare = || -> Result<(), TrainError> {
         std::fs::create_dir_all(root).map_err(io(root))?;
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
@@ -262,7 +267,7 @@ pub fn save(
         Ok(())
     };
     agree(collective, if lead { prepare() } else { Ok(()) })?;
-    let write = || -> Result<(), String> {
+    let write = || -> Result<(), TrainError> {
         for ((file, tensors, _), (_, at)) in files.iter().zip(&layouts) {
             write_mine(&tmp.join(file), tensors, at)?;
         }
@@ -270,7 +275,7 @@ pub fn save(
     };
     agree(collective, write())?;
     let target = root.join(&name);
-    let finish = || -> Result<(), String> {
+    let finish = || -> Result<(), TrainError> {
         write_manifest(&tmp, data.state.step)?;
         if target.exists() {
             std::fs::remove_dir_all(&target).map_err(io(&target))?;
@@ -290,7 +295,7 @@ pub fn save(
 }
 
 /// Size and FNV-1a 64 checksum of `path`, read in pieces (a checkpoint can exceed memory).
-fn checksum(path: &Path) -> Result<(u64, u64), String> {
+fn checksum(path: &Path) -> Result<(u64, u64), TrainError> {
     let mut file = std::fs::File::open(path).map_err(io(path))?;
     let mut buffer = vec![0u8; 1 << 22];
     let (mut len, mut hash) = (0u64, FNV_OFFSET);
@@ -305,7 +310,7 @@ fn checksum(path: &Path) -> Result<(u64, u64), String> {
 }
 
 /// Writes `dir/manifest.json` over the checkpoint's files.
-fn write_manifest(dir: &Path, step: usize) -> Result<(), String> {
+fn write_manifest(dir: &Path, step: usize) -> Result<(), TrainError> {
     let mut files = BTreeMap::new();
     for f in ["config.json", "model.safetensors", OPTIMIZER, STATE] {
         let (bytes, sum) = checksum(&dir.join(f))?;
@@ -322,7 +327,7 @@ fn write_manifest(dir: &Path, step: usize) -> Result<(), String> {
 }
 
 /// The completed checkpoints under `root`, oldest first.
-pub fn list(root: &Path) -> Result<Vec<(usize, PathBuf)>, String> {
+pub fn list(root: &Path) -> Result<Vec<(usize, PathBuf)>, TrainError> {
     let mut out = Vec::new();
     if !root.is_dir() {
         return Ok(out);
@@ -343,13 +348,13 @@ pub fn list(root: &Path) -> Result<Vec<(usize, PathBuf)>, String> {
 }
 
 /// The newest checkpoint under `root`, if any.
-pub fn latest(root: &Path) -> Result<Option<PathBuf>, String> {
+pub fn latest(root: &Path) -> Result<Option<PathBuf>, TrainError> {
     Ok(list(root)?.pop().map(|(_, p)| p))
 }
 
 /// Checks that `dir` is a complete checkpoint whose files match the manifest.
-pub fn verify(dir: &Path) -> Result<(), String> {
-    let corrupt = |why: String| format!("checkpoint {} is corrupt or incomplete: {why}", dir.display());
+pub fn verify(dir: &Path) -> Result<(), TrainError> {
+    let corrupt = |why: String| TrainError::checkpoint(dir, format!("corrupt or incomplete: {why}"));
     let manifest_path = dir.join("manifest.json");
     let text = std::fs::read_to_string(&manifest_path)
         .map_err(|e| corrupt(format!("cannot read manifest.json ({e})")))?;
@@ -378,19 +383,20 @@ pub fn verify(dir: &Path) -> Result<(), String> {
 pub fn read_training_state(
     dir: &Path,
     parts: &HashMap<String, Range<usize>>,
-) -> Result<(TrainerState, HashMap<String, MomentState>), String> {
+) -> Result<(TrainerState, HashMap<String, MomentState>), TrainError> {
     let path = dir.join(STATE);
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-    let state: TrainerState = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| TrainError::checkpoint(&path, e.to_string()))?;
     let path = dir.join(OPTIMIZER);
     let file = std::fs::File::open(&path).map_err(io(&path))?;
     // SAFETY: read-only; the checkpoint was verified and is not written while training reads it.
     let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(io(&path))?;
-    let bad = |e: String| format!("{}: {e}", path.display());
+    let bad = |e: String| TrainError::checkpoint(&path, e);
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
     let times = meta.metadata().clone().unwrap_or_default();
     let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-    let read = |name: &str, part: Option<&Range<usize>>| -> Result<HostF32, String> {
+    let read = |name: &str, part: Option<&Range<usize>>| -> Result<HostF32, TrainError> {
         let t = st.tensor(name).map_err(|e| bad(format!("{name}: {e}")))?;
         if t.dtype() != Dtype::F32 {
             return Err(bad(format!("{name} is not f32")));

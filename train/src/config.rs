@@ -1,5 +1,6 @@
 //! The training configuration (`config.toml`). Every section rejects unknown keys, naming them.
 
+use crate::error::TrainError;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -307,19 +308,32 @@ impl Default for LoggingSection {
 }
 
 impl TrainConfig {
-    /// Parses TOML; relative paths are resolved against `base` (the config file's directory).
-    pub fn from_toml_str(text: &str, base: &Path) -> Result<Self, String> {
-        let mut config: TrainConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+    /// Parses TOML; relative paths are resolved against `base` (the config file's directory), which an
+    /// error names.
+    pub fn from_toml_str(text: &str, base: &Path) -> Result<Self, TrainError> {
+        let invalid = |reason: String| TrainError::Config {
+            path: base.to_path_buf(),
+            reason,
+        };
+        let mut config: TrainConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         config.resolve_paths(base);
-        config.validate()?;
-        Ok(config)
+        match config.problem() {
+            Some(reason) => Err(invalid(reason)),
+            None => Ok(config),
+        }
     }
 
     /// Reads and parses a config file.
-    pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn from_file(path: &Path) -> Result<Self, TrainError> {
+        let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_toml_str(&text, base).map_err(|e| format!("{}: {e}", path.display()))
+        Self::from_toml_str(&text, base).map_err(|e| match e {
+            TrainError::Config { reason, .. } => TrainError::Config {
+                path: path.to_path_buf(),
+                reason,
+            },
+            other => other,
+        })
     }
 
     /// The resolved configuration, defaults included, as TOML.
@@ -361,35 +375,36 @@ impl TrainConfig {
         }
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    /// The first inconsistency of the configuration, if any.
+    fn problem(&self) -> Option<String> {
         match (&self.model.checkpoint, &self.model.config) {
             (Some(_), Some(_)) => {
-                return Err(
+                return Some(
                     "[model]: set `checkpoint` (fine-tune) OR `config` (from scratch), not both".into(),
                 )
             }
             (None, None) => {
-                return Err(
+                return Some(
                     "[model]: set `checkpoint` (a model directory) or `config` (a config.json)".into(),
                 )
             }
             _ => {}
         }
         if !matches!(self.model.device.as_str(), "cpu" | "ndarray" | "npu") {
-            return Err(format!(
+            return Some(format!(
                 "[model] device = \"{}\": the trainer runs on \"cpu\", \"ndarray\" or \"npu\"",
                 self.model.device
             ));
         }
         if self.data.seq_len == 0 || self.training.batch == 0 || self.training.grad_accum == 0 {
-            return Err("[data] seq_len, [training] batch and grad_accum must be positive".into());
+            return Some("[data] seq_len, [training] batch and grad_accum must be positive".into());
         }
         if self.schedule.steps == 0 {
-            return Err("[schedule] steps must be positive".into());
+            return Some("[schedule] steps must be positive".into());
         }
         let (ep, dp) = (self.parallel.expert_parallel, self.parallel.data_parallel);
         if ep == 0 || dp == 0 || !self.training.batch.is_multiple_of(ep * dp) {
-            return Err(format!(
+            return Some(format!(
                 "[parallel] expert_parallel = {ep} times data_parallel = {dp} must be positive and divide \
                  [training] batch = {} (each rank takes batch / (expert_parallel x data_parallel) sequences \
                  of the global batch)",
@@ -400,9 +415,9 @@ impl TrainConfig {
             && self.checkpoint.dir.is_none()
             && self.checkpoint.resume.as_deref() == Some("latest")
         {
-            return Err("[checkpoint] resume = \"latest\" needs `dir`".into());
+            return Some("[checkpoint] resume = \"latest\" needs `dir`".into());
         }
-        Ok(())
+        None
     }
 
     /// Learning rate at optimizer step `step` (0-based).

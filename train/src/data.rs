@@ -2,9 +2,11 @@
 //! windows of `seq_len + 1`, shuffled per epoch by a seeded generator. The loader's state is just
 //! `(epoch, cursor)`: the order of an epoch is a pure function of the seed and the epoch.
 
+use crate::error::TrainError;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use v4_infer::chat;
+use v4_infer::InferError;
 use v4_infer::V4Tokenizer;
 
 /// How text becomes tokens.
@@ -26,12 +28,15 @@ impl std::fmt::Debug for Tokenizer {
 
 impl Tokenizer {
     /// `"bytes"`, or the path of a `tokenizer.json`.
-    pub fn from_spec(spec: &str) -> Result<Self, String> {
+    pub fn from_spec(spec: &str) -> Result<Self, TrainError> {
         match spec {
             "bytes" => Ok(Tokenizer::Bytes),
             path => V4Tokenizer::from_file(Path::new(path))
                 .map(|t| Tokenizer::Json(Box::new(t)))
-                .map_err(|e| format!("[data] tokenizer: {e}")),
+                .map_err(|e| TrainError::Data {
+                    path: path.into(),
+                    reason: format!("[data] tokenizer: {e}"),
+                }),
         }
     }
 
@@ -42,10 +47,10 @@ impl Tokenizer {
         }
     }
 
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, InferError> {
         match self {
             Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
-            Tokenizer::Json(t) => t.encode(text).map_err(|e| e.to_string()),
+            Tokenizer::Json(t) => t.encode(text),
         }
     }
 
@@ -109,15 +114,16 @@ pub fn load_windows(
     tokenizer: &Tokenizer,
     seq_len: usize,
     max_records: usize,
-) -> Result<Vec<Window>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+) -> Result<Vec<Window>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
     let (mut tokens, mut mask) = (Vec::new(), Vec::new());
-    let push = |s: &str, target: bool, tokens: &mut Vec<u32>, mask: &mut Vec<bool>| -> Result<(), String> {
-        let ids = tokenizer.encode(s)?;
-        mask.extend(std::iter::repeat_n(target, ids.len()));
-        tokens.extend(ids);
-        Ok(())
-    };
+    let push =
+        |s: &str, target: bool, tokens: &mut Vec<u32>, mask: &mut Vec<bool>| -> Result<(), InferError> {
+            let ids = tokenizer.encode(s)?;
+            mask.extend(std::iter::repeat_n(target, ids.len()));
+            tokens.extend(ids);
+            Ok(())
+        };
     let mut records = 0;
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -127,31 +133,37 @@ pub fn load_windows(
             break;
         }
         records += 1;
-        let record: Record =
-            serde_json::from_str(line).map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
+        let bad = |reason: String| TrainError::Data {
+            path: path.to_path_buf(),
+            reason: format!("line {}: {reason}", n + 1),
+        };
+        let record: Record = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
         match (record.text, record.messages, record.ids) {
-            (Some(t), None, None) => push(&format!("{t}\n\n"), true, &mut tokens, &mut mask),
+            (Some(t), None, None) => {
+                push(&format!("{t}\n\n"), true, &mut tokens, &mut mask).map_err(|e| bad(e.to_string()))?
+            }
             (None, None, Some(ids)) => {
                 mask.extend(std::iter::repeat_n(true, ids.len()));
                 tokens.extend(ids);
-                Ok(())
             }
             (None, Some(messages), None) => {
-                if let Some(m) = messages
-                    .iter()
-                    .find(|m| !["system", "user", "assistant"].contains(&m.role.as_str()))
-                {
-                    Err(format!("unknown role `{}` (system, user, assistant)", m.role))
-                } else {
-                    tokenizer
-                        .chat_segments(&messages)
-                        .iter()
-                        .try_for_each(|(text, target)| push(text, *target, &mut tokens, &mut mask))
+                let roles = ["system", "user", "assistant"];
+                if let Some(m) = messages.iter().find(|m| !roles.contains(&m.role.as_str())) {
+                    return Err(bad(format!(
+                        "unknown role `{}` (system, user, assistant)",
+                        m.role
+                    )));
+                }
+                for (text, target) in tokenizer.chat_segments(&messages) {
+                    push(&text, target, &mut tokens, &mut mask).map_err(|e| bad(e.to_string()))?;
                 }
             }
-            _ => Err("a record needs exactly one of `text`, `messages` or `ids`".to_string()),
+            _ => {
+                return Err(bad(
+                    "a record needs exactly one of `text`, `messages` or `ids`".into()
+                ))
+            }
         }
-        .map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
     }
     let w = seq_len + 1;
     let windows: Vec<Window> = tokens
@@ -165,10 +177,10 @@ pub fn load_windows(
         .filter(|win| win.mask[1..].iter().any(|&m| m))
         .collect();
     if windows.is_empty() {
-        return Err(format!(
-            "{}: fewer than {w} tokens with loss targets (seq_len {seq_len})",
-            path.display()
-        ));
+        return Err(TrainError::Data {
+            path: path.to_path_buf(),
+            reason: format!("fewer than {w} tokens with loss targets (seq_len {seq_len})"),
+        });
     }
     Ok(windows)
 }
@@ -312,12 +324,15 @@ mod tests {
         std::fs::write(&path, r#"{"messages": [{"role": "narrator", "content": "x"}]}"#).unwrap();
         let err = load_windows(&path, &tokenizer, 4, 0).unwrap_err();
         assert!(
-            err.contains(":1:") && err.contains("unknown role `narrator`"),
+            matches!(&err, TrainError::Data { reason, .. }
+                if reason.contains("line 1:") && reason.contains("unknown role `narrator`")),
             "{err}"
         );
-        assert!(Tokenizer::from_spec("/no/such/tokenizer.json")
-            .unwrap_err()
-            .contains("no such file"));
+        let err = Tokenizer::from_spec("/no/such/tokenizer.json").unwrap_err();
+        assert!(
+            matches!(&err, TrainError::Data { .. }) && err.to_string().contains("no such file"),
+            "{err}"
+        );
     }
 
     #[test]

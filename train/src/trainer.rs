@@ -5,6 +5,7 @@ use crate::checkpoint::{self, CheckpointData, MomentState, SharedTensor, Trainer
 use crate::collective::{Collective, Groups, SingleProcess};
 use crate::config::TrainConfig;
 use crate::data::{load_windows, Loader, Tokenizer, Window};
+use crate::error::TrainError;
 use crate::expert_parallel::ExpertParallel;
 use crate::fused_experts::FusedExperts;
 use crate::metrics::{MetricsWriter, MoeHealth};
@@ -142,7 +143,7 @@ fn forward<B: Backend>(
     tokens: &Tokens,
     runner: &dyn ExpertRunner<B>,
     with_mtp: bool,
-) -> Result<MtpForward<B>, String> {
+) -> Result<MtpForward<B>, TrainError> {
     let out = if with_mtp {
         model.forward_mtp(tokens, runner, &mut NoProbe)
     } else {
@@ -155,7 +156,7 @@ fn forward<B: Backend>(
                 expert_counts: Vec::new(),
             })
     };
-    out.map_err(|e| e.to_string())
+    Ok(out?)
 }
 
 /// The MTP losses of a micro-batch, per depth: depth `k`'s cross-entropy on the token `2 + k` ahead
@@ -190,7 +191,7 @@ pub fn evaluate<B: Backend>(
     windows: &[Window],
     batch: usize,
     runner: &dyn ExpertRunner<B>,
-) -> Result<(f64, Option<f64>), String> {
+) -> Result<(f64, Option<f64>), TrainError> {
     let depths = model.mtp.len();
     let refs: Vec<&Window> = windows.iter().collect();
     let denoms: Vec<usize> = (0..depths).map(|k| targets_in(&refs, 2 + k)).collect();
@@ -280,19 +281,18 @@ fn load_model<B: Backend>(
     resume: Option<&PathBuf>,
     experts: ExpertShard,
     device: &B::Device,
-) -> Result<(V4Model<B>, String), String> {
+) -> Result<(V4Model<B>, String), TrainError> {
     let plan = LoadPlan {
         experts,
         ..LoadPlan::default()
     };
-    let from_dir = |dir: &PathBuf| -> Result<(V4Model<B>, String), String> {
-        let config = read_config(dir).map_err(|e| e.to_string())?;
-        let text = std::fs::read_to_string(dir.join("config.json"))
-            .map_err(|e| format!("{}: {e}", dir.join("config.json").display()))?;
+    let from_dir = |dir: &PathBuf| -> Result<(V4Model<B>, String), TrainError> {
+        let config = read_config(dir)?;
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(TrainError::io(&path))?;
         // Either layout: a DeepSeek release checkpoint (FP8 / FP4) trains from its dequantised weights.
-        let source = v4_checkpoint::open(dir).map_err(|e| e.to_string())?;
-        let model =
-            V4Model::load_plan(&config, source.as_ref(), device, plan.clone()).map_err(|e| e.to_string())?;
+        let source = v4_checkpoint::open(dir)?;
+        let model = V4Model::load_plan(&config, source.as_ref(), device, plan.clone())?;
         Ok((model, text))
     };
     if let Some(dir) = resume {
@@ -306,13 +306,16 @@ fn load_model<B: Backend>(
         .config
         .as_ref()
         .expect("validated: checkpoint or config");
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let config = v4_model::V4Config::from_json_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
+    let config = v4_model::V4Config::from_json_str(&text).map_err(|e| TrainError::Config {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
     let source = RandomWeights {
         seed: cfg.model.seed,
         experts: config.n_routed_experts,
     };
-    let model = V4Model::load_plan(&config, &source, device, plan).map_err(|e| e.to_string())?;
+    let model = V4Model::load_plan(&config, &source, device, plan)?;
     Ok((model, text))
 }
 
@@ -332,7 +335,7 @@ pub fn train<B: AutodiffBackend>(
     cfg: &TrainConfig,
     device: &B::Device,
     opts: &RunOptions,
-) -> Result<RunReport, String>
+) -> Result<RunReport, TrainError>
 where
     ExpertParallel: ExpertRunner<B>,
     FusedExperts: ExpertRunner<B>,
@@ -341,11 +344,11 @@ where
     let (rank, ranks) = (collective.rank(), collective.size());
     let (ep, dp) = (cfg.parallel.expert_parallel, cfg.parallel.data_parallel);
     if ranks != ep * dp {
-        return Err(format!(
+        return Err(TrainError::Mismatch(format!(
             "[parallel] expert_parallel = {ep} x data_parallel = {dp} but {ranks} process(es) run: start it \
              with `mpirun -np {} v4 train ...`",
             ep * dp
-        ));
+        )));
     }
     let groups = Groups::new(collective.clone(), ep);
     let lead = rank == 0;
@@ -387,9 +390,9 @@ where
     // The MTP layers are trained (and their loss computed) only with a weight.
     let mtp_depths = if cfg.mtp.weight > 0.0 { model.mtp.len() } else { 0 };
     if cfg.mtp.weight > 0.0 && mtp_depths == 0 {
-        return Err(
+        return Err(TrainError::Mismatch(
             "[mtp] weight is set, but the model has no MTP layer (num_nextn_predict_layers = 0)".into(),
-        );
+        ));
     }
     if cfg.moe.alpha > 0.0 {
         for block in model.layers.iter_mut() {
@@ -465,7 +468,7 @@ where
                 }
                 m.flush();
             }
-            Ok::<_, String>(())
+            Ok::<_, TrainError>(())
         };
     if !valid_windows.is_empty() {
         validate(state.step, &model, &mut report, &mut metrics)?;
@@ -662,7 +665,7 @@ where
 }
 
 /// The tokenizer, the training windows and the validation windows (`validation_batches` batches at most).
-fn load_data(cfg: &TrainConfig) -> Result<(Tokenizer, Vec<Window>, Vec<Window>), String> {
+fn load_data(cfg: &TrainConfig) -> Result<(Tokenizer, Vec<Window>, Vec<Window>), TrainError> {
     let tokenizer = Tokenizer::from_spec(&cfg.data.tokenizer)?;
     let (seq, max) = (cfg.data.seq_len, cfg.data.max_records);
     let train = load_windows(&cfg.data.train, &tokenizer, seq, max)?;
@@ -683,12 +686,12 @@ fn check_vocabulary(
     tokenizer: &Tokenizer,
     windows: [&[Window]; 2],
     vocab: usize,
-) -> Result<(), String> {
+) -> Result<(), TrainError> {
     if tokenizer.vocab_size() > vocab {
-        return Err(format!(
+        return Err(TrainError::Mismatch(format!(
             "the tokenizer's vocabulary ({}) exceeds the model's ({vocab})",
             tokenizer.vocab_size()
-        ));
+        )));
     }
     for (windows, path) in windows
         .into_iter()
@@ -699,10 +702,10 @@ fn check_vocabulary(
             .flat_map(|w| &w.tokens)
             .find(|&&id| id as usize >= vocab)
         {
-            let path = path.map_or(String::new(), |p| p.display().to_string());
-            return Err(format!(
-                "{path}: token id {id} is not in the model's vocabulary [0, {vocab})"
-            ));
+            return Err(TrainError::Data {
+                path: path.cloned().unwrap_or_default(),
+                reason: format!("token id {id} is not in the model's vocabulary [0, {vocab})"),
+            });
         }
     }
     Ok(())
@@ -714,7 +717,7 @@ fn resume_state(
     dir: &std::path::Path,
     named: &[NamedParam],
     sizes: &HashMap<ParamId, usize>,
-) -> Result<(TrainerState, HashMap<ParamId, MomentState>), String> {
+) -> Result<(TrainerState, HashMap<ParamId, MomentState>), TrainError> {
     let parts: HashMap<String, Range<usize>> = named
         .iter()
         .filter_map(|p| {
@@ -727,14 +730,20 @@ fn resume_state(
     let by_name: HashMap<&str, ParamId> = named.iter().map(|p| (p.name.as_str(), p.id)).collect();
     let mut states = HashMap::new();
     for (name, m) in moments {
-        let id = by_name
-            .get(name.as_str())
-            .ok_or_else(|| format!("optimizer state names `{name}`, which the model does not have"))?;
+        let id = by_name.get(name.as_str()).ok_or_else(|| {
+            TrainError::checkpoint(
+                dir,
+                format!("optimizer state names `{name}`, which the model does not have"),
+            )
+        })?;
         if m.m.data.len() != sizes[id] || m.v.data.len() != sizes[id] {
-            return Err(format!(
-                "optimizer state of `{name}` has {} values, the parameter {}",
-                m.m.data.len(),
-                sizes[id]
+            return Err(TrainError::checkpoint(
+                dir,
+                format!(
+                    "optimizer state of `{name}` has {} values, the parameter {}",
+                    m.m.data.len(),
+                    sizes[id]
+                ),
             ));
         }
         states.insert(*id, m);
@@ -929,7 +938,7 @@ fn dump_gradients(
     groups: &Groups,
     named: &[NamedParam],
     grads: &HashMap<ParamId, Vec<f32>>,
-) -> Result<(), String> {
+) -> Result<(), TrainError> {
     let mut dump = Vec::new();
     for p in named {
         let Some(g) = grads.get(&p.id) else { continue };
@@ -961,7 +970,7 @@ fn checkpoint_data<'a, B: AutodiffBackend>(
     config_json: &'a str,
     state: TrainerState,
     writes: (bool, bool),
-) -> Result<CheckpointData<'a>, String> {
+) -> Result<CheckpointData<'a>, TrainError> {
     let (lead, experts) = writes;
     let host = host_params(model);
     // Whole shape and this rank's (element offset, values) of a parameter-shaped tensor.
@@ -982,7 +991,7 @@ fn checkpoint_data<'a, B: AutodiffBackend>(
     for p in named {
         let t = host
             .get(&p.id)
-            .ok_or_else(|| format!("parameter {} not found", p.name))?;
+            .ok_or_else(|| TrainError::Mismatch(format!("parameter {} not found", p.name)))?;
         let t = to_checkpoint(t, p.layout);
         model_tensors.push(share(p, t.shape.clone(), &t.data));
     }
