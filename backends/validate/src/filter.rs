@@ -1,5 +1,6 @@
 //! Which probe points to record: a layer range and simple glob patterns.
 
+use crate::Error;
 use std::ops::Range;
 
 /// `*` matches any run of characters (dots included), `?` one character; everything else literally.
@@ -30,8 +31,12 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 }
 
 /// Parses a layer range: `2` (one layer), `0..3` (end excluded), `0..=3`, `2..` (to the end).
-pub fn parse_layers(text: &str) -> Result<Range<usize>, String> {
-    let bad = || format!("invalid layer range `{text}` (expected N, A..B, A..=B or A..)");
+pub fn parse_layers(text: &str) -> Result<Range<usize>, Error> {
+    let bad = || {
+        Error::Options(format!(
+            "invalid layer range `{text}` (expected N, A..B, A..=B or A..)"
+        ))
+    };
     let t = text.trim();
     if let Some((a, b)) = t.split_once("..") {
         let start = if a.is_empty() {
@@ -66,7 +71,7 @@ pub struct ProbeFilter {
 
 impl ProbeFilter {
     /// From the CLI's `--layers` and comma-separated `--filter` values.
-    pub fn parse(layers: Option<&str>, filter: Option<&str>) -> Result<Self, String> {
+    pub fn parse(layers: Option<&str>, filter: Option<&str>) -> Result<Self, Error> {
         Ok(Self {
             layers: layers.map(parse_layers).transpose()?,
             patterns: filter

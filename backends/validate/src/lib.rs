@@ -20,6 +20,8 @@
 //! `layers.N.output` (the streams leaving layer N, compared with the reference's `layers.N+1.input`, or
 //! `final.streams` for the last layer).
 
+use std::path::{Path, PathBuf};
+
 pub mod filter;
 pub mod metrics;
 pub mod report;
@@ -33,8 +35,48 @@ pub use rules::{Dtype, OpClass, Tolerances};
 pub use run::{record, validate, RunMode, ValidateOptions};
 pub use trace::{Trace, TraceInfo, TraceMode};
 
-/// An error of this crate: a message for the user.
-pub type Error = Box<dyn std::error::Error + Send + Sync>;
+/// Why a trace or a validation could not be made: each variant names the file or the option concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A trace (or forward-output) file that cannot be read, parsed or written.
+    #[error("{}: {reason}", path.display())]
+    Trace { path: PathBuf, reason: String },
+    /// A report or tolerance file that cannot be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An option: a layer range, a probe filter, a mode, a dtype, a tolerance file's contents.
+    #[error("{0}")]
+    Options(String),
+    /// The reference does not fit the candidate model (shapes, missing probes, kinds of values).
+    #[error("{0}")]
+    Reference(String),
+    /// The candidate model refuses the reference's inputs.
+    #[error(transparent)]
+    Input(#[from] v4_model::InputError),
+}
+
+impl Error {
+    /// `Io` at `path`, as a `map_err` argument.
+    pub(crate) fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+        move |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// `Trace` of `path` for `reason`.
+    pub(crate) fn trace(path: &Path, reason: impl std::fmt::Display) -> Error {
+        Error::Trace {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// The layer index of a probe name (`layers.N....`), if any.

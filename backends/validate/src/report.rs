@@ -5,7 +5,7 @@ use crate::metrics::{compare_f32, compare_topk, FloatMetrics, IndexMetrics, TieR
 use crate::rules::{op_class, Dtype, OpClass, Tolerance};
 use crate::run::{RunMode, ValidateOptions};
 use crate::trace::{Stats, Trace, TraceInfo, Values};
-use crate::Result;
+use crate::{Error, Result};
 use burn::tensor::TensorData;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -196,7 +196,8 @@ pub fn compare(
     let mut cand: Vec<(String, Vec<usize>, Values)> = Vec::with_capacity(records.len());
     for (name, data) in records {
         let shape = data.shape.to_vec();
-        cand.push((name, shape, Values::from_data(data)?));
+        let values = Values::from_data(&name, data)?;
+        cand.push((name, shape, values));
     }
     let by_name: HashMap<&str, usize> = cand.iter().enumerate().map(|(i, c)| (c.0.as_str(), i)).collect();
     let mut out = Vec::new();
@@ -1002,12 +1003,14 @@ impl Report {
 
     /// Writes `report.json`, `report.csv` and `report.html` into `dir` (created).
     pub fn write(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
         let put = |name: &str, text: String| -> Result<()> {
             let p = dir.join(name);
-            std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()).into())
+            std::fs::write(&p, text).map_err(Error::io(&p))
         };
-        put("report.json", serde_json::to_string_pretty(self)?)?;
+        let json =
+            serde_json::to_string_pretty(self).map_err(|e| Error::trace(&dir.join("report.json"), e))?;
+        put("report.json", json)?;
         put("report.csv", self.csv())?;
         put("report.html", self.html())
     }

@@ -13,6 +13,7 @@
 //! 4. warnings: cosine < 0.99, thousandth ratio below 0.7, error amplification >= 10x across a layer.
 
 use crate::filter::glob_match;
+use crate::Error;
 use serde::{Deserialize, Serialize};
 
 /// The compute dtype whose defaults apply.
@@ -26,13 +27,15 @@ pub enum Dtype {
 }
 
 impl Dtype {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, Error> {
         match s.to_ascii_lowercase().as_str() {
             "f32" | "fp32" | "float32" => Ok(Self::F32),
             "hf32" => Ok(Self::Hf32),
             "f16" | "fp16" | "float16" => Ok(Self::F16),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
-            _ => Err(format!("unknown dtype `{s}` (f32, hf32, f16, bf16)")),
+            _ => Err(Error::Options(format!(
+                "unknown dtype `{s}` (f32, hf32, f16, bf16)"
+            ))),
         }
     }
 
@@ -211,13 +214,13 @@ pub struct Tolerances {
 }
 
 impl Tolerances {
-    pub fn from_toml(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| format!("invalid tolerance file: {e}"))
+    pub fn from_toml(text: &str) -> Result<Self, Error> {
+        toml::from_str(text).map_err(|e| Error::Options(format!("invalid tolerance file: {e}")))
     }
 
-    pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn from_file(path: &std::path::Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
+        Self::from_toml(&text).map_err(|e| Error::Options(format!("{}: {e}", path.display())))
     }
 
     /// The tolerance of probe `name` for `dtype`.

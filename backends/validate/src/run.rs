@@ -3,7 +3,7 @@
 use crate::report::{compare, policy_diff, Report, RoutingInfo};
 use crate::rules::{Dtype, Tolerances};
 use crate::trace::{config_hash, Trace, TraceInfo, TraceMode};
-use crate::{filter::ProbeFilter, Result};
+use crate::{filter::ProbeFilter, Error, Result};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use v4_model::cache::{LayerCache, Segment};
 use v4_model::probe::{tap, Probe};
@@ -26,13 +26,15 @@ pub enum RunMode {
 }
 
 impl std::str::FromStr for RunMode {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
         match s {
             "propagated" => Ok(Self::Propagated),
             "isolated" => Ok(Self::Isolated),
             "both" => Ok(Self::Both),
-            _ => Err(format!("unknown mode `{s}` (propagated, isolated, both)")),
+            _ => Err(Error::Options(format!(
+                "unknown mode `{s}` (propagated, isolated, both)"
+            ))),
         }
     }
 }
@@ -78,10 +80,12 @@ fn reference_streams<B: Backend>(model: &V4Model<B>, reference: &Trace) -> Resul
     }
     let name = format!("layers.{first}.input");
     let (shape, values) = reference.f32(&name).ok_or_else(|| {
-        format!(
-            "{}: the reference holds no `{name}` (full mode) to start layers {:?} from",
-            reference.path.display(),
-            model.layer_range()
+        Error::trace(
+            &reference.path,
+            format!(
+                "the reference holds no `{name}` (full mode) to start layers {:?} from",
+                model.layer_range()
+            ),
         )
     })?;
     Ok(Some(streams4(shape, values, &model.device())?))
@@ -89,9 +93,11 @@ fn reference_streams<B: Backend>(model: &V4Model<B>, reference: &Trace) -> Resul
 
 /// Reference streams `[B, S, c, D]` as a tensor.
 fn streams4<B: Backend>(shape: &[usize], values: &[f32], device: &B::Device) -> Result<Tensor<B, 4>> {
-    let s: [usize; 4] = shape
-        .try_into()
-        .map_err(|_| format!("reference streams have shape {shape:?}, expected [B, S, c, D]"))?;
+    let s: [usize; 4] = shape.try_into().map_err(|_| {
+        Error::Reference(format!(
+            "reference streams have shape {shape:?}, expected [B, S, c, D]"
+        ))
+    })?;
     Ok(Tensor::from_data(TensorData::new(values.to_vec(), s), device))
 }
 
@@ -167,9 +173,11 @@ pub fn run_isolated<B: Backend>(
             &model.head.forward(hidden),
         );
     } else if let Some((shape, values)) = reference.f32("final.hidden") {
-        let s: [usize; 3] = shape
-            .try_into()
-            .map_err(|_| format!("reference final.hidden has shape {shape:?}, expected [B, S, D]"))?;
+        let s: [usize; 3] = shape.try_into().map_err(|_| {
+            Error::Reference(format!(
+                "reference final.hidden has shape {shape:?}, expected [B, S, D]"
+            ))
+        })?;
         let hidden = Tensor::<B, 3>::from_data(TensorData::new(values.to_vec(), s), &device);
         tap(
             &mut probe as &mut dyn Probe,
@@ -198,13 +206,14 @@ pub struct ValidateOptions {
 pub fn validate<B: Backend>(model: &V4Model<B>, reference: &Trace, opts: &ValidateOptions) -> Result<Report> {
     let meta = &reference.meta;
     if !meta.config_hash.is_empty() && meta.config_hash != config_hash(&model.config) {
-        return Err(format!(
-            "{}: the reference was traced with another model config (hash {} vs {})",
-            reference.path.display(),
-            meta.config_hash,
-            config_hash(&model.config)
-        )
-        .into());
+        return Err(Error::trace(
+            &reference.path,
+            format!(
+                "the reference was traced with another model config (hash {} vs {})",
+                meta.config_hash,
+                config_hash(&model.config)
+            ),
+        ));
     }
     let [batch, seq] = meta.input_shape;
     let tokens = Tokens::new(&meta.input_ids, batch, seq, model.config.vocab_size)?;

@@ -7,6 +7,7 @@
 //! metadata) is accepted too: `hidden.N` of rank 4 becomes `layers.N.input`, the rank-3 `hidden.L`
 //! becomes `final.hidden`, `logits` stays.
 
+use crate::{Error, Result};
 use burn::tensor::TensorData;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
@@ -31,13 +32,15 @@ pub enum TraceMode {
 }
 
 impl std::str::FromStr for TraceMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
         match s {
             "stats" => Ok(Self::Stats),
             "full" => Ok(Self::Full),
             "checksum" => Ok(Self::Checksum),
-            _ => Err(format!("unknown trace mode `{s}` (stats, full, checksum)")),
+            _ => Err(Error::Options(format!(
+                "unknown trace mode `{s}` (stats, full, checksum)"
+            ))),
         }
     }
 }
@@ -100,19 +103,13 @@ pub enum Values {
 }
 
 impl Values {
-    pub fn from_data(data: TensorData) -> Result<Self, String> {
+    /// The values of `data` (probe `name`, for errors).
+    pub fn from_data(name: &str, data: TensorData) -> Result<Self> {
+        let bad = |e| Error::Reference(format!("{name}: {e:?}"));
         if data.dtype.is_float() {
-            Ok(Values::F32(
-                data.convert::<f32>()
-                    .into_vec::<f32>()
-                    .map_err(|e| format!("{e:?}"))?,
-            ))
+            Ok(Values::F32(data.convert::<f32>().into_vec::<f32>().map_err(bad)?))
         } else {
-            Ok(Values::I64(
-                data.convert::<i64>()
-                    .into_vec::<i64>()
-                    .map_err(|e| format!("{e:?}"))?,
-            ))
+            Ok(Values::I64(data.convert::<i64>().into_vec::<i64>().map_err(bad)?))
         }
     }
 
@@ -223,11 +220,11 @@ impl Trace {
         input_shape: [usize; 2],
         layers: Option<String>,
         filter: Option<String>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self> {
         let mut entries = Vec::with_capacity(records.len());
         for (name, data) in records {
             let shape = data.shape.to_vec();
-            let values = Values::from_data(data).map_err(|e| format!("{name}: {e}"))?;
+            let values = Values::from_data(&name, data)?;
             entries.push(Entry {
                 stats: Stats::of(&values),
                 checksum: (mode == TraceMode::Checksum).then(|| values.checksum()),
@@ -270,7 +267,7 @@ impl Trace {
     }
 
     /// Writes the trace atomically (temporary file + rename).
-    pub fn write(&self, path: &Path) -> Result<(), String> {
+    pub fn write(&self, path: &Path) -> Result<()> {
         let mut blobs: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = vec![(
             "input_ids".into(),
             StDtype::I64,
@@ -289,26 +286,25 @@ impl Trace {
         let views = blobs
             .iter()
             .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
-            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
-            .map_err(|e| e.to_string())?;
-        let json = serde_json::to_string(&self.meta).map_err(|e| e.to_string())?;
+            .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
+            .map_err(|e| Error::trace(path, e))?;
+        let json = serde_json::to_string(&self.meta).map_err(|e| Error::trace(path, e))?;
         let meta = HashMap::from([(META_KEY.to_string(), json)]);
         let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
         tmp_name.push(format!(".tmp-{}", std::process::id()));
         let tmp = path.with_file_name(tmp_name);
-        safetensors::serialize_to_file(views, Some(meta), &tmp)
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+        safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| Error::trace(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(Error::io(path))
     }
 
     /// Reads a trace, or a plain forward-output file through the HF name mapping.
-    pub fn read(path: &Path) -> Result<Self, String> {
-        let at = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    pub fn read(path: &Path) -> Result<Self> {
+        let at = |e: &dyn std::fmt::Display| Error::trace(path, e);
         let bytes = std::fs::read(path).map_err(|e| at(&e))?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| at(&e))?;
         let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| at(&e))?;
         let json = header.metadata().as_ref().and_then(|m| m.get(META_KEY)).cloned();
-        let read_values = |name: &str| -> Result<(Vec<usize>, Values), String> {
+        let read_values = |name: &str| -> Result<(Vec<usize>, Values)> {
             let t = st.tensor(name).map_err(|e| at(&e))?;
             let v = match t.dtype() {
                 StDtype::F32 => Values::F32(
