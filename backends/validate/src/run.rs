@@ -119,7 +119,7 @@ pub fn trace<B: Backend>(
     } else {
         record_range(model, streams, tokens, &|n| filter.wants(n))?
     };
-    Ok(Trace::from_records(
+    Trace::from_records(
         records,
         mode,
         info,
@@ -128,7 +128,7 @@ pub fn trace<B: Backend>(
         [tokens.batch, tokens.seq],
         describe.0,
         describe.1,
-    )?)
+    )
 }
 
 /// Isolated mode: runs every layer whose input streams the reference holds on those streams (empty
