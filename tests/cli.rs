@@ -2,10 +2,13 @@
 
 use safetensors::SafeTensors;
 use std::path::PathBuf;
-use std::process::Command;
 
+#[path = "support/cli.rs"]
+mod cli;
 #[path = "support/scratch.rs"]
 mod support;
+
+use cli::{rel_l2, v4};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v4-tiny-a")
@@ -13,13 +16,6 @@ fn fixtures() -> PathBuf {
 
 fn scratch(name: &str) -> PathBuf {
     support::fresh("cli", name)
-}
-
-fn v4(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_v4"))
-        .args(args)
-        .output()
-        .expect("run v4")
 }
 
 fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
@@ -157,13 +153,6 @@ fn info_describes_a_directory_with_a_config_and_no_weights() {
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert!(stdout.contains("284.33B total"), "{stdout}");
     assert!(stdout.contains("weights: none"), "{stdout}");
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len(), "compared slices differ in length");
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 #[test]

@@ -5,8 +5,12 @@ use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "support/cli.rs"]
+mod cli;
 #[path = "support/scratch.rs"]
 mod support;
+
+use cli::{f32s, max_abs_diff, rel_l2, v4_ok as v4};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v4-tiny-a")
@@ -14,29 +18,6 @@ fn fixtures() -> PathBuf {
 
 fn scratch(name: &str) -> PathBuf {
     support::fresh("convert_cli", name)
-}
-
-fn v4(args: &[&str]) -> std::process::Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_v4"))
-        .args(args)
-        .output()
-        .expect("run v4");
-    assert!(
-        out.status.success(),
-        "v4 {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn f32s(path: &Path, name: &str) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(name).unwrap();
-    t.data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
 }
 
 /// Logits of `v4 forward` on the fixture's tokens for the model in `dir`.
@@ -60,18 +41,6 @@ fn logits_with(dir: &Path, tag: &str, extra: &[&str]) -> Vec<f32> {
     args.extend(extra);
     v4(&args);
     f32s(&out, "logits")
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "compared slices differ in length");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len(), "compared slices differ in length");
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 #[test]

@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use v4_infer::V4Tokenizer;
+
+#[path = "support/cli.rs"]
+mod cli;
+use cli::v4;
 use v4_model::{
     read_config, HostData, HostTensor, LoadError, RandomWeights, SafetensorsDir, TensorSpec, Tokens,
     V4Config, V4Model, WeightSource,
@@ -24,13 +28,6 @@ fn tiny() -> PathBuf {
 
 fn tokenizer_path() -> PathBuf {
     root().join("tests/fixtures/tokenizer/deepseek-v4/tokenizer.json")
-}
-
-fn v4(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_v4"))
-        .args(args)
-        .output()
-        .expect("run v4")
 }
 
 fn stderr(o: &std::process::Output) -> String {

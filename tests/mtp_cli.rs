@@ -6,8 +6,12 @@ use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "support/cli.rs"]
+mod cli;
 #[path = "support/scratch.rs"]
 mod support;
+
+use cli::max_abs_diff;
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v4-tiny-mtp")
@@ -18,16 +22,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn v4(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_v4"))
-        .args(args)
-        .output()
-        .expect("run v4");
-    assert!(
-        out.status.success(),
-        "v4 {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    String::from_utf8_lossy(&cli::v4_ok(args).stdout).into_owned()
 }
 
 /// An f32 tensor of a safetensors file, with its shape.
@@ -43,11 +38,6 @@ fn f32s(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
         .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
         .collect();
     (t.shape().to_vec(), values)
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "compared slices differ in length");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// `v4 forward` of the fixture's tokens on the checkpoint in `dir`; returns the output file.

@@ -3,18 +3,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "support/cli.rs"]
+mod cli;
 #[path = "support/scratch.rs"]
 mod support;
 
+use cli::v4;
+
 fn scratch(name: &str) -> PathBuf {
     support::scratch("train_cli", name)
-}
-
-fn v4(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_v4"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 fn write_config(dir: &Path, extra: &str) -> PathBuf {
