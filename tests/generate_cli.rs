@@ -65,25 +65,7 @@ fn v4_vocab_model() -> &'static Path {
         }
         let dir = std::env::temp_dir().join(format!("v4-generate-cli-model-tmp-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(tiny().join("config.json")).unwrap()).unwrap();
-        for (k, v) in [
-            ("vocab_size", 129_280),
-            ("hidden_size", 64),
-            ("num_hidden_layers", 2),
-            ("num_attention_heads", 2),
-            ("head_dim", 64),
-            ("qk_rope_head_dim", 16),
-            ("q_lora_rank", 32),
-            ("o_lora_rank", 16),
-            ("moe_intermediate_size", 32),
-            ("index_head_dim", 32),
-            ("index_n_heads", 2),
-        ] {
-            json[k] = serde_json::json!(v);
-        }
-        json["layer_types"] = serde_json::json!(["sliding_attention", "compressed_sparse_attention"]);
-        json["mlp_layer_types"] = serde_json::json!(["hash_moe", "moe"]);
+        let json = cli::v4_vocab_config();
         std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
         let config = read_config(&dir).unwrap();
         let random = RandomWeights {

@@ -193,29 +193,9 @@ fn fine_tuning_with_the_mtp_loss_lowers_both_losses_and_keeps_the_layer() {
 
 /// A random checkpoint with V4's vocabulary, an MTP layer and V4's tokenizer (what `v4 chat` needs).
 fn chat_model_with_mtp() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = support::scratch("mtp_cli", "chat-model");
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(root.join("tests/fixtures/v4-tiny-a/hf/config.json")).unwrap())
-            .unwrap();
-    for (k, v) in [
-        ("vocab_size", 129_280),
-        ("hidden_size", 64),
-        ("num_hidden_layers", 2),
-        ("num_attention_heads", 2),
-        ("head_dim", 64),
-        ("qk_rope_head_dim", 16),
-        ("q_lora_rank", 32),
-        ("o_lora_rank", 16),
-        ("moe_intermediate_size", 32),
-        ("index_head_dim", 32),
-        ("index_n_heads", 2),
-        ("num_nextn_predict_layers", 1),
-    ] {
-        config[k] = serde_json::json!(v);
-    }
-    config["layer_types"] = serde_json::json!(["sliding_attention", "compressed_sparse_attention"]);
-    config["mlp_layer_types"] = serde_json::json!(["hash_moe", "moe"]);
+    let mut config = cli::v4_vocab_config();
+    config["num_nextn_predict_layers"] = serde_json::json!(1);
     let config_path = dir.join("config.json");
     std::fs::write(&config_path, config.to_string()).unwrap();
     let model = dir.join("model");
@@ -228,7 +208,7 @@ fn chat_model_with_mtp() -> PathBuf {
         "3",
     ]);
     std::fs::copy(
-        root.join("tests/fixtures/tokenizer/deepseek-v4/tokenizer.json"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/deepseek-v4/tokenizer.json"),
         model.join("tokenizer.json"),
     )
     .unwrap();

@@ -52,3 +52,28 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "compared slices differ in length");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
+
+/// The tiny fixture's config shrunk to two layers (sliding/hash, CSA/top-k) with V4's real vocabulary, so
+/// that V4's tokenizer fits: what the chat and generation tests run on random weights.
+pub fn v4_vocab_config() -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v4-tiny-a/hf/config.json");
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    for (k, v) in [
+        ("vocab_size", 129_280),
+        ("hidden_size", 64),
+        ("num_hidden_layers", 2),
+        ("num_attention_heads", 2),
+        ("head_dim", 64),
+        ("qk_rope_head_dim", 16),
+        ("q_lora_rank", 32),
+        ("o_lora_rank", 16),
+        ("moe_intermediate_size", 32),
+        ("index_head_dim", 32),
+        ("index_n_heads", 2),
+    ] {
+        json[k] = serde_json::json!(v);
+    }
+    json["layer_types"] = serde_json::json!(["sliding_attention", "compressed_sparse_attention"]);
+    json["mlp_layer_types"] = serde_json::json!(["hash_moe", "moe"]);
+    json
+}
