@@ -32,36 +32,69 @@ fn residency<D: DeviceOps>(kind: Device, dequantize: bool, device: &D) -> Reside
     }
 }
 
-/// Loads the checkpoint in `dir` for `kind` (only main layers `layers` when given, only the routed
-/// experts of `experts`) after checking that its weights fit in memory.
-pub fn load_model<B: Backend>(
-    dir: &Path,
-    config: &V4Config,
+/// A checkpoint to load for a backend: the whole model in this process by default, or a part of it
+/// ([`layers`](Self::layers), [`experts`](Self::experts)).
+pub struct Load<'a> {
+    dir: &'a Path,
+    config: &'a V4Config,
     kind: Device,
-    args: LoadArgs,
+    flags: LoadArgs,
     layers: Option<Range<usize>>,
     experts: ExpertShard,
-    device: &B::Device,
-) -> Result<V4Model<B>> {
-    let plan = LoadPlan {
-        residency: residency(kind, args.dequantize, device),
-        layers,
-        experts,
-    };
-    let estimate = v4_checkpoint::estimate(dir, &plan)?;
-    if let Some(available) = v4_checkpoint::available_memory() {
-        if estimate.total() > available {
-            return Err(v4_checkpoint::MemoryError {
-                dir: dir.display().to_string(),
-                needed: estimate.total(),
-                available,
-                dequantize: args.dequantize,
-            }
-            .into());
+}
+
+impl<'a> Load<'a> {
+    /// The checkpoint in `dir` (its `config`) for backend `kind`, with the command's loading flags.
+    pub fn new(dir: &'a Path, config: &'a V4Config, kind: Device, flags: LoadArgs) -> Self {
+        Self {
+            dir,
+            config,
+            kind,
+            flags,
+            layers: None,
+            experts: ExpertShard::default(),
         }
     }
-    let source = v4_checkpoint::open(dir)?;
-    Ok(V4Model::<B>::load_plan(config, source.as_ref(), device, plan)?)
+
+    /// Only main layers `layers` (with the embedding and the heads), when given.
+    pub fn layers(mut self, layers: Option<Range<usize>>) -> Self {
+        self.layers = layers;
+        self
+    }
+
+    /// Only the routed experts of `experts` (this rank's share under expert parallelism).
+    pub fn experts(mut self, experts: ExpertShard) -> Self {
+        self.experts = experts;
+        self
+    }
+
+    /// Loads it on `device` after checking that its weights fit in memory.
+    pub fn model<B: Backend>(self, device: &B::Device) -> Result<V4Model<B>> {
+        let plan = LoadPlan {
+            residency: residency(self.kind, self.flags.dequantize, device),
+            layers: self.layers,
+            experts: self.experts,
+        };
+        let estimate = v4_checkpoint::estimate(self.dir, &plan)?;
+        if let Some(available) = v4_checkpoint::available_memory() {
+            if estimate.total() > available {
+                return Err(v4_checkpoint::MemoryError {
+                    dir: self.dir.display().to_string(),
+                    needed: estimate.total(),
+                    available,
+                    dequantize: self.flags.dequantize,
+                }
+                .into());
+            }
+        }
+        let source = v4_checkpoint::open(self.dir)?;
+        Ok(V4Model::<B>::load_plan(
+            self.config,
+            source.as_ref(),
+            device,
+            plan,
+        )?)
+    }
 }
 
 /// The streams entering the first layer of `range` (None from layer 0): read from `path`, a `v4 forward`

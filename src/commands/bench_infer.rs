@@ -5,7 +5,7 @@
 use crate::commands::generate::{describe_acceptance, SpeculativeArgs};
 use crate::device::{with_backend, Device};
 use crate::io::{bench_ids, random_ids, read_config_file, Result};
-use crate::load::{load_model, LoadArgs};
+use crate::load::{Load, LoadArgs};
 use crate::parallel::Ranks;
 use burn::tensor::backend::Backend;
 use std::path::{Path, PathBuf};
@@ -166,7 +166,9 @@ fn bench<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     }
     let ranks = Ranks::launched()?;
     let model = match &args.model {
-        Some(dir) => load_model::<B>(dir, &config, args.device, args.load, None, ranks.shard(), device)?,
+        Some(dir) => Load::new(dir, &config, args.device, args.load)
+            .experts(ranks.shard())
+            .model::<B>(device)?,
         None => {
             let source = RandomWeights {
                 seed: args.seed,

@@ -5,13 +5,12 @@
 use crate::commands::generate::{describe_acceptance, load_tokenizer, SamplingArgs, SpeculativeArgs};
 use crate::device::{with_backend, Device};
 use crate::io::Result;
-use crate::load::{load_model, LoadArgs};
+use crate::load::{Load, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use v4_infer::{ChatSession, Flow, Generator, InferError, StopStrings, TextStream};
 use v4_model::read_config;
-use v4_model::ExpertShard;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -55,15 +54,7 @@ fn chat<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
         )
     })?;
     let params = args.sampling.params(&config)?;
-    let model = load_model::<B>(
-        &args.model,
-        &config,
-        args.device,
-        args.load,
-        None,
-        ExpertShard::default(),
-        device,
-    )?;
+    let model = Load::new(&args.model, &config, args.device, args.load).model::<B>(device)?;
     let generator = Generator::new(&model);
     let mut session = ChatSession::<B>::new(&tokenizer, args.system.as_deref(), args.think);
 

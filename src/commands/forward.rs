@@ -2,14 +2,13 @@
 
 use crate::device::{with_backend, Device};
 use crate::io::{read_input_ids, write_safetensors, Output, Result};
-use crate::load::{entry_streams, load_model, LoadArgs};
+use crate::load::{entry_streams, Load, LoadArgs};
 use crate::parallel::Ranks;
 use burn::tensor::backend::Backend;
 use burn::tensor::TensorData;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use v4_model::ExpertShard;
 use v4_model::{read_config, LocalExperts, Recorder, Tokens, V4Config};
 use v4_validate::filter::parse_layers;
 
@@ -67,15 +66,9 @@ fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     }
     let ranks = Ranks::launched()?;
     let started = Instant::now();
-    let model = load_model::<B>(
-        &args.model,
-        &config,
-        args.device,
-        args.load,
-        None,
-        ranks.shard(),
-        device,
-    )?;
+    let model = Load::new(&args.model, &config, args.device, args.load)
+        .experts(ranks.shard())
+        .model::<B>(device)?;
     let loaded = started.elapsed();
     let runner = ranks.runner();
 
@@ -137,15 +130,9 @@ fn forward_layers<B: Backend>(
     }
     let streams = entry_streams::<B>(args.streams.as_deref(), &range, tokens, config, device)?;
     let started = Instant::now();
-    let model = load_model::<B>(
-        &args.model,
-        config,
-        args.device,
-        args.load,
-        Some(range.clone()),
-        ExpertShard::default(),
-        device,
-    )?;
+    let model = Load::new(&args.model, config, args.device, args.load)
+        .layers(Some(range.clone()))
+        .model::<B>(device)?;
     let loaded = started.elapsed();
     let mut recorder = Recorder::new(|name: &str| written(name, false));
     let started = Instant::now();

@@ -3,7 +3,7 @@
 
 use crate::device::{with_backend, Device};
 use crate::io::Result;
-use crate::load::{load_model, LoadArgs};
+use crate::load::{Load, LoadArgs};
 use crate::parallel::Ranks;
 use burn::tensor::backend::Backend;
 use std::io::Write;
@@ -228,15 +228,9 @@ fn generate<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
 
     let ranks = Ranks::launched()?;
     let started = Instant::now();
-    let model = load_model::<B>(
-        &args.model,
-        &config,
-        args.device,
-        args.load,
-        None,
-        ranks.shard(),
-        device,
-    )?;
+    let model = Load::new(&args.model, &config, args.device, args.load)
+        .experts(ranks.shard())
+        .model::<B>(device)?;
     let load_s = started.elapsed().as_secs_f64();
     let generator = Generator::with_runner(&model, ranks.runner());
 

@@ -6,12 +6,12 @@
 
 use crate::device::Device;
 use crate::io::{read_input_ids, write_atomically, Result};
-use crate::load::{load_model, LoadArgs};
+use crate::load::{Load, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use v4_convert::{convert, ConvertOptions, Target};
-use v4_model::{read_config, ExpertShard, Tokens, V4Config};
+use v4_model::{read_config, Tokens, V4Config};
 use v4_npu::NpuConfig;
 use v4_validate::metrics::compare_f32;
 
@@ -122,15 +122,7 @@ pub fn run(args: Args) -> Result<()> {
 fn reference_logits(model: &Path, config: &V4Config, tokens: &Tokens) -> Result<Vec<f32>> {
     type B = v4_cpu::Cpu;
     let device = burn_ndarray::NdArrayDevice::Cpu;
-    let m = load_model::<B>(
-        model,
-        config,
-        Device::Cpu,
-        LoadArgs::default(),
-        None,
-        ExpertShard::default(),
-        &device,
-    )?;
+    let m = Load::new(model, config, Device::Cpu, LoadArgs::default()).model::<B>(&device)?;
     logits::<B>(m.forward(tokens)?)
 }
 
@@ -146,15 +138,7 @@ fn npu_logits(
     let npu = NpuConfig::from_toml_str(sheet.1).map_err(|e| format!("{}: {e}", sheet.0))?;
     v4_npu::install_config(&device, npu);
     v4_npu::reset_stats(&device);
-    let m = load_model::<B>(
-        dir,
-        config,
-        Device::Npu,
-        LoadArgs::default(),
-        None,
-        ExpertShard::default(),
-        &device,
-    )?;
+    let m = Load::new(dir, config, Device::Npu, LoadArgs::default()).model::<B>(&device)?;
     let logits = logits::<B>(m.forward(tokens)?)?;
     let report = v4_npu::report(&device);
     Ok((logits, report.estimated_time_us(), report.fallback_calls()))

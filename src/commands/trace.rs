@@ -3,10 +3,9 @@
 
 use crate::device::{with_backend, Device};
 use crate::io::{read_input_ids, Result};
-use crate::load::{entry_streams, load_model, LoadArgs};
+use crate::load::{entry_streams, Load, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::path::{Path, PathBuf};
-use v4_model::ExpertShard;
 use v4_model::{read_config, Tokens};
 use v4_validate::{trace::TraceInfo, ProbeFilter, TraceMode};
 
@@ -146,15 +145,9 @@ fn trace<B: Backend>(args: &Args, info: TraceInfo, device: &B::Device) -> Result
         Some(range) => entry_streams::<B>(args.streams.as_deref(), range, &tokens, &config, device)?,
         None => None,
     };
-    let model = load_model::<B>(
-        &args.model,
-        &config,
-        args.device,
-        args.load,
-        range,
-        ExpertShard::default(),
-        device,
-    )?;
+    let model = Load::new(&args.model, &config, args.device, args.load)
+        .layers(range)
+        .model::<B>(device)?;
     let trace = v4_validate::run::trace(
         &model,
         &tokens,

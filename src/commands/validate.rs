@@ -4,11 +4,10 @@
 use crate::commands::trace::backend_info;
 use crate::device::{with_backend, Device};
 use crate::io::Result;
-use crate::load::{load_model, LoadArgs};
+use crate::load::{Load, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::path::PathBuf;
 use v4_model::read_config;
-use v4_model::ExpertShard;
 use v4_validate::filter::parse_layers;
 use v4_validate::{trace::TraceInfo, Dtype, RunMode, Tolerances, Trace, ValidateOptions};
 
@@ -94,15 +93,9 @@ fn validate<B: Backend>(args: &Args, info: TraceInfo, device: &B::Device) -> Res
     let config = read_config(&args.model)?;
     let layers = args.layers.as_deref().map(parse_layers).transpose()?;
     let layers = layers.map(|r| r.start..r.end.min(config.num_layers()));
-    let model = load_model::<B>(
-        &args.model,
-        &config,
-        args.device,
-        args.load,
-        layers,
-        ExpertShard::default(),
-        device,
-    )?;
+    let model = Load::new(&args.model, &config, args.device, args.load)
+        .layers(layers)
+        .model::<B>(device)?;
     let opts = ValidateOptions {
         mode: args.mode.parse::<RunMode>()?,
         dtype,
