@@ -19,7 +19,7 @@ type Cpu = NdArray<f32>;
 static NPU: Mutex<()> = Mutex::new(());
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/v4-tiny-a")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/v4-tiny-a")
 }
 
 fn load<B: burn::tensor::backend::Backend>(device: &B::Device) -> V4Model<B> {

@@ -1,7 +1,7 @@
 //! Running a model with probes: traces, propagated and isolated candidate runs, and [`validate`].
 
+use crate::options::{RunMode, ValidateOptions};
 use crate::report::{compare, policy_diff, Report, RoutingInfo};
-use crate::rules::{Dtype, Tolerances};
 use crate::trace::{config_hash, Trace, TraceInfo, TraceMode};
 use crate::{filter::ProbeFilter, Error, Result};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
@@ -11,33 +11,6 @@ use v4_model::{LocalExperts, ModelCache, Recorder, RoutingKind, Tokens, V4Model}
 
 /// Probe records in forward order.
 pub type Records = Vec<(String, TensorData)>;
-
-/// How the candidate is fed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RunMode {
-    /// End to end on the reference's input ids: shows how errors accumulate (drift).
-    Propagated,
-    /// Each layer fed the reference's `layers.N.input` streams: errors do not accumulate, so the first
-    /// failing layer is the faulty one.
-    Isolated,
-    /// Both, propagated first.
-    Both,
-}
-
-impl std::str::FromStr for RunMode {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "propagated" => Ok(Self::Propagated),
-            "isolated" => Ok(Self::Isolated),
-            "both" => Ok(Self::Both),
-            _ => Err(Error::Options(format!(
-                "unknown mode `{s}` (propagated, isolated, both)"
-            ))),
-        }
-    }
-}
 
 /// Records every probe point `wants` accepts during a full-sequence forward of `tokens`.
 pub fn record<B: Backend>(
@@ -187,19 +160,6 @@ pub fn run_isolated<B: Backend>(
     }
     records.extend(probe.records);
     Ok((records, skipped))
-}
-
-/// What [`validate`] needs besides the model and the reference.
-#[derive(Debug, Clone)]
-pub struct ValidateOptions {
-    pub mode: RunMode,
-    /// The candidate's compute dtype (picks the default tolerances).
-    pub dtype: Dtype,
-    pub tolerances: Tolerances,
-    /// A high-precision golden trace (full mode) for the reference-relative gate; None: the reference.
-    pub golden: Option<Trace>,
-    /// The candidate's backend and precision policy (diffed against the reference's).
-    pub candidate: TraceInfo,
 }
 
 /// Runs `model` (the candidate) on the reference's inputs and compares every probe.

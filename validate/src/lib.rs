@@ -24,15 +24,17 @@ use std::path::{Path, PathBuf};
 
 pub mod filter;
 pub mod metrics;
+pub mod options;
 pub mod report;
 pub mod rules;
 pub mod run;
 pub mod trace;
 
 pub use filter::ProbeFilter;
+pub use options::{RunMode, ValidateOptions};
 pub use report::{Report, Status};
 pub use rules::{Dtype, OpClass, Tolerances};
-pub use run::{record, validate, RunMode, ValidateOptions};
+pub use run::{record, validate};
 pub use trace::{Trace, TraceInfo, TraceMode};
 
 /// Why a trace or a validation could not be made: each variant names the file or the option concerned.

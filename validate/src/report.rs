@@ -2,8 +2,8 @@
 
 use crate::layer_of;
 use crate::metrics::{compare_f32, compare_topk, FloatMetrics, IndexMetrics, TieRule, TieScores};
+use crate::options::{RunMode, ValidateOptions};
 use crate::rules::{op_class, Dtype, OpClass, Tolerance};
-use crate::run::{RunMode, ValidateOptions};
 use crate::trace::{Stats, Trace, TraceInfo, Values};
 use crate::{Error, Result};
 use burn::tensor::TensorData;
