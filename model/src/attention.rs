@@ -23,6 +23,7 @@ use crate::rope::Rope;
 use crate::weights::{Init, LoadError};
 use burn::module::{Module, Param};
 use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
+use std::ops::{Range, RangeInclusive};
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
@@ -312,13 +313,7 @@ impl<B: Backend> Attention<B> {
             let k0 = (first + 1).saturating_sub(window).max(key_start) - key_start;
             let k1 = last + 1 - key_start;
             let kw = keys.clone().narrow(1, k0, k1 - k0);
-            let mut mask = Vec::with_capacity(len * (k1 - k0));
-            for t in first..=last {
-                for u in key_start + k0..key_start + k1 {
-                    let visible = u <= t && u + window > t;
-                    mask.push(if visible { 0.0f32 } else { f32::NEG_INFINITY });
-                }
-            }
+            let mask = window_mask(first..=last, key_start + k0..key_start + k1, window);
             let mask = Tensor::<B, 4>::from_data(TensorData::new(mask, [1, len, 1, k1 - k0]), &device);
             let qc = q.clone().narrow(1, begin, len);
             let q_rows = qc.clone().reshape([batch, len * h, d]);
@@ -340,13 +335,7 @@ impl<B: Backend> Attention<B> {
                 Some(CompressedKeys::All { entries, rate }) => {
                     let visible = ((last + 1) / rate).min(entries.dims()[1]);
                     if visible > 0 {
-                        let mut mask = Vec::with_capacity(len * visible);
-                        for t in first..=last {
-                            for i in 0..visible {
-                                let seen = i < (t + 1) / rate;
-                                mask.push(if seen { 0.0f32 } else { f32::NEG_INFINITY });
-                            }
-                        }
+                        let mask = complete_entries_mask(first..=last, visible, *rate);
                         let mask = TensorData::new(mask, [1, len, 1, visible]);
                         dense = Some((*entries, visible, Tensor::from_data(mask, &device)));
                     }
@@ -357,30 +346,15 @@ impl<B: Backend> Attention<B> {
                     let picks = |b: usize, s: usize| &selection.indices[((b * seq) + s) * k..][..k];
                     let visible = ((last + 1) / self.compressed_rate()).min(count);
                     if visible <= self.dense_selection_factor * k {
-                        let mut mask = vec![f32::NEG_INFINITY; batch * len * visible];
-                        for b in 0..batch {
-                            for s in begin..begin + len {
-                                let row = &mut mask[(b * len + s - begin) * visible..][..visible];
-                                for &i in picks(b, s).iter().filter(|&&i| i >= 0) {
-                                    row[i as usize] = 0.0;
-                                }
-                            }
-                        }
+                        let rows = (0..batch).flat_map(|b| (begin..begin + len).map(move |s| (b, s)));
+                        let mask = selected_entries_mask(rows.map(|(b, s)| picks(b, s)), visible);
                         if visible > 0 {
                             let mask = TensorData::new(mask, [batch, len, 1, visible]);
                             dense = Some((*entries, visible, Tensor::from_data(mask, &device)));
                         }
                     } else {
-                        let mut rows = Vec::with_capacity(batch * len * k);
-                        let mut mask = Vec::with_capacity(batch * len * k);
-                        for b in 0..batch {
-                            for s in begin..begin + len {
-                                for &i in picks(b, s) {
-                                    rows.push((b * count) as i64 + i.max(0));
-                                    mask.push(if i >= 0 { 0.0f32 } else { f32::NEG_INFINITY });
-                                }
-                            }
-                        }
+                        let picked = (0..batch).flat_map(|b| (begin..begin + len).map(move |s| (b, s)));
+                        let (rows, mask) = gathered_entries(picked.map(|(b, s)| (b * count, picks(b, s))));
                         let rows = TensorData::new(rows, [batch * len * k]);
                         let rows = Tensor::<B, 1, Int>::from_data(rows, &device);
                         let mask = TensorData::new(mask, [batch, len, 1, k]);
@@ -442,5 +416,57 @@ impl<B: Backend> Attention<B> {
         } else {
             Tensor::cat(outputs, 1)
         }
+    }
+}
+
+/// Additive mask (0 visible, -inf hidden) of queries at positions `queries` over window keys at `keys`:
+/// a query at `t` sees the keys in `(t - window, t]`. Row-major `[queries, keys]`.
+fn window_mask(queries: RangeInclusive<usize>, keys: Range<usize>, window: usize) -> Vec<f32> {
+    queries
+        .flat_map(|t| keys.clone().map(move |u| u <= t && u + window > t))
+        .map(visible_to_additive)
+        .collect()
+}
+
+/// Additive mask of queries at positions `queries` over the first `visible` compressed entries, entry `i`
+/// summarising positions `[i * rate, (i + 1) * rate)`: a query at `t` sees the entries complete by then,
+/// `i < (t + 1) / rate`. Row-major `[queries, visible]`.
+fn complete_entries_mask(queries: RangeInclusive<usize>, visible: usize, rate: usize) -> Vec<f32> {
+    queries
+        .flat_map(|t| (0..visible).map(move |i| i < (t + 1) / rate))
+        .map(visible_to_additive)
+        .collect()
+}
+
+/// Additive mask over the first `visible` compressed entries for queries whose indexer picked the
+/// entries `picks` (one slice per query row; -1 pads an unfilled pick). Row-major `[rows, visible]`.
+fn selected_entries_mask<'p>(picks: impl Iterator<Item = &'p [i64]>, visible: usize) -> Vec<f32> {
+    let mut mask = Vec::new();
+    for row in picks {
+        let start = mask.len();
+        mask.resize(start + visible, f32::NEG_INFINITY);
+        for &i in row.iter().filter(|&&i| i >= 0) {
+            mask[start + i as usize] = 0.0;
+        }
+    }
+    mask
+}
+
+/// For gathering the picked entries of each query row (its sequence's first entry row, its picks): the
+/// flat entry rows to gather (a padding pick gathers entry 0) and the additive mask that hides padding.
+fn gathered_entries<'p>(rows: impl Iterator<Item = (usize, &'p [i64])>) -> (Vec<i64>, Vec<f32>) {
+    rows.flat_map(|(base, picks)| {
+        picks
+            .iter()
+            .map(move |&i| (base as i64 + i.max(0), visible_to_additive(i >= 0)))
+    })
+    .unzip()
+}
+
+fn visible_to_additive(visible: bool) -> f32 {
+    if visible {
+        0.0
+    } else {
+        f32::NEG_INFINITY
     }
 }
