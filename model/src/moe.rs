@@ -300,101 +300,17 @@ impl<B: Backend> Moe<B> {
         name: &str,
     ) -> (Tensor<B, 3>, Routing<B>) {
         let [batch, seq, d] = x.dims();
-        let n = batch * seq;
-        let k = self.top_k;
+        let (n, k) = (batch * seq, self.top_k);
         let device = x.device();
         let flat = x.reshape([n, d]);
-        let logits = self.gate.forward(flat.clone());
-        let scores = match self.score_func {
-            ScoreFunc::SqrtSoftplus => sqrt_softplus(logits),
-            ScoreFunc::Sigmoid => activation::sigmoid(logits),
-            ScoreFunc::Softmax => activation::softmax(logits, 1),
-        };
-        tap(probe, &format!("{name}.router.scores"), &scores);
+        let (chosen, weights, balance) = self.route(flat.clone(), ids, [batch, seq], probe, name);
 
-        let experts = self.n_routed;
-        let chosen: Vec<usize> = match self.routing {
-            RoutingKind::Hash => ids
-                .iter()
-                .flat_map(|&t| self.tid2eid[t as usize * k..][..k].iter().map(|&e| e as usize))
-                .collect(),
-            RoutingKind::TopK => {
-                let host = scores
-                    .clone()
-                    .into_data()
-                    .convert::<f32>()
-                    .into_vec::<f32>()
-                    .expect("router scores are f32");
-                let mut chosen = Vec::with_capacity(n * k);
-                let mut order: Vec<usize> = Vec::with_capacity(experts);
-                for row in host.chunks_exact(experts) {
-                    let biased = |e: usize| row[e] + self.bias[e];
-                    let by_rank = |a: &usize, b: &usize| biased(*b).total_cmp(&biased(*a)).then(a.cmp(b));
-                    order.clear();
-                    order.extend(0..experts);
-                    if k < experts {
-                        order.select_nth_unstable_by(k - 1, by_rank);
-                    }
-                    order.truncate(k);
-                    order.sort_unstable_by(by_rank);
-                    chosen.extend_from_slice(&order);
-                }
-                chosen
-            }
-        };
-        if probe.wants(&format!("{name}.router.indices")) {
-            let ids: Vec<i64> = chosen.iter().map(|&e| e as i64).collect();
-            probe.record(&format!("{name}.router.indices"), TensorData::new(ids, [n, k]));
-        }
-
-        let balance = (self.sequence_balance && self.routing == RoutingKind::TopK).then(|| {
-            let mut f = vec![0f32; batch * experts];
-            for (pair, &e) in chosen.iter().enumerate() {
-                f[(pair / k / seq) * experts + e] += 1.0;
-            }
-            let scale = experts as f32 / (k * seq) as f32;
-            let f =
-                Tensor::<B, 2>::from_data(TensorData::new(f, [batch, experts]), &device).mul_scalar(scale);
-            let affinity = scores.clone() / scores.clone().sum_dim(1);
-            let p = affinity
-                .reshape([batch, seq, experts])
-                .mean_dim(1)
-                .reshape([batch, experts]);
-            (p * f).sum()
-        });
-        let index = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(chosen.iter().map(|&e| e as i64).collect::<Vec<_>>(), [n, k]),
-            &device,
-        );
-        let mut weights = scores.gather(1, index);
-        if self.score_func != ScoreFunc::Softmax {
-            weights = weights.clone() / weights.sum_dim(1).add_scalar(1e-20);
-        }
-        let weights = weights.mul_scalar(self.route_scale);
-        tap(probe, &format!("{name}.router.weights"), &weights);
-
-        // Group the (token, slot) pairs by expert: a counting sort keeps tokens in order within an expert.
-        let mut counts = vec![0usize; experts];
-        for &e in &chosen {
-            counts[e] += 1;
-        }
-        let mut next: Vec<usize> = counts
-            .iter()
-            .scan(0, |acc, &c| {
-                let start = *acc;
-                *acc += c;
-                Some(start)
-            })
-            .collect();
-        let mut pair_order = vec![0i64; n * k];
-        for (pair, &e) in chosen.iter().enumerate() {
-            pair_order[next[e]] = pair as i64;
-            next[e] += 1;
-        }
+        // Dispatch: the rows of each expert together, in token order; combine: each output weighted and
+        // added back at its token.
+        let (counts, pair_order) = group_by_expert(&chosen, self.n_routed);
         let token_order: Vec<i64> = pair_order.iter().map(|&p| p / k as i64).collect();
         let tokens = Tensor::<B, 1, Int>::from_data(TensorData::new(token_order, [n * k]), &device);
         let pairs = Tensor::<B, 1, Int>::from_data(TensorData::new(pair_order, [n * k]), &device);
-
         let rows = flat.clone().select(0, tokens.clone());
         let outputs = runner.run(layer, &self.experts, rows, &counts);
         let pair_weights = weights.reshape([n * k]).select(0, pairs).reshape([n * k, 1]);
@@ -408,4 +324,125 @@ impl<B: Backend> Moe<B> {
         tap(probe, &format!("{name}.output"), &out);
         (out, Routing { counts, balance })
     }
+
+    /// The router (DeepSeek's `Gate`) on `flat: [n, D]` (`n = batch * seq` tokens `ids`): each token's `k`
+    /// experts (`[n * k]`, by rank), their combine weights `[n, k]`, and the sequence-wise balance term
+    /// when it is on.
+    fn route(
+        &self,
+        flat: Tensor<B, 2>,
+        ids: &[u32],
+        [batch, seq]: [usize; 2],
+        probe: &mut dyn Probe,
+        name: &str,
+    ) -> (Vec<usize>, Tensor<B, 2>, Option<Tensor<B, 1>>) {
+        let (n, k) = (batch * seq, self.top_k);
+        let logits = self.gate.forward(flat);
+        let scores = match self.score_func {
+            ScoreFunc::SqrtSoftplus => sqrt_softplus(logits),
+            ScoreFunc::Sigmoid => activation::sigmoid(logits),
+            ScoreFunc::Softmax => activation::softmax(logits, 1),
+        };
+        tap(probe, &format!("{name}.router.scores"), &scores);
+        let chosen: Vec<usize> = match self.routing {
+            RoutingKind::Hash => ids
+                .iter()
+                .flat_map(|&t| self.tid2eid[t as usize * k..][..k].iter().map(|&e| e as usize))
+                .collect(),
+            RoutingKind::TopK => {
+                let host = scores
+                    .clone()
+                    .into_data()
+                    .convert::<f32>()
+                    .into_vec::<f32>()
+                    .expect("router scores are f32");
+                top_k_biased(&host, &self.bias, k)
+            }
+        };
+        if probe.wants(&format!("{name}.router.indices")) {
+            let ids: Vec<i64> = chosen.iter().map(|&e| e as i64).collect();
+            probe.record(&format!("{name}.router.indices"), TensorData::new(ids, [n, k]));
+        }
+        let balance = (self.sequence_balance && self.routing == RoutingKind::TopK)
+            .then(|| self.balance_term(&scores, &chosen, [batch, seq]));
+        let index = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(chosen.iter().map(|&e| e as i64).collect::<Vec<_>>(), [n, k]),
+            &scores.device(),
+        );
+        let mut weights = scores.gather(1, index);
+        if self.score_func != ScoreFunc::Softmax {
+            weights = weights.clone() / weights.sum_dim(1).add_scalar(1e-20);
+        }
+        let weights = weights.mul_scalar(self.route_scale);
+        tap(probe, &format!("{name}.router.weights"), &weights);
+        (chosen, weights, balance)
+    }
+
+    /// DeepSeek's sequence-wise balance term (see [`Routing::balance`]) of `scores: [n, E]` and the
+    /// chosen experts.
+    fn balance_term(
+        &self,
+        scores: &Tensor<B, 2>,
+        chosen: &[usize],
+        [batch, seq]: [usize; 2],
+    ) -> Tensor<B, 1> {
+        let (experts, k) = (self.n_routed, self.top_k);
+        let mut f = vec![0f32; batch * experts];
+        for (pair, &e) in chosen.iter().enumerate() {
+            f[(pair / k / seq) * experts + e] += 1.0;
+        }
+        let scale = experts as f32 / (k * seq) as f32;
+        let f = Tensor::<B, 2>::from_data(TensorData::new(f, [batch, experts]), &scores.device())
+            .mul_scalar(scale);
+        let affinity = scores.clone() / scores.clone().sum_dim(1);
+        let p = affinity
+            .reshape([batch, seq, experts])
+            .mean_dim(1)
+            .reshape([batch, experts]);
+        (p * f).sum()
+    }
+}
+
+/// Each row's `k` experts of highest `score + bias` (`scores`: rows of `bias.len()`), by rank; ties go to
+/// the lower index. The bias only selects: the combine weights use the unbiased scores.
+fn top_k_biased(scores: &[f32], bias: &[f32], k: usize) -> Vec<usize> {
+    let experts = bias.len();
+    let mut chosen = Vec::with_capacity(scores.len() / experts * k);
+    let mut order: Vec<usize> = Vec::with_capacity(experts);
+    for row in scores.chunks_exact(experts) {
+        let biased = |e: usize| row[e] + bias[e];
+        let by_rank = |a: &usize, b: &usize| biased(*b).total_cmp(&biased(*a)).then(a.cmp(b));
+        order.clear();
+        order.extend(0..experts);
+        if k < experts {
+            order.select_nth_unstable_by(k - 1, by_rank);
+        }
+        order.truncate(k);
+        order.sort_unstable_by(by_rank);
+        chosen.extend_from_slice(&order);
+    }
+    chosen
+}
+
+/// Groups the (token, slot) pairs of `chosen` by expert with a counting sort (tokens stay in order within
+/// an expert): the rows each expert receives, and the pair indices in expert order.
+fn group_by_expert(chosen: &[usize], experts: usize) -> (Vec<usize>, Vec<i64>) {
+    let mut counts = vec![0usize; experts];
+    for &e in chosen {
+        counts[e] += 1;
+    }
+    let mut next: Vec<usize> = counts
+        .iter()
+        .scan(0, |acc, &c| {
+            let start = *acc;
+            *acc += c;
+            Some(start)
+        })
+        .collect();
+    let mut pair_order = vec![0i64; chosen.len()];
+    for (pair, &e) in chosen.iter().enumerate() {
+        pair_order[next[e]] = pair as i64;
+        next[e] += 1;
+    }
+    (counts, pair_order)
 }
