@@ -7,6 +7,11 @@ Writes tests/fixtures/formats/ascend_vectors.json:
   (half to even), clamped to [-127, 127].
 - mxfp8_ocp: OCP MX v1.0 MXFP8 (E4M3 elements, E8M0 scale per 32 along the row): X = floor(log2 amax) - 8
   clamped to [-127, 127], elements = float8_e4m3fn(clamp(x / 2^X, -448, 448)).
+- int4_grouped: symmetric INT4 per group of a row (msModelSlim W4A8_DYNAMIC's experts; group = the row is
+  per channel): scale = amax / 7, q = torch.round(x / scale) clamped to [-8, 7]; the codes packed two per
+  byte along the output dimension (row 2j in the low nibble, 2j+1 in the high one, as vllm-ascend's
+  `_pack_int4_to_int8` does after its transpose), and vllm-ascend's scale_bias, 8 * sum_k(q * scale), in
+  float64, per chunk of K.
 
 Run with the HF venv's python (torch 2.15): python scripts/gen-ascend-vectors.py
 """
@@ -56,10 +61,36 @@ def mxfp8_ocp():
     return {"cols": cols, "rows": rows}
 
 
+def int4_grouped():
+    out = []
+    for rows, cols, group, chunks in ((4, 64, 32, 1), (6, 48, 48, 1), (2, 64, 64, 16)):
+        x = torch.randn(rows, cols, generator=g) * torch.exp2(torch.randint(-6, 6, (rows, 1), generator=g).float())
+        x[0, :6] = torch.tensor([7.0, 0.5, 1.5, 2.5, -2.5, -7.0])  # ties to even at scale 1
+        xg = x.reshape(rows, cols // group, group)
+        amax = xg.abs().amax(dim=2, keepdim=True)
+        scale = amax / 7.0
+        q = torch.where(amax > 0, torch.round(xg / torch.where(amax > 0, scale, 1.0)), 0.0).clamp(-8, 7)
+        q = q.reshape(rows, cols).to(torch.int8)
+        pairs = q.reshape(rows // 2, 2, cols)
+        packed = (pairs[:, 0] & 0x0F) | (pairs[:, 1].to(torch.int16) << 4).to(torch.int8)
+        bias = None
+        if group == cols:
+            qs = q.double() * scale.reshape(rows, 1).double()
+            bias = (8 * qs.reshape(rows, chunks, cols // chunks).sum(dim=2)).flatten().tolist()
+        out.append({
+            "rows": rows, "cols": cols, "group": group, "chunks": chunks,
+            "x_f32_bits": bits(x), "scale_f32_bits": bits(scale.flatten()),
+            "codes": q.flatten().tolist(), "packed": packed.view(torch.uint8).flatten().tolist(),
+            "scale_bias_f64": bias,
+        })
+    return out
+
+
 doc = {
     "generator": f"scripts/gen-ascend-vectors.py, torch {torch.__version__}",
     "int8_per_channel": int8_per_channel(),
     "mxfp8_ocp": mxfp8_ocp(),
+    "int4_grouped": int4_grouped(),
 }
 path = pathlib.Path(__file__).resolve().parent.parent / "tests/fixtures/formats/ascend_vectors.json"
 path.write_text(json.dumps(doc, indent=1) + "\n")

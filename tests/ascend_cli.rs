@@ -1,5 +1,5 @@
-//! Ascend precision paths end to end through the CLI: `v4 convert --to w8a8|mxfp8` (msModelSlim's AscendV1
-//! files), the 910B W8A8_DYNAMIC and 950 MX emulation (`v4 forward --device npu`), and `v4 port-report`.
+//! Ascend precision paths end to end through the CLI: `v4 convert --to w8a8|w4a8|mxfp8` (msModelSlim's
+//! AscendV1 files), the 910B W8A8_DYNAMIC / W4A8_DYNAMIC and 950 MX emulation (`v4 forward --device npu`), and `v4 port-report`.
 
 use safetensors::SafeTensors;
 use serde_json::Value;
@@ -173,6 +173,137 @@ fn w8a8_on_the_910b_emulator_runs_without_fallbacks_within_the_int8_rounding_bou
     );
 }
 
+/// A tensor of `st` as f32 values (F32 or I8 storage).
+fn values(st: &SafeTensors, name: &str) -> (Vec<f64>, Vec<usize>) {
+    let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let v = match t.dtype() {
+        safetensors::Dtype::F32 => t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+            .collect(),
+        safetensors::Dtype::I8 => t.data().iter().map(|&b| b as i8 as f64).collect(),
+        d => panic!("{name}: {d:?}"),
+    };
+    (v, t.shape().to_vec())
+}
+
+/// The W4A8 expert layout as vllm-ascend's W4A8_DYNAMIC MoE reads it (`shared/reference/ascend-quant-formats.md`):
+/// INT4 codes two rows per byte along the output dimension (row 2j low nibble), a per-row scale, zero offsets,
+/// and `scale_bias = 8 Σ_k q[r, k] · scale[r]` per chunk of K (16 chunks for `w2`, one for `w1`/`w3`), here
+/// recomputed in f64 from the unpacked bytes. The decoded experts stay within INT4's half step
+/// (`amax / 14` per row) of the release's values; the shared expert stays INT8 (V4-Pro's recipe).
+#[test]
+fn w4a8_packs_expert_row_pairs_with_vllm_ascends_scale_bias() {
+    let dir = convert("w4a8", "w4a8");
+    let bytes = std::fs::read(dir.join("quant_model_weights.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let desc = description(&dir);
+    assert_eq!(
+        (desc["model_quant_type"].as_str(), desc["group_size"].as_u64()),
+        (Some("W4A8_DYNAMIC"), Some(0))
+    );
+    assert_eq!(desc["layers.0.ffn.shared_experts.w1.weight"], "W8A8_DYNAMIC");
+    let shared = st.tensor("layers.0.ffn.shared_experts.w1.weight").unwrap();
+    let f32_release = as_f32_checkpoint("w4a8-release-f32", &release());
+    let f32_release_bytes = std::fs::read(f32_release.join("model.safetensors")).unwrap();
+    let release_st = SafeTensors::deserialize(&f32_release_bytes).unwrap();
+    let shared_release = release_st
+        .tensor("layers.0.ffn.shared_experts.w1.weight")
+        .unwrap();
+    assert_eq!(
+        shared.shape(),
+        shared_release.shape(),
+        "shared experts stay one INT8 code per weight"
+    );
+    for (expert, chunks) in [
+        ("layers.0.ffn.experts.0.w1", 1),
+        ("layers.2.ffn.experts.3.w3", 1),
+        ("layers.3.ffn.experts.5.w2", 16),
+    ] {
+        for part in ["weight", "weight_scale", "weight_offset", "scale_bias"] {
+            assert_eq!(
+                desc[&format!("{expert}.{part}")],
+                "W4A8_DYNAMIC",
+                "{expert}.{part}"
+            );
+        }
+        let (packed, pshape) = values(&st, &format!("{expert}.weight"));
+        let (scale, sshape) = values(&st, &format!("{expert}.weight_scale"));
+        let (offset, _) = values(&st, &format!("{expert}.weight_offset"));
+        let (bias, bshape) = values(&st, &format!("{expert}.scale_bias"));
+        let (want, wshape) = values(&release_st, &format!("{expert}.weight"));
+        let (rows, cols) = (wshape[0], wshape[1]);
+        assert_eq!(pshape, [rows / 2, cols], "{expert}: two rows per byte");
+        assert_eq!((sshape, bshape), (vec![rows, 1], vec![rows, chunks]), "{expert}");
+        assert_eq!(
+            (packed.len(), scale.len(), bias.len(), want.len()),
+            (rows * cols / 2, rows, rows * chunks, rows * cols)
+        );
+        assert!(offset.iter().all(|&o| o == 0.0), "{expert}: symmetric");
+        let code = |r: usize, c: usize| {
+            let b = packed[(r / 2) * cols + c] as i64;
+            let nibble = if r.is_multiple_of(2) { b & 0xF } else { (b >> 4) & 0xF };
+            (if nibble >= 8 { nibble - 16 } else { nibble }) as f64
+        };
+        for r in 0..rows {
+            let row = &want[r * cols..(r + 1) * cols];
+            let amax = row.iter().fold(0f64, |m, v| m.max(v.abs()));
+            for (c, w) in row.iter().enumerate() {
+                let err = (w - code(r, c) * scale[r]).abs();
+                assert!(
+                    err <= amax / 14.0 * (1.0 + 1e-6),
+                    "{expert}[{r}, {c}]: {w} off by {err}"
+                );
+            }
+            for k in 0..chunks {
+                let span = cols / chunks;
+                let sum: f64 = (k * span..(k + 1) * span).map(|c| code(r, c)).sum();
+                let expect = 8.0 * sum * scale[r];
+                let got = bias[r * chunks + k];
+                assert!(
+                    (got - expect).abs() <= 1e-6 * expect.abs().max(scale[r]),
+                    "{expert} scale_bias[{r}, {k}]: {got} against {expect}"
+                );
+            }
+        }
+    }
+}
+
+/// W4A8's logits bound, derived as W8A8's (below): the weights' rounding measured alone (`r_w`, the w4a8
+/// checkpoint on the f32 `cpu` backend: INT4 experts, INT8 attention), the INT8 activations' taken equal to
+/// INT8 weight rounding (`r_x`, the w8a8 checkpoint on `cpu`), and the bf16 cube's (`r_16`):
+/// `||Δ|| / ||ref|| <= sqrt(r_w² + r_x² + r_16²)`.
+#[test]
+fn w4a8_on_the_910b_emulator_runs_without_fallbacks_within_its_rounding_bound() {
+    let dir = convert("w4a8-forward", "w4a8");
+    let (reference, _) = forward("w4a8-reference", &release(), &[]);
+    let (weights_only, _) = forward("w4a8-weights-only", &dir, &[]);
+    let (int8_weights, _) = forward("w4a8-int8-weights", &convert("w4a8-w8a8", "w8a8"), &[]);
+    let bf16_config = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/npu-910b-bf16.toml");
+    let (bf16, _) = forward(
+        "w4a8-bf16",
+        &release(),
+        &["--device", "npu", "--npu-config", bf16_config],
+    );
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/npu-910b-w8a8.toml");
+    let (w4a8, report) = forward("w4a8", &dir, &["--device", "npu", "--npu-config", config]);
+    assert_eq!(fallbacks(&report), 0, "{report}");
+    assert!(calls(&report, "npu_quant_matmul") > 0, "{report}");
+    let (r_w, r_x, r_16) = (
+        rel_l2(&weights_only, &reference),
+        rel_l2(&int8_weights, &reference),
+        rel_l2(&bf16, &reference),
+    );
+    assert!(r_w > r_x && r_x > 0.0 && r_16 > 0.0, "INT4 rounds more than INT8");
+    let bound = (r_w * r_w + r_x * r_x + r_16 * r_16).sqrt();
+    let observed = rel_l2(&w4a8, &reference);
+    assert!(
+        observed <= bound && observed > r_16,
+        "W4A8 logits rel L2 {observed:.4e}: bound {bound:.4e} (r_w {r_w:.4e}, r_x {r_x:.4e}, r_16 {r_16:.4e})"
+    );
+}
+
 /// `dir` converted to F32 (the converter's dequantisation), to compare stored values bit for bit.
 fn as_f32_checkpoint(case: &str, dir: &Path) -> PathBuf {
     let out = scratch::fresh("ascend_cli", case);
@@ -244,7 +375,7 @@ fn port_report_writes_one_row_per_path_all_without_fallbacks() {
         .filter(|l| l.starts_with("| ") && !l.starts_with("| path"))
         .map(|l| l.trim_matches('|').split(" | ").map(str::trim).collect())
         .collect();
-    assert_eq!(rows.len(), 5, "{md}");
+    assert_eq!(rows.len(), 6, "{md}");
     assert!(rows[0][0].starts_with("reference"));
     assert_eq!(
         rows[0][2].parse::<f64>().unwrap(),
@@ -266,6 +397,10 @@ fn port_report_writes_one_row_per_path_all_without_fallbacks() {
     assert!(
         bytes("910B W8A8_DYNAMIC") < bytes("910B BF16"),
         "INT8 holds fewer bytes than BF16"
+    );
+    assert!(
+        bytes("910B W4A8 experts + W8A8") < bytes("910B W8A8_DYNAMIC"),
+        "INT4 experts hold fewer bytes than INT8 ones"
     );
     assert!(std::fs::read_to_string(out.join("port-report.html"))
         .unwrap()

@@ -14,6 +14,8 @@ pub enum QuantType {
     Float,
     /// INT8 weights, one scale per output channel; activations quantised per token at run time.
     W8a8Dynamic,
+    /// INT4 weights, one scale per output channel, packed two rows per byte; INT8 activations per token.
+    W4a8Dynamic,
     /// MXFP8 weights (E4M3 + E8M0 per 32) on Ascend 950's MX cube.
     W8a8Mxfp8,
 }
@@ -24,6 +26,7 @@ impl QuantType {
         match self {
             QuantType::Float => "FLOAT",
             QuantType::W8a8Dynamic => "W8A8_DYNAMIC",
+            QuantType::W4a8Dynamic => "W4A8_DYNAMIC",
             QuantType::W8a8Mxfp8 => "W8A8_MXFP8",
         }
     }

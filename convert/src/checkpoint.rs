@@ -18,7 +18,7 @@
 //! In the HF layout a fused expert tensor `[E, R, C]` and each of its scale tensors (`[E, R', C']`,
 //! `_scale_2` `[E, parts]`) split evenly per expert and part, w1 before w3.
 
-use crate::codec::{bf16_to_f32, fp8, int8, mxfp4, mxfp8, nvfp4};
+use crate::codec::{bf16_to_f32, fp8, int4, int8, mxfp4, mxfp8, nvfp4};
 use crate::error::ConvertError;
 use crate::layout::{self, DeepSeekSource, DtypeClass, ExpertPart, FusedKind, HfLocation, Layout};
 use crate::st::{self, Dtype, ShardFile, TensorInfo};
@@ -107,6 +107,9 @@ pub(crate) enum Source {
     },
     /// Symmetric INT8 codes with one F32 scale per row (Ascend W8A8's `weight_scale` `[out, 1]`).
     Int8 { codes: View, scales: View },
+    /// Symmetric INT4 packed two rows per byte along the output dimension (`[out/2, in]`), one F32 scale
+    /// per row (Ascend W4A8's `weight_scale` `[out, 1]`; its `scale_bias` is the kernel's, derived).
+    Int4 { codes: View, scales: View },
     /// E4M3 codes with one E8M0 (U8) scale per 32 along the row (Ascend's `W8A8_MXFP8`).
     Mx8 { codes: View, scales: View },
 }
@@ -118,6 +121,7 @@ impl Source {
             Source::Fp8 { codes, scales, .. }
             | Source::Mx { codes, scales, .. }
             | Source::Int8 { codes, scales }
+            | Source::Int4 { codes, scales }
             | Source::Mx8 { codes, scales } => vec![codes, scales],
             Source::Nv {
                 codes,
@@ -156,6 +160,10 @@ impl Source {
                 codes: f(codes)?,
                 scales: f(scales)?,
             },
+            Source::Int4 { codes, scales } => Source::Int4 {
+                codes: f(codes)?,
+                scales: f(scales)?,
+            },
             Source::Mx8 { codes, scales } => Source::Mx8 {
                 codes: f(codes)?,
                 scales: f(scales)?,
@@ -171,6 +179,7 @@ impl Source {
             | Source::Mx { codes, .. }
             | Source::Nv { codes, .. }
             | Source::Int8 { codes, .. }
+            | Source::Int4 { codes, .. }
             | Source::Mx8 { codes, .. } => codes,
         }
     }
@@ -183,6 +192,7 @@ impl Source {
             Source::Mx { codes, block, .. } => format!("{}(E2M1x2)+F8_E8M0/{block}", codes.dtype),
             Source::Nv { codes, block, .. } => format!("{}(E2M1x2)+F8_E4M3/{block}+F32", codes.dtype),
             Source::Int8 { .. } => "I8+F32/row".into(),
+            Source::Int4 { .. } => "I8(INT4 row pairs)+F32/row".into(),
             Source::Mx8 { .. } => format!("F8_E4M3+U8(E8M0)/{}", mxfp8::MX8_BLOCK),
         }
     }
@@ -493,6 +503,7 @@ impl Checkpoint {
                 (storage, bytes(codes), bytes(scales))
             }
             Source::Int8 { codes, scales } => (Storage::Int8, bytes(codes), bytes(scales)),
+            Source::Int4 { codes, scales } => (Storage::Int4, bytes(codes), bytes(scales)),
             Source::Mx8 { codes, scales } => {
                 if let Some(i) = self.view_bytes(codes).iter().position(|&c| c & 0x7F == 0x7F) {
                     return Err(self.non_finite(codes, codes.elem_base + i));
@@ -508,7 +519,7 @@ impl Checkpoint {
             | Storage::Mxfp4 { .. }
             | Storage::Mxfp8 => scales.as_slice().iter().position(|&s| s == 0xFF),
             Storage::Nvfp4 { .. } => scales.as_slice().iter().position(|&s| s & 0x7F == 0x7F),
-            Storage::Int8 => scales
+            Storage::Int8 | Storage::Int4 => scales
                 .as_slice()
                 .chunks_exact(4)
                 .position(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
@@ -520,6 +531,7 @@ impl Checkpoint {
             | Source::Mx { scales: v, .. }
             | Source::Nv { scales: v, .. }
             | Source::Int8 { scales: v, .. }
+            | Source::Int4 { scales: v, .. }
             | Source::Mx8 { scales: v, .. },
         ) = (nan_scale, &e.source)
         {
@@ -622,6 +634,14 @@ impl Checkpoint {
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect();
                 int8::dequantize_rows(c, &s, e.cols, out);
+                s.iter().position(|v| !v.is_finite()).map(|r| r * e.cols)
+            }
+            Source::Int4 { codes, scales } => {
+                let s: Vec<f32> = self.view_bytes(scales)[r0 * 4..(r0 + n) * 4]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                int4::dequantize_rows(self.view_bytes(codes), &s, e.cols, r0, out);
                 s.iter().position(|v| !v.is_finite()).map(|r| r * e.cols)
             }
             Source::Mx8 { codes, scales } => {
@@ -914,7 +934,7 @@ fn validate_source(source: &Source, rows: usize, cols: usize) -> Result<(), Stri
             }
             Ok(())
         }
-        Source::Int8 { scales, .. } => want(scales, rows, 1, "scale"),
+        Source::Int8 { scales, .. } | Source::Int4 { scales, .. } => want(scales, rows, 1, "scale"),
         Source::Mx8 { scales, .. } => want(scales, rows, mxfp8::scales_per_row(cols), "scale"),
     }
 }
@@ -1032,7 +1052,19 @@ fn pair_scales(
                 let offset = format!("{}_offset", name);
                 check_zero_offset(&all, files, &offset)?;
                 consumed.insert(offset);
-                (Source::Int8 { codes, scales }, t.shape.clone())
+                let bias = name
+                    .strip_suffix(".weight")
+                    .map(|stem| format!("{stem}.scale_bias"))
+                    .filter(|b| all.contains_key(b.as_str()));
+                match (bias, &t.shape[..]) {
+                    // W4A8_DYNAMIC: two rows per byte; `scale_bias` belongs to the kernel (derived from the codes).
+                    (Some(bias), [pairs, cols]) => {
+                        consumed.insert(bias);
+                        (Source::Int4 { codes, scales }, vec![2 * pairs, *cols])
+                    }
+                    (Some(_), _) => return Err(err(fi, name, "an INT4 weight must be a matrix".into())),
+                    (None, _) => (Source::Int8 { codes, scales }, t.shape.clone()),
+                }
             }
             (Dtype::I8 | Dtype::U8, Dtype::F8E8M0 | Dtype::U8, None)
             | (Dtype::I8 | Dtype::U8, Dtype::F8E4M3, Some(_)) => {

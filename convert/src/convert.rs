@@ -17,7 +17,7 @@
 
 use crate::ascend::{self, QuantType};
 use crate::checkpoint::{Checkpoint, Entry, Source};
-use crate::codec::{self, fp8, int8, mxfp4, mxfp8, nvfp4, ErrStats, ScaleSearch};
+use crate::codec::{self, fp8, int4, int8, mxfp4, mxfp8, nvfp4, ErrStats, ScaleSearch};
 use crate::error::ConvertError;
 use crate::layout::{self, DtypeClass, Layout};
 use crate::report::{ConvertReport, ErrorStats, TensorReport};
@@ -66,6 +66,11 @@ pub enum Target {
     /// ([`layout::ascend_w8a8_quantised`]); BF16 for the other release FP8/BF16 tensors, F32 kept.
     #[serde(rename = "w8a8")]
     W8a8,
+    /// Ascend 910B/910C, msModelSlim's DeepSeek-V4-Pro recipe: the routed experts as INT4 with one scale per
+    /// output channel (`W4A8_DYNAMIC`, packed two rows per byte, with vllm-ascend's `scale_bias`), everything
+    /// else as [`Target::W8a8`].
+    #[serde(rename = "w4a8")]
+    W4a8,
     /// Ascend 950: every release FP8/FP4 tensor as MXFP8 (E4M3 + E8M0 per 32, OCP rule; lossless from
     /// MXFP4) in AscendV1 files (`W8A8_MXFP8`); BF16 and F32 elsewhere as in the release.
     #[serde(rename = "mxfp8")]
@@ -82,6 +87,7 @@ impl Target {
             Target::Fp4Nv => "fp4-nv",
             Target::F32 => "f32",
             Target::W8a8 => "w8a8",
+            Target::W4a8 => "w4a8",
             Target::Mxfp8 => "mxfp8",
         }
     }
@@ -90,6 +96,7 @@ impl Target {
     fn ascend(self) -> Option<QuantType> {
         match self {
             Target::W8a8 => Some(QuantType::W8a8Dynamic),
+            Target::W4a8 => Some(QuantType::W4a8Dynamic),
             Target::Mxfp8 => Some(QuantType::W8a8Mxfp8),
             _ => None,
         }
@@ -107,12 +114,13 @@ impl FromStr for Target {
             Target::Fp4Nv,
             Target::F32,
             Target::W8a8,
+            Target::W4a8,
             Target::Mxfp8,
         ]
         .into_iter()
         .find(|t| t.name() == s)
         .ok_or_else(|| ConvertError::Options {
-            reason: format!("unknown target `{s}` (bf16, fp8, fp4-mx, fp4-nv, f32, w8a8, mxfp8)"),
+            reason: format!("unknown target `{s}` (bf16, fp8, fp4-mx, fp4-nv, f32, w8a8, w4a8, mxfp8)"),
         })
     }
 }
@@ -206,6 +214,9 @@ enum Encoding {
     Nv,
     /// I8 + F32 `weight_scale` `[out, 1]` + zero F32 `weight_offset` `[out, 1]` (AscendV1 W8A8_DYNAMIC).
     Int8,
+    /// INT4 two rows per byte (I8 `[out/2, in]`) + F32 `weight_scale` and zero `weight_offset` `[out, 1]` +
+    /// F32 `scale_bias` (`[out, 16]` for `w2`, else `[out, 1]`) (AscendV1 W4A8_DYNAMIC, per channel).
+    Int4,
     /// E4M3 + U8 (E8M0) `weight_scale` `[out, ceil(in/32)]` (AscendV1 W8A8_MXFP8).
     Mx8,
 }
@@ -215,16 +226,27 @@ fn encoding(name: &str, class: DtypeClass, target: Target) -> Encoding {
     let release_quantised = matches!(class, DtypeClass::Fp8Block | DtypeClass::Fp4Expert);
     match (class, target) {
         (DtypeClass::I64, _) => Encoding::I64,
-        (_, Target::W8a8) if layout::ascend_w8a8_quantised(name) => Encoding::Int8,
+        (DtypeClass::Fp4Expert, Target::W4a8) => Encoding::Int4,
+        (_, Target::W8a8 | Target::W4a8) if layout::ascend_w8a8_quantised(name) => Encoding::Int8,
         (_, Target::Mxfp8) if release_quantised => Encoding::Mx8,
-        (DtypeClass::F32, Target::W8a8 | Target::Mxfp8) => Encoding::F32,
-        (_, Target::W8a8 | Target::Mxfp8) => Encoding::Bf16,
+        (DtypeClass::F32, Target::W8a8 | Target::W4a8 | Target::Mxfp8) => Encoding::F32,
+        (_, Target::W8a8 | Target::W4a8 | Target::Mxfp8) => Encoding::Bf16,
         (_, Target::F32) => Encoding::F32,
         (_, Target::Bf16) | (DtypeClass::Bf16, _) => Encoding::Bf16,
         (DtypeClass::F32, _) => Encoding::F32,
         (DtypeClass::Fp8Block, _) | (DtypeClass::Fp4Expert, Target::Fp8) => Encoding::Fp8,
         (DtypeClass::Fp4Expert, Target::Fp4Mx) => Encoding::Mx,
         (DtypeClass::Fp4Expert, Target::Fp4Nv) => Encoding::Nv,
+    }
+}
+
+/// Column chunks of a W4A8 expert's `scale_bias`: msModelSlim writes 16 for `w2` (tensor parallelism up to 16
+/// splits its inputs) and one for `w1`/`w3`.
+fn int4_bias_chunks(name: &str) -> usize {
+    if name.ends_with("w2.weight") {
+        16
+    } else {
+        1
     }
 }
 
@@ -238,6 +260,7 @@ impl Encoding {
             Encoding::Mx => "mxfp4-rceil",
             Encoding::Nv => "nvfp4-modelopt",
             Encoding::Int8 => "int8-per-channel",
+            Encoding::Int4 => "int4-per-channel",
             Encoding::Mx8 => "mxfp8-ocp",
         }
     }
@@ -409,9 +432,16 @@ fn out_specs(
     };
     if matches!(
         enc,
-        Encoding::Fp8 | Encoding::Mx | Encoding::Nv | Encoding::Int8 | Encoding::Mx8
+        Encoding::Fp8 | Encoding::Mx | Encoding::Nv | Encoding::Int8 | Encoding::Int4 | Encoding::Mx8
     ) {
         need(e.shape.len() == 2, "block quantisation needs a matrix")?;
+    }
+    if enc == Encoding::Int4 {
+        need(r % 2 == 0, "INT4 packs row pairs: needs an even number of rows")?;
+        need(
+            c % int4_bias_chunks(&members[0]) == 0,
+            "W4A8's scale_bias splits w2's inputs in 16 chunks: needs in % 16 == 0",
+        )?;
     }
     if enc == Encoding::Mx {
         need(c % mxfp4::MX_BLOCK == 0, "MXFP4 needs in % 32 == 0")?;
@@ -451,6 +481,12 @@ fn out_specs(
             ("_scale", Dtype::F32, vec![r, 1]),
             ("_offset", Dtype::F32, vec![r, 1]),
         ],
+        Encoding::Int4 => vec![
+            ("", Dtype::I8, vec![r / 2, c]),
+            ("_scale", Dtype::F32, vec![r, 1]),
+            ("_offset", Dtype::F32, vec![r, 1]),
+            (".scale_bias", Dtype::F32, vec![r, int4_bias_chunks(&members[0])]),
+        ],
         Encoding::Mx8 => vec![
             ("", Dtype::F8E4M3, vec![r, c]),
             ("_scale", Dtype::U8, vec![r, mxfp8::scales_per_row(c)]),
@@ -462,8 +498,8 @@ fn out_specs(
             let (name, shape) = match hf {
                 None => {
                     let name = match suffix {
-                        ".scale" => format!(
-                            "{}.scale",
+                        ".scale" | ".scale_bias" => format!(
+                            "{}{suffix}",
                             members[0].strip_suffix(".weight").unwrap_or(&members[0])
                         ),
                         _ => format!("{}{suffix}", members[0]),
@@ -1124,6 +1160,34 @@ impl Run<'_> {
                 let scales = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
                 vec![codes, scales, vec![0u8; rows * 4]]
             }
+            Encoding::Int4 => {
+                let mut codes = vec![0i8; rows * cols];
+                let mut scales = vec![0f32; rows];
+                stats = codes
+                    .par_chunks_mut((BAND_ROWS * cols).max(1))
+                    .zip(scales.par_chunks_mut(BAND_ROWS))
+                    .enumerate()
+                    .map_init(Vec::new, |buf: &mut Vec<f32>, (bi, (c, s))| {
+                        buf.resize(c.len(), 0.0);
+                        decode(bi * BAND_ROWS, buf)?;
+                        let (sum_sq, sse, max_abs) = int4::quantize_rows(buf, cols, cols, c, s);
+                        Ok(ErrStats {
+                            sum_sq,
+                            sse,
+                            sse_rtn: sse,
+                            max_abs,
+                        })
+                    })
+                    .try_reduce(ErrStats::default, |a, b| Ok(a.merge(b)))?;
+                let bias = int4::scale_bias(&codes, &scales, cols, int4_bias_chunks(name));
+                let le = |v: &[f32]| v.iter().flat_map(|s| s.to_le_bytes()).collect();
+                vec![
+                    int4::pack_row_pairs(&codes, cols),
+                    le(&scales),
+                    vec![0u8; rows * 4],
+                    le(&bias),
+                ]
+            }
             Encoding::Mx8 => {
                 let per_row = mxfp8::scales_per_row(cols);
                 let mut codes = vec![0u8; rows * cols];
@@ -1247,6 +1311,7 @@ impl Run<'_> {
         let tensors = self.groups.iter().flat_map(|g| {
             let t = match g.encoding {
                 Encoding::Int8 => QuantType::W8a8Dynamic,
+                Encoding::Int4 => QuantType::W4a8Dynamic,
                 Encoding::Mx8 => QuantType::W8a8Mxfp8,
                 _ => QuantType::Float,
             };

@@ -294,3 +294,69 @@ fn mxfp8_ocp_matches_torch() {
         assert_eq!(codes, want_codes, "row {r}: codes");
     }
 }
+
+#[test]
+fn int4_grouped_packing_and_scale_bias_match_torch() {
+    let v = ascend_vectors();
+    let cases = v["int4_grouped"].as_array().unwrap();
+    assert_eq!(cases.len(), 3);
+    for (i, c) in cases.iter().enumerate() {
+        let dim = |k: &str| c[k].as_u64().unwrap() as usize;
+        let (rows, cols, group, chunks) = (dim("rows"), dim("cols"), dim("group"), dim("chunks"));
+        let x = f32_list(&c["x_f32_bits"]);
+        let want_codes = int_list(&c["codes"]);
+        let want_scales = hex_list(&c["scale_f32_bits"]);
+        let want_packed: Vec<u8> = int_list(&c["packed"]).into_iter().map(|b| b as u8).collect();
+        assert_eq!(
+            (x.len(), want_codes.len(), want_scales.len(), want_packed.len()),
+            (rows * cols, rows * cols, rows * cols / group, rows * cols / 2),
+            "case {i}"
+        );
+        let (mut q, mut scales) = (vec![0i8; x.len()], vec![0f32; x.len() / group]);
+        codec::int4::quantize_rows(&x, cols, group, &mut q, &mut scales);
+        let got_scales: Vec<u32> = scales.iter().map(|s| s.to_bits()).collect();
+        assert_eq!(got_scales, want_scales, "case {i}: scales");
+        let got: Vec<i64> = q.iter().map(|&c| c as i64).collect();
+        assert_eq!(got, want_codes, "case {i}: codes");
+        let packed = codec::int4::pack_row_pairs(&q, cols);
+        assert_eq!(packed, want_packed, "case {i}: packed along the output dimension");
+        if group == cols {
+            let mut back = vec![0f32; x.len()];
+            codec::int4::dequantize_rows(&want_packed, &scales, cols, 0, &mut back);
+            for (j, (b, &q)) in back.iter().zip(&want_codes).enumerate() {
+                assert_eq!(
+                    *b,
+                    q as f32 * scales[j / cols],
+                    "case {i}: torch's bytes decode, element {j}"
+                );
+            }
+            // torch sums q * scale in float64; v4 sums the integer codes and scales once: the two agree
+            // to a rounding of the result (relative 2^-23 of Σ|q|·scale).
+            let want_bias = c["scale_bias_f64"].as_array().unwrap();
+            let bias = codec::int4::scale_bias(&q, &scales, cols, chunks);
+            assert_eq!(
+                (bias.len(), want_bias.len()),
+                (rows * chunks, rows * chunks),
+                "case {i}"
+            );
+            for (j, (b, w)) in bias.iter().zip(want_bias).enumerate() {
+                let w = w.as_f64().unwrap();
+                let (r, part) = (j / chunks, j % chunks);
+                let span = cols / chunks;
+                let mag: f64 = q[r * cols + part * span..][..span]
+                    .iter()
+                    .map(|&q| 8.0 * (q as f64).abs() * scales[r] as f64)
+                    .sum();
+                assert!(
+                    (*b as f64 - w).abs() <= mag * f32::EPSILON as f64,
+                    "case {i}: scale_bias {j}: {b} against {w}"
+                );
+            }
+        } else {
+            assert!(
+                c["scale_bias_f64"].is_null(),
+                "case {i}: scale_bias is per channel only"
+            );
+        }
+    }
+}

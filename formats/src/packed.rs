@@ -3,7 +3,7 @@
 //! A [`PackedMatrix`] is a `[rows, cols]` matrix (a checkpoint's `[out, in]` weight) made of one or
 //! more row blocks ([`PackedRows`]), each in the storage its checkpoint used: BF16, F32, DeepSeek's FP8
 //! (E4M3 with 128x128 E8M0 tiles), MXFP4 (E2M1 with an E8M0 scale per 32), NVFP4, or Ascend's INT8 (one
-//! scale per row) and MXFP8 (E4M3 with an E8M0 scale per 32). A block borrows
+//! scale per row), INT4 (one scale per row, two rows per byte) and MXFP8 (E4M3 with an E8M0 scale per 32). A block borrows
 //! its bytes from their owner (a memory-mapped shard, or a vector), so a model can hold the release
 //! checkpoint as it is on disk. HF's fused expert tensors are such stacks: `gate_up_proj[e]` is
 //! expert `e`'s `w1` rows over its `w3` rows.
@@ -12,7 +12,7 @@
 //! at a time into f32 (exactly the converter's dequantisation) and multiplies; a backend can supply
 //! a faster kernel that reads the same bytes.
 
-use crate::codec::{bf16_to_f32, fp8, int8, mxfp4, mxfp8, nvfp4};
+use crate::codec::{bf16_to_f32, fp8, int4, int8, mxfp4, mxfp8, nvfp4};
 use rayon::prelude::*;
 use std::fmt;
 use std::ops::Range;
@@ -105,6 +105,9 @@ pub enum Storage {
     Nvfp4 { block: usize, scale2: f32 },
     /// Symmetric INT8 `[rows, cols]`, one little-endian f32 scale per row `[rows]` (Ascend W8A8).
     Int8,
+    /// Symmetric INT4 packed two rows per byte along the output dimension `[rows / 2, cols]` (row `2j`
+    /// in the low nibble), one little-endian f32 scale per row `[rows]` (Ascend W4A8's experts).
+    Int4,
     /// E4M3FN `[rows, cols]`, E8M0 per 32 along the row `[rows, ceil(cols/32)]` (OCP MXFP8).
     Mxfp8,
 }
@@ -119,6 +122,7 @@ impl Storage {
             Storage::Mxfp4 { block } => format!("mxfp4/{block}"),
             Storage::Nvfp4 { block, .. } => format!("nvfp4/{block}"),
             Storage::Int8 => "int8/row".into(),
+            Storage::Int4 => "int4/row".into(),
             Storage::Mxfp8 => format!("mxfp8/{}", mxfp8::MX8_BLOCK),
         }
     }
@@ -130,6 +134,7 @@ impl Storage {
             Storage::Bf16 => rows * cols * 2,
             Storage::Fp8 { .. } | Storage::Int8 | Storage::Mxfp8 => rows * cols,
             Storage::Mxfp4 { .. } | Storage::Nvfp4 { .. } => rows * cols / 2,
+            Storage::Int4 => rows.div_ceil(2) * cols,
         }
     }
 }
@@ -175,9 +180,14 @@ impl PackedRows {
                 }
                 rows * cols / block
             }
-            Storage::Int8 => rows * 4,
+            Storage::Int8 | Storage::Int4 => rows * 4,
             Storage::Mxfp8 => rows * mxfp8::scales_per_row(cols),
         };
+        if storage == Storage::Int4 && !rows.is_multiple_of(2) {
+            return Err(format!(
+                "int4 row pairs need an even number of rows, found {rows}"
+            ));
+        }
         if scales.len() != scales_want {
             return Err(format!(
                 "{} [{rows}, {cols}] needs {scales_want} bytes of scales, found {}",
@@ -200,7 +210,8 @@ impl PackedRows {
     }
 
     /// Rows `[r0, r0 + rows)` as a block of their own, sharing the bytes. FP8 blocks split only on
-    /// whole scale tiles (`r0` and `rows` multiples of the tile); `None` otherwise.
+    /// whole scale tiles (`r0` and `rows` multiples of the tile), INT4 only on whole row pairs; `None`
+    /// otherwise.
     pub fn rows_range(&self, r0: usize, rows: usize) -> Option<PackedRows> {
         assert!(
             r0 + rows <= self.rows,
@@ -224,13 +235,21 @@ impl PackedRows {
                 self.scales.slice(r0 * cols / block..(r0 + rows) * cols / block)
             }
             Storage::Int8 => self.scales.slice(r0 * 4..(r0 + rows) * 4),
+            Storage::Int4 => {
+                if !r0.is_multiple_of(2) || !rows.is_multiple_of(2) {
+                    return None;
+                }
+                self.scales.slice(r0 * 4..(r0 + rows) * 4)
+            }
             Storage::Mxfp8 => {
                 let per_row = mxfp8::scales_per_row(cols);
                 self.scales.slice(r0 * per_row..(r0 + rows) * per_row)
             }
         };
-        let row_bytes = self.storage.code_bytes(1, cols);
-        let data = self.data.slice(r0 * row_bytes..(r0 + rows) * row_bytes);
+        let start = self.storage.code_bytes(r0, cols);
+        let data = self
+            .data
+            .slice(start..start + self.storage.code_bytes(rows, cols));
         Some(PackedRows {
             rows,
             cols,
@@ -282,6 +301,13 @@ impl PackedRows {
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect();
                 int8::dequantize_rows(&data[r0 * cols..][..n * cols], &scales, cols, out);
+            }
+            Storage::Int4 => {
+                let scales: Vec<f32> = scales[r0 * 4..][..n * 4]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                int4::dequantize_rows(data, &scales, cols, r0, out);
             }
             Storage::Mxfp8 => {
                 let per_row = mxfp8::scales_per_row(cols);
@@ -567,6 +593,43 @@ mod tests {
         // 64-row bands would cut FP8's 128x128 scale tiles.
         assert!(fp8_whole.split_rows(4).is_none());
         assert!(mx_whole.split_rows(5).is_none(), "48 rows do not split in 5");
+    }
+
+    #[test]
+    fn int4_row_pairs_split_only_on_whole_pairs() {
+        let (rows, cols) = (8, 32);
+        let w = data(rows * cols, 9);
+        let (mut codes, mut scales) = (vec![0i8; rows * cols], vec![0f32; rows]);
+        int4::quantize_rows(&w, cols, cols, &mut codes, &mut scales);
+        let scale_bytes = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let part = PackedRows::new(
+            rows,
+            cols,
+            Storage::Int4,
+            Bytes::from_vec(int4::pack_row_pairs(&codes, cols)),
+            Bytes::from_vec(scale_bytes),
+        )
+        .unwrap();
+        let whole = PackedMatrix::new(vec![part.clone()]).unwrap().to_f32();
+        let expected: Vec<f32> = codes
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| q as f32 * scales[i / cols])
+            .collect();
+        assert_eq!(whole, expected);
+        let band = part.rows_range(2, 4).expect("whole pairs");
+        let mut out = vec![0f32; 4 * cols];
+        band.decode_rows(0, &mut out);
+        assert_eq!(out, whole[2 * cols..6 * cols]);
+        assert!(part.rows_range(1, 2).is_none() && part.rows_range(2, 3).is_none());
+        let odd = PackedRows::new(
+            3,
+            cols,
+            Storage::Int4,
+            Bytes::from_vec(vec![0; 64]),
+            Bytes::from_vec(vec![0; 12]),
+        );
+        assert!(odd.unwrap_err().contains("even number of rows"));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `v4 convert --input DIR --output DIR --to {bf16,fp8,fp4-mx,fp4-nv,f32,w8a8,mxfp8}`
+//! `v4 convert --input DIR --output DIR --to {bf16,fp8,fp4-mx,fp4-nv,f32,w8a8,w4a8,mxfp8}`
 
 use crate::calibration::{expert_importance, read_sequences, smoothing_factors};
 use crate::io::Result;
@@ -29,6 +29,10 @@ pub enum To {
     /// (quant_model_weights*.safetensors + quant_model_description.json) for vllm-ascend's
     /// `--quantization ascend`. No QuaRot rotation is applied.
     W8a8,
+    /// Ascend 910B/910C: msModelSlim's V4-Pro recipe, as w8a8 but the routed experts INT4 (W4A8_DYNAMIC: one
+    /// scale per output channel, two rows packed per byte, vllm-ascend's scale_bias), the form vllm-ascend's
+    /// W4A8 MoE loads (it refuses per-group INT4). AscendV1 files; no QuaRot rotation.
+    W4a8,
     /// Ascend 950: every release FP8/FP4 linear as MXFP8 (E4M3 + E8M0 per 32, OCP rule), AscendV1 files.
     Mxfp8,
 }
@@ -52,7 +56,7 @@ pub enum Calibrate {
     /// Activation-aware: the same search, each input channel's error weighted by its E[x²], measured by
     /// running the model on `--calib-data` (per expert, for the gate/up and the down projection).
     Activation,
-    /// SmoothQuant for INT8 activations (`--to w8a8`): per input channel j of the linears reading an RMSNorm,
+    /// SmoothQuant for INT8 activations (`--to w8a8`, `w4a8`): per input channel j of the linears reading an RMSNorm,
     /// s_j = max|x_j|^α / max|W_j|^(1-α) (activations measured on `--calib-data`), rounded to a power of two,
     /// divided out of the norm's weight and multiplied into the linears' columns: the same function, with
     /// activation outliers moved into the weights. Covers attn_norm (wq_a, wkv, compressors, indexer) and
@@ -113,6 +117,7 @@ pub fn run(args: Args) -> Result<()> {
         To::Fp4Nv => Target::Fp4Nv,
         To::F32 => Target::F32,
         To::W8a8 => Target::W8a8,
+        To::W4a8 => Target::W4a8,
         To::Mxfp8 => Target::Mxfp8,
     };
     let mut opts = ConvertOptions::new(&args.input, &args.output, target);

@@ -39,7 +39,7 @@ struct ChipPath {
     config: (&'static str, &'static str),
 }
 
-const PATHS: [ChipPath; 4] = [
+const PATHS: [ChipPath; 5] = [
     ChipPath {
         name: "910B BF16",
         target: Some(Target::Bf16),
@@ -51,6 +51,14 @@ const PATHS: [ChipPath; 4] = [
     ChipPath {
         name: "910B W8A8_DYNAMIC",
         target: Some(Target::W8a8),
+        config: (
+            "npu-910b-w8a8.toml",
+            include_str!("../../configs/npu-910b-w8a8.toml"),
+        ),
+    },
+    ChipPath {
+        name: "910B W4A8 experts + W8A8",
+        target: Some(Target::W4a8),
         config: (
             "npu-910b-w8a8.toml",
             include_str!("../../configs/npu-910b-w8a8.toml"),

@@ -101,20 +101,39 @@ pub fn cube_matmul(
         chip,
         [batch, m, k, n],
         rate,
-        input.size_bytes() as f64,
+        [input.size_bytes() as f64; 2],
         output.size_bytes() as f64,
     )
 }
 
-/// Estimate `[m, k] @ [k, n]` with 8-bit operands (INT8, or MXFP8 activations against MXFP8/MXFP4
-/// weights), at the sheet's 8-bit rate, output in `output`.
-pub fn cube_matmul_8bit(chip: &ChipSheet, m: usize, k: usize, n: usize, output: NpuDType) -> Cost {
+/// Estimate `[m, k] @ [k, n]` with 8-bit activations (INT8, or MXFP8) against quantised weights of
+/// `weight_bytes` bytes per element with their scales (about 1 for INT8/MXFP8, 0.5 for INT4/MXFP4), at the
+/// sheet's 8-bit rate (W4A8 runs the INT8 activations as two nibble passes), output in `output`.
+pub fn cube_matmul_8bit(
+    chip: &ChipSheet,
+    [m, k, n]: [usize; 3],
+    weight_bytes: f64,
+    output: NpuDType,
+) -> Cost {
     let rate = chip.cube_macs_per_cycle * chip.cube_8bit_multiplier;
-    cube_tiles(chip, [1, m, k, n], rate, 1.0, output.size_bytes() as f64)
+    cube_tiles(
+        chip,
+        [1, m, k, n],
+        rate,
+        [1.0, weight_bytes],
+        output.size_bytes() as f64,
+    )
 }
 
-/// The cube's tile model: `rate` MACs per cycle, operands of `in_b` bytes, output of `out_b` bytes.
-fn cube_tiles(chip: &ChipSheet, [batch, m, k, n]: [usize; 4], rate: f64, in_b: f64, out_b: f64) -> Cost {
+/// The cube's tile model: `rate` MACs per cycle, left and right operands of `[x_b, w_b]` bytes per element,
+/// output of `out_b` bytes.
+fn cube_tiles(
+    chip: &ChipSheet,
+    [batch, m, k, n]: [usize; 4],
+    rate: f64,
+    [x_b, w_b]: [f64; 2],
+    out_b: f64,
+) -> Cost {
     let tiles_m = m.div_ceil(BASE_M);
     let tiles_n = n.div_ceil(BASE_N);
     let tiles = (batch * tiles_m * tiles_n) as f64;
@@ -125,12 +144,12 @@ fn cube_tiles(chip: &ChipSheet, [batch, m, k, n]: [usize; 4], rate: f64, in_b: f
     let k_steps = k.div_ceil(BASE_K) as f64;
     let tk = (k.min(BASE_K)) as f64;
     let cube = k_steps * (chip.mmad_overhead_cycles + pad(tm) * pad(tn) * pad(tk) / rate);
-    let mte2 = (tm + tn) * k as f64 * in_b / chip.mte_bytes_per_cycle;
+    let mte2 = (tm * x_b + tn * w_b) * k as f64 / chip.mte_bytes_per_cycle;
     let fix = tm * tn * out_b / chip.mte_bytes_per_cycle;
     let tile_cycles = cube.max(mte2).max(fix);
     let waves = (tiles / chip.cube_cores as f64).ceil();
     let compute_us = waves * tile_cycles / (chip.clock_ghz * 1e3);
-    let bytes = batch as f64 * ((m * k + k * n) as f64 * in_b + (m * n) as f64 * out_b);
+    let bytes = batch as f64 * ((m * k) as f64 * x_b + (k * n) as f64 * w_b + (m * n) as f64 * out_b);
     let hbm_us = bytes / (chip.hbm_gbps * 1e3);
     let (core_us, bound) = if hbm_us > compute_us || mte2.max(fix) > cube {
         (compute_us.max(hbm_us), Bound::Memory)

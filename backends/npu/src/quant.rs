@@ -2,7 +2,9 @@
 //! bit on the host. Which path runs is the policy's [`WeightQuant`]:
 //!
 //! - **910B/910C W8A8_DYNAMIC** (`npu_dynamic_quant` + `npu_quant_matmul`), for INT8 weights `W: [out, k]`
-//!   with one scale `s_w` per output channel:
+//!   with one scale `s_w` per output channel, and W4A8_DYNAMIC's INT4 experts the same way (their codes
+//!   are integers in [-8, 7]; the kernel's nibble split of `q_x` and its `scale_bias` add up to the same
+//!   INT32 sum, [`v4_formats::codec::int4::scale_bias`]):
 //!   1. vector unit: each token (row of `x: [n, k]`) gets `s_x = amax / 127` and codes
 //!      `q_x = RNE(x / s_x)` (the weights' rule, [`v4_formats::codec::int8`]);
 //!   2. cube: `acc = q_x · q_w` summed exactly in INT32 (the order cannot matter);
@@ -23,7 +25,7 @@ use crate::support::{Engine, OpClass};
 use burn_backend::{DType, Shape};
 use rayon::prelude::*;
 use std::fmt;
-use v4_formats::codec::{int8, mxfp8};
+use v4_formats::codec::{int4, int8, mxfp8};
 use v4_formats::{Fp8ScaleKind, PackedMatmul, PackedMatrix, Storage};
 
 /// The packed-weight kernel of one emulated device: the weights its policy's [`WeightQuant`] path holds
@@ -55,7 +57,7 @@ impl QuantMatmul {
 fn holds(path: WeightQuant, storage: Storage) -> bool {
     match path {
         WeightQuant::Dequantize => false,
-        WeightQuant::W8a8Dynamic => storage == Storage::Int8,
+        WeightQuant::W8a8Dynamic => matches!(storage, Storage::Int8 | Storage::Int4),
         WeightQuant::MxDynamic => matches!(
             storage,
             Storage::Mxfp8
@@ -68,12 +70,19 @@ fn holds(path: WeightQuant, storage: Storage) -> bool {
     }
 }
 
-/// `W`'s INT8 codes and per-row scales (every block is INT8).
+/// `W`'s integer codes and per-row scales (every block is INT8 or INT4).
 fn int8_rows(w: &PackedMatrix) -> (Vec<i8>, Vec<f32>) {
     let mut codes = Vec::with_capacity(w.rows * w.cols);
     let mut scales = Vec::with_capacity(w.rows);
     for part in w.parts() {
-        codes.extend(part.data.as_slice().iter().map(|&b| b as i8));
+        let data = part.data.as_slice();
+        match part.storage {
+            Storage::Int4 => codes.extend(
+                (0..part.rows * part.cols)
+                    .map(|i| int4::code_at(data, part.cols, i / part.cols, i % part.cols)),
+            ),
+            _ => codes.extend(data.iter().map(|&b| b as i8)),
+        }
         scales.extend(
             part.scales
                 .as_slice()
@@ -161,7 +170,8 @@ impl PackedMatmul for QuantMatmul {
             Some(&(xs.clone(), DType::I8)),
         );
         stats::record(&state, quant_op, Engine::Vector, OpClass::Vector, &ins, &quant);
-        let mm = cost::cube_matmul_8bit(&chip, n, k, rows, policy.cube_output_dtype());
+        let weight_bytes = w.stored_bytes() as f64 / (rows * k).max(1) as f64;
+        let mm = cost::cube_matmul_8bit(&chip, [n, k, rows], weight_bytes, policy.cube_output_dtype());
         let ins = [(xs, DType::I8), (Shape::new([rows, k]), DType::I8)];
         stats::record(&state, "npu_quant_matmul", Engine::Cube, OpClass::Cube, &ins, &mm);
     }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use v4_formats::codec::{int8, mxfp8};
+use v4_formats::codec::{int4, int8, mxfp8};
 use v4_formats::{Bytes, PackedMatmul, PackedMatrix, PackedRows, Storage};
 use v4_npu::*;
 
@@ -85,6 +85,44 @@ fn w8a8_is_within_the_int8_rounding_bound_of_the_exact_product() {
     assert_eq!(report.calls("npu_quant_matmul", Engine::Cube), 1);
     assert_eq!(report.calls("npu_dynamic_quant", Engine::Vector), 1);
     assert_eq!(report.fallback_calls(), 0);
+}
+
+/// W4A8's experts: INT4 codes packed two rows per byte. The INT32 sum of INT8 activation codes and INT4
+/// weight codes is exact, so against the f64 product of the quantised operands (each token's INT8 codes
+/// and scale, each row's INT4 codes and scale) only the f32 scalings and the bf16 output rounding remain.
+#[test]
+fn w4a8_experts_compute_the_exact_integer_product_of_their_row_pairs() {
+    let _g = lock();
+    let dev = Default::default();
+    install(&dev, WeightQuant::W8a8Dynamic);
+    let (n, rows, k) = (5, 10, 64);
+    let x = rand_vec(n * k, 5, -3.0, 3.0);
+    let w = rand_vec(rows * k, 6, -0.2, 0.2);
+    let (mut qw, mut sw) = (vec![0i8; rows * k], vec![0f32; rows]);
+    int4::quantize_rows(&w, k, k, &mut qw, &mut sw);
+    let scales = sw.iter().flat_map(|s| s.to_le_bytes()).collect();
+    let packed = int4::pack_row_pairs(&qw, k);
+    let y = run(&dev, &x, n, &matrix(Storage::Int4, rows, k, packed, scales));
+    assert_eq!(y.len(), n * rows);
+    for t in 0..n {
+        let mut qx = vec![0i8; k];
+        let sx = int8::quantize_row(&x[t * k..(t + 1) * k], &mut qx) as f64;
+        for r in 0..rows {
+            let acc: i64 = qx
+                .iter()
+                .zip(&qw[r * k..(r + 1) * k])
+                .map(|(&a, &b)| a as i64 * b as i64)
+                .sum();
+            let exact = acc as f64 * sw[r] as f64 * sx;
+            let err = (y[t * rows + r] as f64 - exact).abs();
+            assert!(
+                err <= exact.abs() * (BF16_U + 2.0 * f32::EPSILON as f64),
+                "y[{t},{r}] = {}, exact {exact}: error {err:e}",
+                y[t * rows + r]
+            );
+        }
+    }
+    assert_eq!(report(&dev).fallback_calls(), 0);
 }
 
 /// The MX cube: products of MXFP8 activations and stored MX weights are exact, so the only errors are

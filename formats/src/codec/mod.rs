@@ -2,8 +2,9 @@
 //!
 //! Scalar formats live here; the block schemes are in [`fp8`] (DeepSeek 128x128 E8M0 / F32 scales),
 //! [`mxfp4`] (E2M1 + E8M0 per 32, RCEIL or OCP floor) and [`nvfp4`] (E2M1 + E4M3 per 16 + F32
-//! tensor scale, ModelOpt 0.47 rules), and Ascend's: [`int8`] (symmetric, one f32 scale per row: W8A8)
-//! and [`mxfp8`] (E4M3 + E8M0 per 32: the 950's MX cube). Every rounding is computed from the f32 bit pattern, never
+//! tensor scale, ModelOpt 0.47 rules), and Ascend's: [`int8`] (symmetric, one f32 scale per row: W8A8),
+//! [`int4`] (symmetric, one f32 scale per group: W4A8's experts) and [`mxfp8`] (E4M3 + E8M0 per 32:
+//! the 950's MX cube). Every rounding is computed from the f32 bit pattern, never
 //! through a float cast whose rounding the platform would choose.
 //!
 //! Overflow policy: the converter *saturates* E4M3FN to ±448 ([`E4m3Overflow::Saturate`], as
@@ -34,6 +35,7 @@ macro_rules! simd_dispatch {
 }
 
 pub mod fp8;
+pub mod int4;
 pub mod int8;
 pub mod mxfp4;
 pub mod mxfp8;
