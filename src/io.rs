@@ -3,6 +3,7 @@
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::error::Error;
 use std::path::{Path, PathBuf};
+use v4_model::probe::{point, Scope};
 
 pub type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
@@ -185,7 +186,10 @@ pub fn read_f32_tensor(path: &Path, names: &[&str]) -> Result<(Vec<usize>, Vec<f
 pub fn read_streams(path: &Path, layer: usize, expected: [usize; 4]) -> Result<Vec<f32>> {
     let (shape, values) = read_f32_tensor(
         path,
-        &[&format!("hidden.{layer}"), &format!("layers.{layer}.input")],
+        &[
+            &format!("hidden.{layer}"),
+            &Scope::Layer(layer).name(point::INPUT),
+        ],
     )?;
     if shape != expected {
         return Err(format!(

@@ -243,7 +243,11 @@ fn w4a8_packs_expert_row_pairs_with_vllm_ascends_scale_bias() {
         assert!(offset.iter().all(|&o| o == 0.0), "{expert}: symmetric");
         let code = |r: usize, c: usize| {
             let b = packed[(r / 2) * cols + c] as i64;
-            let nibble = if r.is_multiple_of(2) { b & 0xF } else { (b >> 4) & 0xF };
+            let nibble = if r.is_multiple_of(2) {
+                b & 0xF
+            } else {
+                (b >> 4) & 0xF
+            };
             (if nibble >= 8 { nibble - 16 } else { nibble }) as f64
         };
         for r in 0..rows {

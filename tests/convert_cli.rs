@@ -51,7 +51,7 @@ fn release_layout_runs_directly_and_converted_hf_reproduces_it() {
     let native = logits(&fixtures().join("native"), "native");
     let d = max_abs_diff(&native, &expected);
     println!("native logits: max |diff| {d:.2e}");
-    assert!(d <= 1e-4, "native logits differ by {d}");
+    assert!(d <= 2e-5, "native logits differ by {d}");
 
     // hf -> DeepSeek layout, MXFP4 experts (RCEIL): the same model as the release.
     let converted = scratch("fp4-mx");
@@ -68,7 +68,7 @@ fn release_layout_runs_directly_and_converted_hf_reproduces_it() {
     let again = logits(&converted, "converted");
     let d = max_abs_diff(&again, &expected);
     println!("converted logits: max |diff| {d:.2e}");
-    assert!(d <= 1e-4, "converted logits differ from native_logits by {d}");
+    assert!(d <= 2e-5, "converted logits differ from native_logits by {d}");
 }
 
 /// Calibration text for the tiny model (no tokenizer: raw ids), drawn uniformly from its vocabulary like
@@ -127,6 +127,10 @@ fn calibration_brings_fp4_logits_closer_to_f32_on_held_out_tokens() {
             search < rtn,
             "{to}: weight search did not help ({search} >= {rtn})"
         );
+        // Against the unweighted search, the logits of this random-weight model do not order the two
+        // (fp4-nv: 0.1340 against 0.1326): what activation-aware calibration lowers is the
+        // importance-weighted weight error, asserted against the unweighted search's in
+        // `convert/tests/fixture.rs`. Here it must beat round-to-nearest end to end.
         assert!(
             activation < rtn,
             "{to}: activation-aware calibration did not help ({activation} >= {rtn})"

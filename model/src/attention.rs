@@ -18,7 +18,7 @@ use crate::config::{AttentionKind, V4Config};
 use crate::indexer::{IndexQueries, Indexer, Selection};
 use crate::loader::Weights;
 use crate::norm::{rms_normalize, GroupedLinear, Linear, RmsNorm};
-use crate::probe::{tap, NoProbe, Probe};
+use crate::probe::{point, tap_in, wanted, NoProbe, Probe, Scope};
 use crate::rope::Rope;
 use crate::weights::{Init, LoadError};
 use burn::module::{Module, Param};
@@ -127,7 +127,7 @@ impl<B: Backend> Attention<B> {
         x: Tensor<B, 3>,
         segments: &mut [Segment<'_, B>],
         probe: &mut dyn Probe,
-        name: &str,
+        scope: Scope,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let (h, d) = (self.num_heads, self.head_dim);
@@ -153,7 +153,7 @@ impl<B: Backend> Attention<B> {
                 compressed: compressed.as_ref().map(|p| p.columns(cols)),
                 index: index.as_ref().map(|i| i.columns(cols)),
             };
-            outputs.push(self.segment(inputs, segment.start, segment.cache, probe, name));
+            outputs.push(self.segment(inputs, segment.start, segment.cache, probe, scope));
         }
         let o = if outputs.len() == 1 {
             outputs.pop().expect("one segment")
@@ -168,7 +168,7 @@ impl<B: Backend> Attention<B> {
         let low_width = low.dims()[1];
         let low = low.reshape([batch, seq, low_width]);
         let out = self.wo_b.forward(low);
-        tap(probe, &format!("{name}.output"), &out);
+        tap_in(probe, scope, point::ATTN_OUTPUT, &out);
         out
     }
 
@@ -180,7 +180,7 @@ impl<B: Backend> Attention<B> {
         start: usize,
         cache: &mut LayerCache<B>,
         probe: &mut dyn Probe,
-        name: &str,
+        scope: Scope,
     ) -> Tensor<B, 4> {
         let SegmentInputs {
             q,
@@ -193,8 +193,8 @@ impl<B: Backend> Attention<B> {
         let tables = self.rope.tables::<B>(&positions, d, &q.device());
         let q = tables.apply(q, false);
         let kv = tables.apply3(kv, false);
-        tap(probe, &format!("{name}.q"), &q);
-        tap(probe, &format!("{name}.kv"), &kv);
+        tap_in(probe, scope, point::ATTN_Q, &q);
+        tap_in(probe, scope, point::ATTN_KV, &kv);
 
         if let Some(journal) = cache.journal.as_mut() {
             journal.record(&kv, compressed.as_ref(), index.as_ref().map(IndexQueries::keys));
@@ -207,20 +207,17 @@ impl<B: Backend> Attention<B> {
             _ => None,
         };
         if let Some(entries) = &compressed {
-            tap(probe, &format!("{name}.compressor.entries"), entries);
+            tap_in(probe, scope, point::COMPRESSOR_ENTRIES, entries);
         }
         // The indexer's compressor must see every token, even before the first complete window.
         let selection = match (&self.indexer, index) {
             (Some(indexer), Some(queries)) => {
                 let picked = indexer.select(queries, start, &mut cache.indexer);
                 if let Some((selection, scores)) = &picked {
-                    tap(probe, &format!("{name}.indexer.scores"), scores);
-                    if probe.wants(&format!("{name}.indexer.topk")) {
+                    tap_in(probe, scope, point::INDEXER_SCORES, scores);
+                    if let Some(name) = wanted(probe, scope, point::INDEXER_TOPK) {
                         let shape = [batch, seq, selection.k];
-                        probe.record(
-                            &format!("{name}.indexer.topk"),
-                            TensorData::new(selection.indices.clone(), shape),
-                        );
+                        probe.record(&name, TensorData::new(selection.indices.clone(), shape));
                     }
                 }
                 picked.map(|(s, _)| s)
@@ -236,7 +233,7 @@ impl<B: Backend> Attention<B> {
         };
 
         let o = self.attend(q, &keys, key_start, start, extra.as_ref());
-        tap(probe, &format!("{name}.core"), &o);
+        tap_in(probe, scope, point::ATTN_CORE, &o);
         tables.apply(o, true)
     }
 

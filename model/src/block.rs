@@ -12,7 +12,7 @@ use crate::hyper_connection::HyperConnection;
 use crate::loader::Weights;
 use crate::moe::{ExpertRunner, Moe, Routing};
 use crate::norm::RmsNorm;
-use crate::probe::{tap, Probe};
+use crate::probe::{point, tap_in, Probe, Scope};
 use crate::weights::LoadError;
 use burn::module::Module;
 use burn::tensor::{backend::Backend, Tensor};
@@ -48,7 +48,7 @@ impl<B: Backend> Block<B> {
 
     /// `X: [B, S, c, D]` for the tokens `ids`; `segments` say which columns continue which layer state
     /// at which positions (see [`Segment`]). Returns the new streams and the layer's routing
-    /// statistics. `name` prefixes the probe points (`layers.N`, `mtp.K`).
+    /// statistics. Its probe points are under `scope` (`layers.N`, `mtp.K`).
     pub fn forward(
         &self,
         x: Tensor<B, 4>,
@@ -56,20 +56,18 @@ impl<B: Backend> Block<B> {
         segments: &mut [Segment<'_, B>],
         runner: &dyn ExpertRunner<B>,
         probe: &mut dyn Probe,
-        name: &str,
+        scope: Scope,
     ) -> (Tensor<B, 4>, Routing<B>) {
         let (input, mix) = self.attn_hc.pre(&x);
         let input = self.attn_norm.forward(input);
-        tap(probe, &format!("{name}.attn.input"), &input);
-        let attn = self.attn.forward(input, segments, probe, &format!("{name}.attn"));
+        tap_in(probe, scope, point::ATTN_INPUT, &input);
+        let attn = self.attn.forward(input, segments, probe, scope);
         let x = mix.post(attn, x);
 
         let (input, mix) = self.ffn_hc.pre(&x);
         let input = self.ffn_norm.forward(input);
-        tap(probe, &format!("{name}.ffn.input"), &input);
-        let (ffn, routing) = self
-            .ffn
-            .forward(input, ids, self.index, runner, probe, &format!("{name}.ffn"));
+        tap_in(probe, scope, point::FFN_INPUT, &input);
+        let (ffn, routing) = self.ffn.forward(input, ids, self.index, runner, probe, scope);
         (mix.post(ffn, x), routing)
     }
 }

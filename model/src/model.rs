@@ -17,7 +17,7 @@ use crate::loader::{ExpertShard, Loader, NamedParam, Residency};
 use crate::moe::{ExpertRunner, LocalExperts, Routing};
 use crate::mtp::Mtp;
 use crate::norm::{Embedding, Linear, RmsNorm};
-use crate::probe::{tap, NoProbe, Probe};
+use crate::probe::{point, tap, tap_in, NoProbe, Probe, Scope};
 use crate::weights::{LoadError, WeightSource};
 use burn::module::{Module, ParamId};
 use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
@@ -527,8 +527,8 @@ impl<B: Backend> V4Model<B> {
             .forward(next_ids, &self.device())
             .reshape([batch, seq, d]);
         let mut segments = Segment::of_layer(caches, cols, 0);
-        let name = format!("mtp.{depth}");
-        let out = self.mtp[depth].forward(streams, next, next_ids, &mut segments, runner, probe, &name);
+        let scope = Scope::Mtp(depth);
+        let out = self.mtp[depth].forward(streams, next, next_ids, &mut segments, runner, probe, scope);
         for (cache, cols) in caches.iter_mut().zip(cols) {
             cache.position += cols.len();
         }
@@ -540,7 +540,7 @@ impl<B: Backend> V4Model<B> {
     pub(crate) fn mtp_logits(&self, depth: usize, x: Tensor<B, 4>, probe: &mut dyn Probe) -> Tensor<B, 3> {
         let hidden = self.mtp[depth].hidden(x);
         let logits = self.head.forward(hidden);
-        tap(probe, &format!("mtp.{depth}.logits"), &logits);
+        tap_in(probe, Scope::Mtp(depth), point::LOGITS, &logits);
         logits
     }
 
@@ -710,10 +710,10 @@ impl<B: Backend> V4Model<B> {
         let mut expert_counts = Vec::with_capacity(self.layers.len());
         let mut balance: Option<Tensor<B, 1>> = None;
         for (layer, block) in self.layers.iter().enumerate() {
-            tap(probe, &format!("layers.{}.input", block.index), &x);
+            let scope = Scope::Layer(block.index);
+            tap_in(probe, scope, point::INPUT, &x);
             let mut segments = Segment::of_layer(caches, cols, layer);
-            let name = format!("layers.{}", block.index);
-            let (next, routing) = block.forward(x, ids, &mut segments, runner, probe, &name);
+            let (next, routing) = block.forward(x, ids, &mut segments, runner, probe, scope);
             x = next;
             expert_counts.push(routing.counts);
             if let Some(term) = routing.balance {
@@ -733,15 +733,15 @@ impl<B: Backend> V4Model<B> {
     /// the norm and the LM head), tapping `final.streams`, `final.hidden` and `logits`.
     pub fn logits(&self, x: Tensor<B, 4>, probe: &mut dyn Probe) -> Tensor<B, 3> {
         let logits = self.head.forward(self.hidden(x, probe));
-        tap(probe, "logits", &logits);
+        tap(probe, point::LOGITS, &logits);
         logits
     }
 
     /// Final streams `[B, S, c, D]` -> the normed hidden state `[B, S, D]` the LM head reads.
     fn hidden(&self, x: Tensor<B, 4>, probe: &mut dyn Probe) -> Tensor<B, 3> {
-        tap(probe, "final.streams", &x);
+        tap(probe, point::FINAL_STREAMS, &x);
         let hidden = self.norm.forward(self.hc_head.forward(x));
-        tap(probe, "final.hidden", &hidden);
+        tap(probe, point::FINAL_HIDDEN, &hidden);
         hidden
     }
 

@@ -14,7 +14,7 @@
 use crate::config::{RoutingKind, ScoreFunc, V4Config};
 use crate::loader::{PackedWeight, Weights};
 use crate::norm::Linear;
-use crate::probe::{tap, Probe};
+use crate::probe::{point, tap_in, wanted, Probe, Scope};
 use crate::weights::{Init, LoadError};
 use burn::module::{Module, Param};
 use burn::tensor::{activation, backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
@@ -297,13 +297,13 @@ impl<B: Backend> Moe<B> {
         layer: usize,
         runner: &dyn ExpertRunner<B>,
         probe: &mut dyn Probe,
-        name: &str,
+        scope: Scope,
     ) -> (Tensor<B, 3>, Routing<B>) {
         let [batch, seq, d] = x.dims();
         let (n, k) = (batch * seq, self.top_k);
         let device = x.device();
         let flat = x.reshape([n, d]);
-        let (chosen, weights, balance) = self.route(flat.clone(), ids, [batch, seq], probe, name);
+        let (chosen, weights, balance) = self.route(flat.clone(), ids, [batch, seq], probe, scope);
 
         // Dispatch: the rows of each expert together, in token order; combine: each output weighted and
         // added back at its token.
@@ -321,7 +321,7 @@ impl<B: Backend> Moe<B> {
             IndexingUpdateOp::Add,
         );
         let out = (routed + self.shared.forward(flat)).reshape([batch, seq, d]);
-        tap(probe, &format!("{name}.output"), &out);
+        tap_in(probe, scope, point::FFN_OUTPUT, &out);
         (out, Routing { counts, balance })
     }
 
@@ -334,7 +334,7 @@ impl<B: Backend> Moe<B> {
         ids: &[u32],
         [batch, seq]: [usize; 2],
         probe: &mut dyn Probe,
-        name: &str,
+        scope: Scope,
     ) -> (Vec<usize>, Tensor<B, 2>, Option<Tensor<B, 1>>) {
         let (n, k) = (batch * seq, self.top_k);
         let logits = self.gate.forward(flat);
@@ -343,7 +343,7 @@ impl<B: Backend> Moe<B> {
             ScoreFunc::Sigmoid => activation::sigmoid(logits),
             ScoreFunc::Softmax => activation::softmax(logits, 1),
         };
-        tap(probe, &format!("{name}.router.scores"), &scores);
+        tap_in(probe, scope, point::ROUTER_SCORES, &scores);
         let chosen: Vec<usize> = match self.routing {
             RoutingKind::Hash => ids
                 .iter()
@@ -359,9 +359,9 @@ impl<B: Backend> Moe<B> {
                 top_k_biased(&host, &self.bias, k)
             }
         };
-        if probe.wants(&format!("{name}.router.indices")) {
+        if let Some(name) = wanted(probe, scope, point::ROUTER_INDICES) {
             let ids: Vec<i64> = chosen.iter().map(|&e| e as i64).collect();
-            probe.record(&format!("{name}.router.indices"), TensorData::new(ids, [n, k]));
+            probe.record(&name, TensorData::new(ids, [n, k]));
         }
         let balance = (self.sequence_balance && self.routing == RoutingKind::TopK)
             .then(|| self.balance_term(&scores, &chosen, [batch, seq]));
@@ -374,7 +374,7 @@ impl<B: Backend> Moe<B> {
             weights = weights.clone() / weights.sum_dim(1).add_scalar(1e-20);
         }
         let weights = weights.mul_scalar(self.route_scale);
-        tap(probe, &format!("{name}.router.weights"), &weights);
+        tap_in(probe, scope, point::ROUTER_WEIGHTS, &weights);
         (chosen, weights, balance)
     }
 

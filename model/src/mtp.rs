@@ -17,7 +17,7 @@ use crate::hyper_connection::HcHead;
 use crate::loader::Weights;
 use crate::moe::{ExpertRunner, Routing};
 use crate::norm::{Linear, RmsNorm};
-use crate::probe::Probe;
+use crate::probe::{Probe, Scope};
 use crate::weights::LoadError;
 use burn::module::Module;
 use burn::tensor::{backend::Backend, Tensor};
@@ -66,7 +66,7 @@ impl<B: Backend> Mtp<B> {
         segments: &mut [Segment<'_, B>],
         runner: &dyn ExpertRunner<B>,
         probe: &mut dyn Probe,
-        name: &str,
+        scope: Scope,
     ) -> (Tensor<B, 4>, Routing<B>) {
         let [b, s, d] = next.dims();
         let e = self
@@ -74,7 +74,7 @@ impl<B: Backend> Mtp<B> {
             .forward(self.enorm.forward(next))
             .reshape([b, s, 1, d]);
         let x = self.h_proj.forward(self.hnorm.forward(streams)) + e;
-        self.block.forward(x, next_ids, segments, runner, probe, name)
+        self.block.forward(x, next_ids, segments, runner, probe, scope)
     }
 
     /// The MTP head's collapse of its streams: `[B, S, c, D] -> [B, S, D]`, ready for the shared LM head.

@@ -9,6 +9,7 @@ use burn::tensor::TensorData;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use v4_model::probe::{point, Scope};
 use v4_model::{read_config, LocalExperts, Recorder, Tokens, V4Config};
 use v4_validate::filter::parse_layers;
 
@@ -140,7 +141,7 @@ fn forward_layers<B: Backend>(
     let mut outputs = Vec::new();
     let last = if range.end == num_layers {
         model.logits(out, &mut recorder);
-        "logits".to_string()
+        point::LOGITS.to_string()
     } else {
         outputs.push(output(format!("hidden.{}", range.end), out.into_data())?);
         format!("hidden.{}", range.end)
@@ -166,24 +167,22 @@ fn forward_layers<B: Backend>(
 /// Whether probe `name` is written: the streams entering each layer, the final hidden state, the logits,
 /// and with `mtp` the final streams and every MTP depth's logits.
 fn written(name: &str, mtp: bool) -> bool {
-    (name.starts_with("layers.") && name.ends_with(".input") && name.split('.').count() == 3)
-        || name == "final.hidden"
-        || name == "logits"
-        || (mtp && (name == "final.streams" || (name.starts_with("mtp.") && name.ends_with(".logits"))))
+    match Scope::parse(name) {
+        Some((Scope::Layer(_), point)) => point == point::INPUT,
+        Some((Scope::Mtp(_), point)) => mtp && point == point::LOGITS,
+        None => name == point::FINAL_HIDDEN || name == point::LOGITS || (mtp && name == point::FINAL_STREAMS),
+    }
 }
 
 /// The output name of a written probe of a model of `layers` main layers (HF's `hidden_states` numbering).
 fn output_name(probe: &str, layers: usize) -> String {
-    match probe {
-        "logits" => probe.into(),
-        "final.hidden" => format!("hidden.{layers}"),
-        "final.streams" => "streams".into(),
-        "mtp.0.logits" => "mtp_logits".into(),
-        other if other.starts_with("mtp.") => format!("mtp_logits.{}", &other[4..other.len() - 7]),
-        other => format!(
-            "hidden.{}",
-            other.trim_start_matches("layers.").trim_end_matches(".input")
-        ),
+    match Scope::parse(probe) {
+        Some((Scope::Layer(n), _)) => format!("hidden.{n}"),
+        Some((Scope::Mtp(0), _)) => "mtp_logits".into(),
+        Some((Scope::Mtp(k), _)) => format!("mtp_logits.{k}"),
+        None if probe == point::FINAL_HIDDEN => format!("hidden.{layers}"),
+        None if probe == point::FINAL_STREAMS => "streams".into(),
+        None => probe.into(),
     }
 }
 

@@ -21,6 +21,7 @@
 //! `final.streams` for the last layer).
 
 use std::path::{Path, PathBuf};
+use v4_model::probe::{point, Scope};
 
 pub mod filter;
 pub mod metrics;
@@ -81,7 +82,25 @@ impl Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// The layer index of a probe name (`layers.N....`), if any.
+/// The main layer of a probe name (`layers.N....`), if any.
 pub fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("layers.")?.split('.').next()?.parse().ok()
+    match Scope::parse(name)? {
+        (Scope::Layer(n), _) => Some(n),
+        (Scope::Mtp(_), _) => None,
+    }
+}
+
+/// The point of probe `name` (`layers.3.attn.q` -> `attn.q`; a model-level name is its own point).
+pub fn point_of(name: &str) -> &str {
+    Scope::parse(name).map_or(name, |(_, point)| point)
+}
+
+/// The reference's name for the input of main layer `i` of `layers`: its own input streams, or for one
+/// past the last, the final streams.
+pub fn layer_input(i: usize, layers: usize) -> String {
+    if i < layers {
+        Scope::Layer(i).name(point::INPUT)
+    } else {
+        point::FINAL_STREAMS.into()
+    }
 }

@@ -1,10 +1,10 @@
 //! Judging probes, localising the first divergence, and writing reports (JSON, CSV, HTML, terminal).
 
-use crate::layer_of;
 use crate::metrics::{compare_f32, compare_topk, FloatMetrics, IndexMetrics, TieRule, TieScores};
 use crate::options::{RunMode, ValidateOptions};
 use crate::rules::{op_class, Dtype, OpClass, Tolerance};
 use crate::trace::{Stats, Trace, TraceInfo, Values};
+use crate::{layer_input, layer_of, point_of};
 use crate::{Error, Result};
 use burn::tensor::TensorData;
 use serde::{Deserialize, Serialize};
@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::ops::Range;
 use std::path::Path;
+use v4_model::probe::{point, Scope};
 
 /// Whether a failure reason is about error size (which accumulated drift explains) rather than structure.
 fn is_drift(reason: &str) -> bool {
@@ -171,12 +172,8 @@ pub fn policy_diff(reference: &TraceInfo, candidate: &TraceInfo) -> Vec<PolicyDi
 
 /// The reference name a candidate probe is compared with (`layers.N.output` is the next layer's input).
 fn reference_name(name: &str, layers: usize) -> String {
-    match (
-        layer_of(name),
-        name.ends_with(".output") && name.split('.').count() == 3,
-    ) {
-        (Some(i), true) if i + 1 < layers => format!("layers.{}.input", i + 1),
-        (Some(_), true) => "final.streams".into(),
+    match (layer_of(name), point_of(name)) {
+        (Some(i), point::OUTPUT) => layer_input(i + 1, layers),
         _ => name.to_string(),
     }
 }
@@ -206,7 +203,8 @@ pub fn compare(
         let Some(r) = reference.get(&ref_name) else {
             continue;
         };
-        if mode == RunMode::Isolated && ref_name.ends_with(".input") && !name.ends_with(".output") {
+        if mode == RunMode::Isolated && point_of(&ref_name) == point::INPUT && point_of(name) != point::OUTPUT
+        {
             continue;
         }
         let tol = opts.tolerances.resolve(name, opts.dtype);
@@ -408,19 +406,17 @@ fn tie_scores<'a>(
     tol: &Tolerance,
 ) -> Option<TieScores<'a>> {
     let layer = layer_of(name)?;
-    let (scores, bias) = if name.ends_with("router.indices") {
-        let info = routing.get(layer)?;
-        if info.hash {
-            return None;
+    let scope = Scope::Layer(layer);
+    let (scores, bias) = match point_of(name) {
+        point::ROUTER_INDICES => {
+            let info = routing.get(layer)?;
+            if info.hash {
+                return None;
+            }
+            (scope.name(point::ROUTER_SCORES), Some(info.bias.as_slice()))
         }
-        (
-            name.replace("router.indices", "router.scores"),
-            Some(info.bias.as_slice()),
-        )
-    } else if name.ends_with("indexer.topk") {
-        (name.replace("indexer.topk", "indexer.scores"), None)
-    } else {
-        return None;
+        point::INDEXER_TOPK => (scope.name(point::INDEXER_SCORES), None),
+        _ => return None,
     };
     let candidate = by_name.get(scores.as_str()).and_then(|&i| match &cand[i] {
         (_, s, Values::F32(v)) => Some((s.clone(), v.as_slice())),
@@ -522,12 +518,7 @@ fn amplification_warnings(results: &mut [ProbeResult], layers: usize) {
             .and_then(|r| r.float.map(|f| f.rel_l2))
     };
     for i in 0..layers {
-        let input = format!("layers.{i}.input");
-        let output = if i + 1 < layers {
-            format!("layers.{}.input", i + 1)
-        } else {
-            "final.streams".into()
-        };
+        let (input, output) = (layer_input(i, layers), layer_input(i + 1, layers));
         if let (Some(a), Some(b)) = (err(results, &input), err(results, &output)) {
             if a > 0.0 && b >= 10.0 * a {
                 if let Some(r) = results.iter_mut().find(|r| r.name == output) {

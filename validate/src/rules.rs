@@ -15,6 +15,7 @@
 use crate::filter::glob_match;
 use crate::Error;
 use serde::{Deserialize, Serialize};
+use v4_model::probe::{point, Scope};
 
 /// The compute dtype whose defaults apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,23 +100,21 @@ pub enum OpClass {
 
 /// The class of a probe name.
 pub fn op_class(name: &str) -> OpClass {
-    let tail = |s: &str| name.ends_with(s);
-    if tail("router.indices") || tail("indexer.topk") {
-        OpClass::Index
-    } else if name == "logits" {
-        OpClass::Logits
-    } else if tail("attn.q")
-        || tail("attn.kv")
-        || tail("attn.core")
-        || tail("attn.output")
-        || tail("ffn.output")
-        || tail("compressor.entries")
-        || tail("indexer.scores")
-        || tail("router.scores")
-    {
-        OpClass::Matmul
-    } else {
-        OpClass::Vector
+    match (Scope::parse(name), crate::point_of(name)) {
+        (_, point::ROUTER_INDICES | point::INDEXER_TOPK) => OpClass::Index,
+        (None, point::LOGITS) => OpClass::Logits,
+        (
+            _,
+            point::ATTN_Q
+            | point::ATTN_KV
+            | point::ATTN_CORE
+            | point::ATTN_OUTPUT
+            | point::FFN_OUTPUT
+            | point::COMPRESSOR_ENTRIES
+            | point::INDEXER_SCORES
+            | point::ROUTER_SCORES,
+        ) => OpClass::Matmul,
+        _ => OpClass::Vector,
     }
 }
 

@@ -6,7 +6,7 @@ use crate::trace::{config_hash, Trace, TraceInfo, TraceMode};
 use crate::{filter::ProbeFilter, Error, Result};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use v4_model::cache::{LayerCache, Segment};
-use v4_model::probe::{tap, Probe};
+use v4_model::probe::{point, tap, Probe, Scope};
 use v4_model::{LocalExperts, ModelCache, Recorder, RoutingKind, Tokens, V4Model};
 
 /// Probe records in forward order.
@@ -119,7 +119,8 @@ pub fn run_isolated<B: Backend>(
     let tensor4 = |shape: &[usize], v: &[f32]| streams4::<B>(shape, v, &device);
     for block in &model.layers {
         let i = block.index;
-        let Some((shape, values)) = reference.f32(&format!("layers.{i}.input")) else {
+        let scope = Scope::Layer(i);
+        let Some((shape, values)) = reference.f32(&scope.name(point::INPUT)) else {
             skipped.push(i);
             continue;
         };
@@ -131,21 +132,20 @@ pub fn run_isolated<B: Backend>(
             start: 0,
             cache: &mut cache,
         }];
-        let name = format!("layers.{i}");
-        let (out, _) = block.forward(x, &tokens.ids, &mut segment, &LocalExperts, &mut recorder, &name);
+        let (out, _) = block.forward(x, &tokens.ids, &mut segment, &LocalExperts, &mut recorder, scope);
         records.extend(recorder.records);
-        records.push((format!("layers.{i}.output"), out.into_data()));
+        records.push((scope.name(point::OUTPUT), out.into_data()));
     }
     let mut probe = Recorder::new(|n: &str| wants(n));
-    if let Some((shape, values)) = reference.f32("final.streams") {
+    if let Some((shape, values)) = reference.f32(point::FINAL_STREAMS) {
         let hidden = model.norm.forward(model.hc_head.forward(tensor4(shape, values)?));
-        tap(&mut probe as &mut dyn Probe, "final.hidden", &hidden);
+        tap(&mut probe as &mut dyn Probe, point::FINAL_HIDDEN, &hidden);
         tap(
             &mut probe as &mut dyn Probe,
-            "logits",
+            point::LOGITS,
             &model.head.forward(hidden),
         );
-    } else if let Some((shape, values)) = reference.f32("final.hidden") {
+    } else if let Some((shape, values)) = reference.f32(point::FINAL_HIDDEN) {
         let s: [usize; 3] = shape.try_into().map_err(|_| {
             Error::Reference(format!(
                 "reference final.hidden has shape {shape:?}, expected [B, S, D]"
@@ -154,7 +154,7 @@ pub fn run_isolated<B: Backend>(
         let hidden = Tensor::<B, 3>::from_data(TensorData::new(values.to_vec(), s), &device);
         tap(
             &mut probe as &mut dyn Probe,
-            "logits",
+            point::LOGITS,
             &model.head.forward(hidden),
         );
     }

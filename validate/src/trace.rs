@@ -13,6 +13,7 @@ use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use v4_model::probe::{point, Scope};
 
 /// The format tag written in every trace.
 pub const FORMAT: &str = "v4-trace/1";
@@ -380,15 +381,15 @@ impl Trace {
         for (index, name) in hidden {
             let (shape, values) = read_values(&name)?;
             let mapped = if shape.len() == 4 {
-                format!("layers.{index}.input")
+                Scope::Layer(index).name(point::INPUT)
             } else {
-                "final.hidden".to_string()
+                point::FINAL_HIDDEN.to_string()
             };
             entries.push(Entry::new(mapped, shape, values, TraceMode::Full));
         }
-        if st.tensor("logits").is_ok() {
-            let (shape, values) = read_values("logits")?;
-            entries.push(Entry::new("logits".into(), shape, values, TraceMode::Full));
+        if st.tensor(point::LOGITS).is_ok() {
+            let (shape, values) = read_values(point::LOGITS)?;
+            entries.push(Entry::new(point::LOGITS.into(), shape, values, TraceMode::Full));
         }
         if entries.is_empty() {
             return Err(at(&"no `hidden.N` or `logits` tensors to compare against"));
