@@ -2,7 +2,8 @@
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::error::Error;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use v4_formats::atomic;
 use v4_model::probe::{point, Scope};
 
 pub type Result<T> = std::result::Result<T, Box<dyn Error>>;
@@ -79,25 +80,15 @@ pub fn write_safetensors(path: &Path, tensors: &[Output], input: &Path) -> Resul
         .zip(&bytes)
         .map(|(t, b)| Ok((t.name.clone(), TensorView::new(Dtype::F32, t.shape.clone(), b)?)))
         .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    let tmp = temporary_name(path);
-    safetensors::serialize_to_file(views, None, &tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+    atomic::replace_with(path, |tmp| {
+        safetensors::serialize_to_file(views, None, tmp).map_err(std::io::Error::other)
+    })?;
     Ok(())
-}
-
-/// `path` with `.tmp-PID` appended: where a file is written before it is renamed into place.
-fn temporary_name(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp-{}", std::process::id()));
-    path.with_file_name(name)
 }
 
 /// Writes `bytes` to `path` through a temporary file renamed at the end.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temporary_name(path);
-    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(())
+    Ok(atomic::write_bytes(path, bytes)?)
 }
 
 /// Reads a model configuration file (HF `config.json` or DeepSeek's inference config).

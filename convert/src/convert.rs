@@ -32,6 +32,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
+use v4_formats::atomic;
 
 /// Largest f32 working set of one batch of tensors.
 pub const BATCH_BYTES: u64 = 256 << 20;
@@ -1483,14 +1484,8 @@ fn tmp_dir(out: &Path) -> PathBuf {
 }
 
 fn save_manifest(tmp: &Path, m: &Manifest) -> Result<(), ConvertError> {
-    let path = tmp.join(MANIFEST);
-    let part = tmp.join("manifest.json.partial");
     let text = serde_json::to_vec_pretty(m).unwrap_or_default();
-    let mut f = File::create(&part).map_err(|e| ConvertError::io(&part, e))?;
-    f.write_all(&text)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| ConvertError::io(&part, e))?;
-    fs::rename(&part, &path).map_err(|e| ConvertError::io(&path, e))
+    atomic::write_bytes(&tmp.join(MANIFEST), &text).map_err(|e| ConvertError::io(&e.path, e.source))
 }
 
 fn file_crc(path: &Path) -> Result<u32, ConvertError> {

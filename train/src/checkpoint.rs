@@ -22,6 +22,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use v4_convert::st::{layout_shard_with, PlannedTensor};
+use v4_formats::atomic;
 
 /// The trainer's progress, saved beside the weights.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -78,11 +79,6 @@ fn f32_bytes(data: &[f32]) -> Vec<u8> {
 /// Writes one step's gradients (flattened, by parameter name) to `path`, atomically: for comparing a
 /// parallel setup with a single process.
 pub fn write_gradients(path: &Path, grads: &[(String, HostF32)]) -> Result<(), TrainError> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".tmp-{name}"));
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = grads
         .iter()
         .map(|(n, t)| (n.clone(), t.shape.clone(), f32_bytes(&t.data)))
@@ -96,9 +92,8 @@ pub fn write_gradients(path: &Path, grads: &[(String, HostF32)]) -> Result<(), T
         })
         .collect::<Result<Vec<_>, TrainError>>()?;
     let bytes = safetensors::tensor::serialize(views, None)
-        .map_err(|e| TrainError::checkpoint(&tmp, e.to_string()))?;
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+        .map_err(|e| TrainError::checkpoint(path, e.to_string()))?;
+    atomic::write_bytes(path, &bytes).map_err(|e| TrainError::io(&e.path)(e.source))
 }
 
 /// A tensor of a checkpoint file as every rank plans it (name, dtype, whole shape), with the bytes this

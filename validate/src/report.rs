@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::ops::Range;
 use std::path::Path;
+use v4_formats::atomic;
 use v4_model::probe::{point, Scope};
 
 /// Whether a failure reason is about error size (which accumulated drift explains) rather than structure.
@@ -996,8 +997,7 @@ impl Report {
     pub fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
         let put = |name: &str, text: String| -> Result<()> {
-            let p = dir.join(name);
-            std::fs::write(&p, text).map_err(Error::io(&p))
+            atomic::write_bytes(&dir.join(name), text.as_bytes()).map_err(|e| Error::io(&e.path)(e.source))
         };
         let json =
             serde_json::to_string_pretty(self).map_err(|e| Error::trace(&dir.join("report.json"), e))?;

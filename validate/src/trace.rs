@@ -13,6 +13,7 @@ use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use v4_formats::atomic;
 use v4_model::probe::{point, Scope};
 
 /// The format tag written in every trace.
@@ -291,11 +292,10 @@ impl Trace {
             .map_err(|e| Error::trace(path, e))?;
         let json = serde_json::to_string(&self.meta).map_err(|e| Error::trace(path, e))?;
         let meta = HashMap::from([(META_KEY.to_string(), json)]);
-        let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-        tmp_name.push(format!(".tmp-{}", std::process::id()));
-        let tmp = path.with_file_name(tmp_name);
-        safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| Error::trace(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(Error::io(path))
+        atomic::replace_with(path, |tmp| {
+            safetensors::serialize_to_file(views, Some(meta), tmp).map_err(std::io::Error::other)
+        })
+        .map_err(|e| Error::io(&e.path)(e.source))
     }
 
     /// Reads a trace, or a plain forward-output file through the HF name mapping.
