@@ -24,8 +24,11 @@ use std::path::{Path, PathBuf};
 use v4_model::probe::{point, Scope};
 
 pub mod filter;
+pub mod judge;
+mod localise;
 pub mod metrics;
 pub mod options;
+mod render;
 pub mod report;
 pub mod rules;
 pub mod run;

@@ -1,7 +1,8 @@
 //! Running a model with probes: traces, propagated and isolated candidate runs, and [`validate`].
 
+use crate::judge::compare;
 use crate::options::{RunMode, ValidateOptions};
-use crate::report::{compare, policy_diff, Report, RoutingInfo};
+use crate::report::{policy_diff, Report, RoutingInfo};
 use crate::trace::{config_hash, Trace, TraceInfo, TraceMode};
 use crate::{filter::ProbeFilter, Error, Result};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
