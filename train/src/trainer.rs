@@ -16,7 +16,7 @@ use burn::tensor::{activation, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -82,6 +82,9 @@ pub struct RunReport {
 }
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+/// Each trainable parameter's gradient, flattened, on the host.
+type HostGrads = HashMap<ParamId, Vec<f32>>;
 
 /// Masked next-token cross-entropy summed over targets and divided by `denom`.
 fn masked_loss<B: Backend>(
@@ -477,6 +480,16 @@ where
     let interrupt_requested = || opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
     let total_steps = cfg.schedule.steps;
     bar.set_position(state.step as u64);
+    let step_ctx = StepContext {
+        cfg,
+        runner,
+        named: &named,
+        trainable: &trainable,
+        mtp_depths,
+        rank,
+        ranks,
+        collective: collective.as_ref(),
+    };
     let mut step = state.step;
     while step < total_steps {
         if opts.stop_after.is_some_and(|s| step >= s) {
@@ -487,63 +500,9 @@ where
         let micro_batches: Vec<Vec<Window>> = (0..cfg.training.grad_accum)
             .map(|_| loader.next_batch(micro).into_iter().cloned().collect())
             .collect();
-        let all: Vec<&Window> = micro_batches.iter().flatten().collect();
-        let denom = targets_in(&all, 1);
-        let mtp_denoms: Vec<usize> = (0..mtp_depths).map(|k| targets_in(&all, 2 + k)).collect();
-        let mut acc: HashMap<ParamId, Tensor<Inner<B>, 1>> = HashMap::new();
-        let mut loss_sum = 0.0f64;
-        let mut balance_sum = 0.0f64;
-        let mut mtp_sum = 0.0f64;
-        let mut loads: Vec<Vec<usize>> = vec![Vec::new(); model.blocks().count()];
-        for mb in &micro_batches {
-            // This rank's share of the global micro-batch: every `ranks`-th sequence.
-            let refs: Vec<&Window> = mb.iter().skip(rank).step_by(ranks).collect();
-            let (tokens, targets, mask) = batch_tensors(&refs);
-            let MtpForward {
-                main: out,
-                logits: mtp_logits,
-                expert_counts: mtp_counts,
-            } = forward(&model, &tokens, runner, mtp_depths > 0)?;
-            for (l, counts) in out.expert_counts.iter().chain(&mtp_counts).enumerate() {
-                if loads[l].is_empty() {
-                    loads[l] = vec![0; counts.len()];
-                }
-                for (a, c) in loads[l].iter_mut().zip(counts) {
-                    *a += c;
-                }
-            }
-            let mtp = mtp_losses(mtp_logits, &targets, &mask, &mtp_denoms);
-            let mut loss = masked_loss(out.logits, targets, mask, denom.max(1) as f64);
-            loss_sum += loss.clone().into_scalar().elem_f64();
-            for term in mtp {
-                let term = term.div_scalar(mtp_depths as f64);
-                mtp_sum += term.clone().into_scalar().elem_f64();
-                loss = loss + term.mul_scalar(cfg.mtp.weight as f64);
-            }
-            if let Some(balance) = out.balance {
-                // Averaged over the step's sequences (all ranks, all micro-batches).
-                let sequences = (micro * cfg.training.grad_accum) as f64;
-                balance_sum += balance.clone().into_scalar().elem_f64() / sequences;
-                loss = loss + balance.mul_scalar(cfg.moe.alpha as f64 / sequences);
-            }
-            let grads = loss.backward();
-            model.visit(&mut GradCollect::<B> {
-                grads: &grads,
-                acc: &mut acc,
-                trainable: &trainable,
-            });
-            tokens_seen += (mb.len() * tokens.seq) as u64;
-        }
-        // The summed gradients on the host, where the optimizer works.
-        let host = |g: Tensor<Inner<B>, 1>| g.into_data().convert::<f32>().into_vec::<f32>().expect("f32");
-        let mut grads: HashMap<ParamId, Vec<f32>> = acc.into_iter().map(|(id, g)| (id, host(g))).collect();
-        let mut sums = StepSums {
-            loss: loss_sum,
-            balance: balance_sum,
-            mtp: mtp_sum,
-            loads,
-            interrupt: interrupt_requested(),
-        };
+        let (mut grads, mut sums, tokens) = accumulate(&step_ctx, &model, &micro_batches)?;
+        tokens_seen += tokens;
+        sums.interrupt = interrupt_requested();
         if ranks > 1 {
             sum_over_ranks(&groups, &named, &trainable, &sizes.0, &mut grads, &mut sums);
         }
@@ -559,31 +518,8 @@ where
         if let (Some(path), true) = (&opts.dump_gradients, step == report.start_step) {
             dump_gradients(path, &groups, &named, &grads)?;
         }
-        // Global gradient norm (the dense part in parameter order, the same on every rank; the experts'
-        // squares summed over the shards of a replica) and clipping.
-        let squares = |experts: bool| -> f64 {
-            named
-                .iter()
-                .filter(|p| p.part.is_some() == experts)
-                .filter_map(|p| grads.get(&p.id))
-                .map(|g| sum_of_squares(g))
-                .sum()
-        };
-        let mut expert_squares = [squares(true)];
-        groups.experts.all_reduce_sum_f64(&mut expert_squares);
-        let grad_norm = (squares(false) + expert_squares[0]).sqrt();
-        let grad_scale = if cfg.training.grad_clip > 0.0 && grad_norm > cfg.training.grad_clip {
-            (cfg.training.grad_clip / (grad_norm + 1e-6)) as f32
-        } else {
-            1.0
-        };
-        model = model.map(&mut Update {
-            optim: &optim,
-            lr,
-            grad_scale,
-            grads: &mut grads,
-            states: &mut states,
-        });
+        let grad_norm;
+        (model, grad_norm) = clip_and_update(&step_ctx, model, &groups, &mut grads, &optim, &mut states, lr);
         // Aux-loss-free balancing of the top-k layers' selection bias.
         balance_biases(&mut model, &loads, cfg.moe.gamma);
         step += 1;
@@ -605,22 +541,8 @@ where
             all_to_all: (ep > 1).then(|| exchange / elapsed.max(1e-9)),
         };
         if step % cfg.logging.interval.max(1) == 0 || step == total_steps {
-            let max_vio: f64 = loads
-                .iter()
-                .zip(model.blocks())
-                .filter(|(l, b)| !l.is_empty() && b.ffn.routing == RoutingKind::TopK)
-                .map(|(l, _)| MoeHealth::of(l).max_vio)
-                .fold(0.0, f64::max);
-            say(format!(
-                "step {step:>6}/{total_steps}  loss {:.4}{}  lr {:.3e}  grad-norm {:.3}  max-vio {max_vio:.2}{}{}  {:.0} tokens/s",
-                log.loss,
-                log.mtp.map(|l| format!("  MTP {l:.4}")).unwrap_or_default(),
-                log.lr,
-                log.grad_norm,
-                log.balance.map(|b| format!("  balance {b:.4}")).unwrap_or_default(),
-                log.mfu.map(|m| format!("  MFU {:.1}%", 100.0 * m)).unwrap_or_default(),
-                log.tokens_per_s,
-            ) + &log.all_to_all.map(|a| format!("  all-to-all {:.1}%", 100.0 * a)).unwrap_or_default());
+            let max_vio = max_violation(&model, &loads);
+            say(step_summary(&log, total_steps, max_vio));
             if let Some(m) = metrics.as_mut() {
                 write_step_metrics(m, &log, max_vio, &model, &loads, &received);
             }
@@ -637,10 +559,7 @@ where
                 loader: loader.state,
                 tokens_seen,
             };
-            // The dense tensors from rank 0, each expert shard from its first replica.
-            let writes = (lead, groups.replica() == 0);
-            let data = checkpoint_data(&model, &named, &states, &config_json, state, writes)?;
-            let path = checkpoint::save(root, &data, cfg.checkpoint.keep_last, collective.as_ref())?;
+            let path = save_checkpoint(&step_ctx, root, &model, &states, &config_json, state, &groups)?;
             say(format!("step {step:>6}  saved {}", path.display()));
             report.checkpoints.push(path);
         }
@@ -662,6 +581,167 @@ where
         .map(|b| b.ffn.bias.clone())
         .collect();
     Ok(report)
+}
+
+/// What every step of a run reads: the config, the parameters and which of them train, and this rank's
+/// place among the processes.
+struct StepContext<'a, B: AutodiffBackend> {
+    cfg: &'a TrainConfig,
+    runner: &'a dyn ExpertRunner<B>,
+    named: &'a [NamedParam],
+    trainable: &'a HashSet<ParamId>,
+    /// MTP depths trained (0 without an MTP weight).
+    mtp_depths: usize,
+    rank: usize,
+    ranks: usize,
+    collective: &'a dyn Collective,
+}
+
+/// One step's forward and backward passes over `micro_batches` (this rank's share of each: every
+/// `ranks`-th sequence). Returns the summed gradients on the host, the step's sums (losses divided by the
+/// step's global target count, expert loads) and the tokens this rank processed.
+fn accumulate<B: AutodiffBackend>(
+    ctx: &StepContext<'_, B>,
+    model: &V4Model<B>,
+    micro_batches: &[Vec<Window>],
+) -> Result<(HostGrads, StepSums, u64), TrainError> {
+    let cfg = ctx.cfg;
+    let all: Vec<&Window> = micro_batches.iter().flatten().collect();
+    let denom = targets_in(&all, 1);
+    let mtp_denoms: Vec<usize> = (0..ctx.mtp_depths).map(|k| targets_in(&all, 2 + k)).collect();
+    let mut acc: HashMap<ParamId, Tensor<Inner<B>, 1>> = HashMap::new();
+    let mut sums = StepSums {
+        loss: 0.0,
+        balance: 0.0,
+        mtp: 0.0,
+        loads: vec![Vec::new(); model.blocks().count()],
+        interrupt: false,
+    };
+    let mut tokens_seen = 0u64;
+    for mb in micro_batches {
+        let refs: Vec<&Window> = mb.iter().skip(ctx.rank).step_by(ctx.ranks).collect();
+        let (tokens, targets, mask) = batch_tensors(&refs);
+        let MtpForward {
+            main: out,
+            logits: mtp_logits,
+            expert_counts: mtp_counts,
+        } = forward(model, &tokens, ctx.runner, ctx.mtp_depths > 0)?;
+        for (l, counts) in out.expert_counts.iter().chain(&mtp_counts).enumerate() {
+            if sums.loads[l].is_empty() {
+                sums.loads[l] = vec![0; counts.len()];
+            }
+            for (a, c) in sums.loads[l].iter_mut().zip(counts) {
+                *a += c;
+            }
+        }
+        let mtp = mtp_losses(mtp_logits, &targets, &mask, &mtp_denoms);
+        let mut loss = masked_loss(out.logits, targets, mask, denom.max(1) as f64);
+        sums.loss += loss.clone().into_scalar().elem_f64();
+        for term in mtp {
+            let term = term.div_scalar(ctx.mtp_depths as f64);
+            sums.mtp += term.clone().into_scalar().elem_f64();
+            loss = loss + term.mul_scalar(cfg.mtp.weight as f64);
+        }
+        if let Some(balance) = out.balance {
+            // Averaged over the step's sequences (all ranks, all micro-batches).
+            let sequences = (cfg.training.batch * cfg.training.grad_accum) as f64;
+            sums.balance += balance.clone().into_scalar().elem_f64() / sequences;
+            loss = loss + balance.mul_scalar(cfg.moe.alpha as f64 / sequences);
+        }
+        let grads = loss.backward();
+        model.visit(&mut GradCollect::<B> {
+            grads: &grads,
+            acc: &mut acc,
+            trainable: ctx.trainable,
+        });
+        tokens_seen += (mb.len() * tokens.seq) as u64;
+    }
+    // The summed gradients on the host, where the optimizer works.
+    let host = |g: Tensor<Inner<B>, 1>| g.into_data().convert::<f32>().into_vec::<f32>().expect("f32");
+    let grads = acc.into_iter().map(|(id, g)| (id, host(g))).collect();
+    Ok((grads, sums, tokens_seen))
+}
+
+/// Clips `grads` by their global norm (the dense part in parameter order, the same on every rank; the
+/// experts' squares summed over the shards of a replica) and applies AdamW at `lr`. Returns the updated
+/// model and the norm before clipping.
+fn clip_and_update<B: AutodiffBackend>(
+    ctx: &StepContext<'_, B>,
+    model: V4Model<B>,
+    groups: &Groups,
+    grads: &mut HostGrads,
+    optim: &AdamW,
+    states: &mut HashMap<ParamId, MomentState>,
+    lr: f64,
+) -> (V4Model<B>, f64) {
+    let squares = |experts: bool| -> f64 {
+        ctx.named
+            .iter()
+            .filter(|p| p.part.is_some() == experts)
+            .filter_map(|p| grads.get(&p.id))
+            .map(|g| sum_of_squares(g))
+            .sum()
+    };
+    let mut expert_squares = [squares(true)];
+    groups.experts.all_reduce_sum_f64(&mut expert_squares);
+    let grad_norm = (squares(false) + expert_squares[0]).sqrt();
+    let clip = ctx.cfg.training.grad_clip;
+    let grad_scale = if clip > 0.0 && grad_norm > clip {
+        (clip / (grad_norm + 1e-6)) as f32
+    } else {
+        1.0
+    };
+    let model = model.map(&mut Update {
+        optim,
+        lr,
+        grad_scale,
+        grads,
+        states,
+    });
+    (model, grad_norm)
+}
+
+/// Writes the checkpoint of `state` under `root` with every rank: the dense tensors from rank 0, each
+/// expert shard from its first replica. Returns the step directory.
+fn save_checkpoint<B: AutodiffBackend>(
+    ctx: &StepContext<'_, B>,
+    root: &Path,
+    model: &V4Model<B>,
+    states: &HashMap<ParamId, MomentState>,
+    config_json: &str,
+    state: TrainerState,
+    groups: &Groups,
+) -> Result<PathBuf, TrainError> {
+    let writes = (ctx.rank == 0, groups.replica() == 0);
+    let data = checkpoint_data(model, ctx.named, states, config_json, state, writes)?;
+    checkpoint::save(root, &data, ctx.cfg.checkpoint.keep_last, ctx.collective)
+}
+
+/// The largest expert-load violation (max load / mean - 1) over the top-k layers of a step.
+fn max_violation<B: Backend>(model: &V4Model<B>, loads: &[Vec<usize>]) -> f64 {
+    loads
+        .iter()
+        .zip(model.blocks())
+        .filter(|(l, b)| !l.is_empty() && b.ffn.routing == RoutingKind::TopK)
+        .map(|(l, _)| MoeHealth::of(l).max_vio)
+        .fold(0.0, f64::max)
+}
+
+/// The console line of a step.
+fn step_summary(log: &StepLog, total_steps: usize, max_vio: f64) -> String {
+    let optional = |v: Option<String>| v.unwrap_or_default();
+    format!(
+        "step {:>6}/{total_steps}  loss {:.4}{}  lr {:.3e}  grad-norm {:.3}  max-vio {max_vio:.2}{}{}  {:.0} tokens/s{}",
+        log.step,
+        log.loss,
+        optional(log.mtp.map(|l| format!("  MTP {l:.4}"))),
+        log.lr,
+        log.grad_norm,
+        optional(log.balance.map(|b| format!("  balance {b:.4}"))),
+        optional(log.mfu.map(|m| format!("  MFU {:.1}%", 100.0 * m))),
+        log.tokens_per_s,
+        optional(log.all_to_all.map(|a| format!("  all-to-all {:.1}%", 100.0 * a))),
+    )
 }
 
 /// The tokenizer, the training windows and the validation windows (`validation_batches` batches at most).
