@@ -241,6 +241,39 @@ fn encoding(name: &str, class: DtypeClass, target: Target) -> Encoding {
     }
 }
 
+/// Fills its buffer with a tensor's rows from the given first row on (dequantised, smoothing folded in).
+type RowDecoder<'a> = dyn Fn(usize, &mut [f32]) -> Result<(), ConvertError> + Sync + 'a;
+
+/// Quantises a `rows x cols` tensor with one f32 scale per row (INT8, INT4), in parallel bands of
+/// [`BAND_ROWS`] rows that `decode` fills: `quantize(values, codes, scales)` returns its band's (Σx², Σ(x-q)²,
+/// max|x-q|). Returns the codes, the scales and the merged error statistics.
+fn per_row_scaled<C: Copy + Default + Send>(
+    rows: usize,
+    cols: usize,
+    decode: &RowDecoder<'_>,
+    quantize: impl Fn(&[f32], &mut [C], &mut [f32]) -> (f64, f64, f32) + Sync,
+) -> Result<(Vec<C>, Vec<f32>, ErrStats), ConvertError> {
+    let mut codes = vec![C::default(); rows * cols];
+    let mut scales = vec![0f32; rows];
+    let stats = codes
+        .par_chunks_mut((BAND_ROWS * cols).max(1))
+        .zip(scales.par_chunks_mut(BAND_ROWS))
+        .enumerate()
+        .map_init(Vec::new, |buf: &mut Vec<f32>, (bi, (c, s))| {
+            buf.resize(c.len(), 0.0);
+            decode(bi * BAND_ROWS, buf)?;
+            let (sum_sq, sse, max_abs) = quantize(buf, c, s);
+            Ok(ErrStats {
+                sum_sq,
+                sse,
+                sse_rtn: sse,
+                max_abs,
+            })
+        })
+        .try_reduce(ErrStats::default, |a, b| Ok(a.merge(b)))?;
+    Ok((codes, scales, stats))
+}
+
 /// Column chunks of a W4A8 expert's `scale_bias`: msModelSlim writes 16 for `w2` (tensor parallelism up to 16
 /// splits its inputs) and one for `w1`/`w3`.
 fn int4_bias_chunks(name: &str) -> usize {
@@ -1140,46 +1173,17 @@ impl Run<'_> {
                 vec![packed, scales, sf2.to_le_bytes().to_vec()]
             }
             Encoding::Int8 => {
-                let mut codes = vec![0u8; rows * cols];
-                let mut scales = vec![0f32; rows];
-                stats = codes
-                    .par_chunks_mut((BAND_ROWS * cols).max(1))
-                    .zip(scales.par_chunks_mut(BAND_ROWS))
-                    .enumerate()
-                    .map_init(Vec::new, |buf: &mut Vec<f32>, (bi, (c, s))| {
-                        buf.resize(c.len(), 0.0);
-                        decode(bi * BAND_ROWS, buf)?;
-                        let (sum_sq, sse, max_abs) = int8::quantize_rows(buf, cols, c, s);
-                        Ok(ErrStats {
-                            sum_sq,
-                            sse,
-                            sse_rtn: sse,
-                            max_abs,
-                        })
-                    })
-                    .try_reduce(ErrStats::default, |a, b| Ok(a.merge(b)))?;
+                let per_channel = |x: &[f32], c: &mut [u8], s: &mut [f32]| int8::quantize_rows(x, cols, c, s);
+                let (codes, scales, band_stats) = per_row_scaled(rows, cols, &decode, per_channel)?;
+                stats = band_stats;
                 let scales = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
                 vec![codes, scales, vec![0u8; rows * 4]]
             }
             Encoding::Int4 => {
-                let mut codes = vec![0i8; rows * cols];
-                let mut scales = vec![0f32; rows];
-                stats = codes
-                    .par_chunks_mut((BAND_ROWS * cols).max(1))
-                    .zip(scales.par_chunks_mut(BAND_ROWS))
-                    .enumerate()
-                    .map_init(Vec::new, |buf: &mut Vec<f32>, (bi, (c, s))| {
-                        buf.resize(c.len(), 0.0);
-                        decode(bi * BAND_ROWS, buf)?;
-                        let (sum_sq, sse, max_abs) = int4::quantize_rows(buf, cols, cols, c, s);
-                        Ok(ErrStats {
-                            sum_sq,
-                            sse,
-                            sse_rtn: sse,
-                            max_abs,
-                        })
-                    })
-                    .try_reduce(ErrStats::default, |a, b| Ok(a.merge(b)))?;
+                let per_channel =
+                    |x: &[f32], c: &mut [i8], s: &mut [f32]| int4::quantize_rows(x, cols, cols, c, s);
+                let (codes, scales, band_stats) = per_row_scaled(rows, cols, &decode, per_channel)?;
+                stats = band_stats;
                 let bias = int4::scale_bias(&codes, &scales, cols, int4_bias_chunks(name));
                 let le = |v: &[f32]| v.iter().flat_map(|s| s.to_le_bytes()).collect();
                 vec![
