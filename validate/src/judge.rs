@@ -4,7 +4,7 @@
 use crate::metrics::{compare_f32, compare_topk, TieRule, TieScores};
 use crate::options::{RunMode, ValidateOptions};
 use crate::report::{ProbeResult, RoutingInfo, Status};
-use crate::rules::{op_class, Dtype, OpClass, Tolerance};
+use crate::rules::{Dtype, OpClass, Tolerance};
 use crate::trace::{Stats, Trace, Values};
 use crate::Result;
 use crate::{layer_input, layer_of, point_of};
@@ -51,26 +51,8 @@ pub fn compare(
             continue;
         }
         let tol = opts.tolerances.resolve(name, opts.dtype);
-        let mut res = ProbeResult {
-            mode,
-            name: name.clone(),
-            reference: ref_name.clone(),
-            layer: layer_of(name),
-            class: op_class(&ref_name),
-            status: Status::Pass,
-            reasons: vec![],
-            warnings: vec![],
-            float: None,
-            index: None,
-            golden_rel_l2: None,
-            rel_l2_bound: None,
-            elementwise_beyond: None,
-            stats_l2_diff: None,
-            checksum_equal: None,
-            severity: 0.0,
-            candidate_nonfinite: 0,
-            reference_nonfinite: r.stats.nan + r.stats.inf,
-        };
+        let mut res = ProbeResult::new(mode, name, &ref_name);
+        res.reference_nonfinite = r.stats.nan + r.stats.inf;
         let cstats = Stats::of(values);
         res.candidate_nonfinite = cstats.nan + cstats.inf;
         if *shape != r.shape {
@@ -112,26 +94,11 @@ pub fn compare(
         for e in &reference.entries {
             if expected(&e.name) && !by_name.contains_key(e.name.as_str()) {
                 let tol = opts.tolerances.resolve(&e.name, opts.dtype);
-                out.push(ProbeResult {
-                    mode,
-                    name: e.name.clone(),
-                    reference: e.name.clone(),
-                    layer: layer_of(&e.name),
-                    class: op_class(&e.name),
-                    status: if tol.skip { Status::Skip } else { Status::Fail },
-                    reasons: vec!["missing in the candidate run".into()],
-                    warnings: vec![],
-                    float: None,
-                    index: None,
-                    golden_rel_l2: None,
-                    rel_l2_bound: None,
-                    elementwise_beyond: None,
-                    stats_l2_diff: None,
-                    checksum_equal: None,
-                    severity: f64::INFINITY,
-                    candidate_nonfinite: 0,
-                    reference_nonfinite: 0,
-                });
+                let mut missing = ProbeResult::new(mode, &e.name, &e.name);
+                missing.status = if tol.skip { Status::Skip } else { Status::Fail };
+                missing.reasons.push("missing in the candidate run".into());
+                missing.severity = f64::INFINITY;
+                out.push(missing);
             }
         }
         amplification_warnings(&mut out, layers);

@@ -1,9 +1,10 @@
 //! The report of a validation: each probe's verdict, the per-layer summaries, the localisation and the
 //! verdict. Judging the probes is in [`crate::judge`], localising in `localise.rs`, writing in `render.rs`.
 
+use crate::layer_of;
 use crate::metrics::{FloatMetrics, IndexMetrics};
 use crate::options::{RunMode, ValidateOptions};
-use crate::rules::{Dtype, OpClass};
+use crate::rules::{op_class, Dtype, OpClass};
 use crate::trace::{Trace, TraceInfo};
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +21,30 @@ pub enum Status {
 }
 
 impl ProbeResult {
+    /// A passing result of candidate probe `name` against reference probe `reference`, with no metrics yet.
+    pub fn new(mode: RunMode, name: &str, reference: &str) -> Self {
+        Self {
+            mode,
+            name: name.to_string(),
+            reference: reference.to_string(),
+            layer: layer_of(name),
+            class: op_class(reference),
+            status: Status::Pass,
+            reasons: vec![],
+            warnings: vec![],
+            float: None,
+            index: None,
+            golden_rel_l2: None,
+            rel_l2_bound: None,
+            elementwise_beyond: None,
+            stats_l2_diff: None,
+            checksum_equal: None,
+            severity: 0.0,
+            candidate_nonfinite: 0,
+            reference_nonfinite: 0,
+        }
+    }
+
     /// Whether this propagated probe exceeded its bounds through drift only (see `demote_propagated_drift`).
     pub fn drifted(&self) -> bool {
         self.warnings.iter().any(|w| w.starts_with(DRIFT))
