@@ -1,6 +1,7 @@
 //! A multi-turn chat session continues its cache; each turn's reply equals a from-scratch generation over
 //! the same tokens.
 
+#[path = "../../tests/support/tiny_a.rs"]
 mod common;
 
 use burn_ndarray::NdArray;

@@ -6,6 +6,7 @@
 #[path = "../../tests/support/backends.rs"]
 mod backends;
 
+#[path = "../../tests/support/tiny_a.rs"]
 mod common;
 
 use burn::tensor::backend::Backend;

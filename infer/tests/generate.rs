@@ -1,6 +1,7 @@
 //! Generation: greedy decoding equals the argmax of an independent full forward over prompt + generated
 //! tokens, is deterministic; seeded sampling is reproducible; stop ids, max tokens and errors behave.
 
+#[path = "../../tests/support/tiny_a.rs"]
 mod common;
 
 use common::{argmax, fixture, SEQ, VOCAB};

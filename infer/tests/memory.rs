@@ -1,5 +1,6 @@
 //! The analytic cache size equals what the model's cache holds, and V4-Flash's bytes per token.
 
+#[path = "../../tests/support/tiny_a.rs"]
 mod common;
 
 use common::{fixture, SEQ};

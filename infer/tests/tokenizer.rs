@@ -1,5 +1,6 @@
 //! The real DeepSeek-V4 tokenizer (tests/fixtures/tokenizer/deepseek-v4), its chat format and streaming.
 
+#[path = "../../tests/support/tiny_a.rs"]
 mod common;
 
 use v4_infer::{encode_chat, Message, Role, StopStrings, TextStream, V4Tokenizer};

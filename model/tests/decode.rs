@@ -4,67 +4,21 @@
 #[macro_use]
 #[path = "../../tests/support/backends.rs"]
 mod backends;
+#[path = "../../tests/support/tiny_a.rs"]
+mod common;
 
 use burn::tensor::backend::Backend;
-use safetensors::SafeTensors;
-use std::path::PathBuf;
-use v4_model::{
-    read_config, LocalExperts, LogitsFor, ModelCache, NoProbe, PaddedTokens, Padding, SafetensorsDir,
-    SequenceCaches, Tokens, V4Model,
-};
-
-struct Fixture<B: Backend> {
-    model: V4Model<B>,
-    ids: Vec<i64>,
-    /// HF's logits of the whole fixture, `[2, 80, vocab]`.
-    logits: Vec<f32>,
-    decode_logits: Vec<f32>,
-}
-
-/// An f32 tensor of the fixture's `io.safetensors`.
-fn io_f32(io: &SafeTensors, name: &str) -> Vec<f32> {
-    io.tensor(name)
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
-
-fn fixture<B: Backend>() -> Fixture<B> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/v4-tiny-a");
-    let config = read_config(&dir.join("hf")).unwrap();
-    let model = V4Model::load(
-        &config,
-        &SafetensorsDir::open(&dir.join("hf")).unwrap(),
-        &Default::default(),
-    )
-    .unwrap();
-    let bytes = std::fs::read(dir.join("io.safetensors")).unwrap();
-    let io = SafeTensors::deserialize(&bytes).unwrap();
-    let ids = io
-        .tensor("input_ids")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-        .collect();
-    Fixture {
-        model,
-        ids,
-        logits: io_f32(&io, "logits"),
-        decode_logits: io_f32(&io, "decode_logits"),
-    }
-}
+use common::max_abs_diff;
+use v4_model::{LocalExperts, LogitsFor, ModelCache, NoProbe, PaddedTokens, Padding, SequenceCaches, Tokens};
 
 /// Runs sequence `b` of the fixture through the cache in chunks of the given sizes; returns the logits of
 /// every position, `[80 * vocab]`.
-fn run_chunks<B: Backend>(f: &Fixture<B>, b: usize, chunks: &[usize]) -> Vec<f32> {
+fn run_chunks<B: Backend>(f: &common::Fixture<B>, b: usize, chunks: &[usize]) -> Vec<f32> {
     let mut cache = ModelCache::<B>::new(f.model.layers.len());
     let mut out = Vec::new();
     let mut start = 0;
     for &len in chunks {
-        let ids = &f.ids[b * 80 + start..b * 80 + start + len];
+        let ids = &f.input_ids[b * 80 + start..b * 80 + start + len];
         let tokens = Tokens::new(ids, 1, len, 1024).unwrap();
         let logits = f
             .model
@@ -78,13 +32,8 @@ fn run_chunks<B: Backend>(f: &Fixture<B>, b: usize, chunks: &[usize]) -> Vec<f32
     out
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "compared slices differ in length");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
 fn prefill_then_single_token_decode_matches_hf<B: Backend>() {
-    let f = fixture::<B>();
+    let f = common::fixture_on::<B>();
     let vocab = 1024;
     let mut chunks = vec![45];
     chunks.extend(std::iter::repeat_n(1, 35));
@@ -99,7 +48,7 @@ fn prefill_then_single_token_decode_matches_hf<B: Backend>() {
 }
 
 fn chunks_of_seven_give_the_same_logits_as_one_pass<B: Backend>() {
-    let f = fixture::<B>();
+    let f = common::fixture_on::<B>();
     let whole = run_chunks(&f, 1, &[80]);
     let mut chunks = vec![7; 11];
     chunks.push(3);
@@ -111,7 +60,7 @@ fn chunks_of_seven_give_the_same_logits_as_one_pass<B: Backend>() {
 fn decoding_from_a_prompt_shorter_than_a_window_matches_one_pass<B: Backend>() {
     // Two tokens, then one per call: the indexer's compressor must see the tokens of calls that end
     // before the first complete window (a regression found by the inference runner).
-    let f = fixture::<B>();
+    let f = common::fixture_on::<B>();
     let whole = run_chunks(&f, 0, &[80]);
     let mut chunks = vec![2];
     chunks.extend(std::iter::repeat_n(1, 78));
@@ -123,9 +72,9 @@ fn decoding_from_a_prompt_shorter_than_a_window_matches_one_pass<B: Backend>() {
 /// `LogitsFor::Last` (what generation uses) gives the last row of a full forward, and leaves the
 /// cache in the same state: the next decode step matches HF's `decode_logits`.
 fn last_position_logits_equal_the_full_forwards_last_row<B: Backend>() {
-    let f = fixture::<B>();
+    let f = common::fixture_on::<B>();
     let vocab = 1024;
-    let ids = &f.ids[..45];
+    let ids = &f.input_ids[..45];
     let tokens = Tokens::new(ids, 1, 45, vocab).unwrap();
     let mut full_cache = ModelCache::<B>::new(f.model.layers.len());
     let full = f
@@ -148,7 +97,7 @@ fn last_position_logits_equal_the_full_forwards_last_row<B: Backend>() {
         "last-only logits differ from the full forward's last row by {d}"
     );
 
-    let next = Tokens::new(&f.ids[45..46], 1, 1, vocab).unwrap();
+    let next = Tokens::new(&f.input_ids[45..46], 1, 1, vocab).unwrap();
     let step = f
         .model
         .forward_logits_for(&next, &mut cache, &LocalExperts, &mut NoProbe, LogitsFor::Last)
@@ -165,7 +114,7 @@ fn last_position_logits_equal_the_full_forwards_last_row<B: Backend>() {
 }
 
 /// Logits of `ids` (one sequence) in one full forward: `[len * vocab]`.
-fn alone<B: Backend>(f: &Fixture<B>, ids: &[i64]) -> Vec<f32> {
+fn alone<B: Backend>(f: &common::Fixture<B>, ids: &[i64]) -> Vec<f32> {
     let tokens = Tokens::new(ids, 1, ids.len(), 1024).unwrap();
     f.model
         .forward(&tokens)
@@ -179,9 +128,9 @@ fn alone<B: Backend>(f: &Fixture<B>, ids: &[i64]) -> Vec<f32> {
 /// the rows then decode at their own positions, in one packed call per step, one of them matching HF's
 /// `decode_logits`; a row of padding only does not advance.
 fn padded_batches_give_each_sequence_its_own_logits<B: Backend>() {
-    let f = fixture::<B>();
+    let f = common::fixture_on::<B>();
     let vocab = 1024;
-    let (a, b) = (&f.ids[..80], &f.ids[80..160]);
+    let (a, b) = (&f.input_ids[..80], &f.input_ids[80..160]);
     let expect_a = alone(&f, a);
     let expect_b = alone(&f, &b[..75]);
     for side in [Padding::Right, Padding::Left] {
@@ -263,7 +212,7 @@ fn padded_batches_give_each_sequence_its_own_logits<B: Backend>() {
 }
 
 fn bad_masks_and_mismatched_states_are_refused<B: Backend>() {
-    let f = fixture::<B>();
+    let f = common::fixture_on::<B>();
     let vocab = 1024;
     let gap = PaddedTokens::from_mask(&[1, 2, 3], &[1, 0, 1], 1, 3, vocab).unwrap_err();
     assert!(gap.to_string().contains("contiguous"), "{gap}");
@@ -295,7 +244,7 @@ fn bad_masks_and_mismatched_states_are_refused<B: Backend>() {
 /// HF's logits. The rejected tokens are wrong ones (another sequence's) and cross compression boundaries
 /// (CSA every 4, HCA every 16 positions) and the window, so every part of the state is rolled back.
 fn rewound_speculation_leaves_the_state_of_the_kept_tokens<B: Backend>() {
-    let f = fixture::<B>();
+    let f = common::fixture_on::<B>();
     let vocab = 1024;
     let tokens = |ids: &[i64]| Tokens::new(ids, 1, ids.len(), vocab).unwrap();
     let feed = |cache: &mut ModelCache<B>, ids: &[i64]| {
@@ -307,7 +256,7 @@ fn rewound_speculation_leaves_the_state_of_the_kept_tokens<B: Backend>() {
             .into_vec::<f32>()
             .unwrap()
     };
-    let (own, other) = (&f.ids[..80], &f.ids[80..]);
+    let (own, other) = (&f.input_ids[..80], &f.input_ids[80..]);
     let mut cache = ModelCache::<B>::new(f.model.layers.len());
     feed(&mut cache, &own[..45]);
     let mut position = 45;

@@ -1,4 +1,5 @@
-//! The v4-tiny-a fixture (HF transformers' weights and outputs), shared by the tests.
+//! The v4-tiny-a fixture (HF transformers' weights and outputs), shared by the model's and infer's tests
+//! (`#[path]`-included by crates one level below the workspace root).
 #![allow(dead_code)]
 
 use burn::tensor::backend::Backend;
@@ -19,6 +20,8 @@ pub struct Fixture<M: Backend = B> {
     pub model: V4Model<M>,
     /// `[2, 80]`
     pub ids: Vec<u32>,
+    /// The same ids as [`v4_model::Tokens`] takes them.
+    pub input_ids: Vec<i64>,
     /// `[2, 35, 1024]`: HF's logits of positions 45..79 from its own cache (prefill 45, then 1 per call).
     pub decode_logits: Vec<f32>,
     /// `[2, 80, 1024]`: HF's full forward.
@@ -57,16 +60,17 @@ pub fn fixture_on<M: Backend>() -> Fixture<M> {
     .unwrap();
     let bytes = std::fs::read(dir.join("io.safetensors")).unwrap();
     let io = SafeTensors::deserialize(&bytes).unwrap();
-    let ids = io
+    let input_ids: Vec<i64> = io
         .tensor("input_ids")
         .unwrap()
         .data()
         .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
         .collect();
     Fixture {
         model,
-        ids,
+        ids: input_ids.iter().map(|&i| i as u32).collect(),
+        input_ids,
         decode_logits: f32s(&io, "decode_logits"),
         logits: f32s(&io, "logits"),
     }
