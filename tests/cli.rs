@@ -163,7 +163,46 @@ fn forward_on_the_npu_emulator_matches_in_f32_and_drifts_boundedly_in_bf16() {
     let expected = SafeTensors::deserialize(&expected_bytes).unwrap();
     let reference = f32s(&expected, "logits");
     let configs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs");
-    for (policy, bound) in [("npu-910b-f32.toml", None), ("npu-910b-bf16.toml", Some(0.1))] {
+    // The bf16 bound, derived as the Ascend paths' are (`docs/ascend.md`): every matmul of the bf16 policy
+    // rounds three things to bf16 with the same unit roundoff, its two operands and its output. One of
+    // them, the weights, is measured alone: the checkpoint converted to bf16 on the f32 `cpu` backend
+    // (`r_w`). To first order, independent rounding errors add in quadrature: `r_w < e <= sqrt(3) r_w`.
+    let bf16_checkpoint = scratch("bf16-weights");
+    let converted = v4(&[
+        "convert",
+        "--input",
+        model.to_str().unwrap(),
+        "--output",
+        bf16_checkpoint.to_str().unwrap(),
+        "--to",
+        "bf16",
+    ]);
+    assert!(
+        converted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&converted.stderr)
+    );
+    let weights_only = scratch("bf16-weights.safetensors");
+    let run = v4(&[
+        "forward",
+        "--model",
+        bf16_checkpoint.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        weights_only.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let bytes = std::fs::read(&weights_only).unwrap();
+    let r_w = rel_l2(
+        &f32s(&SafeTensors::deserialize(&bytes).unwrap(), "logits"),
+        &reference,
+    );
+    assert!(r_w > 1e-3, "bf16 weights change the logits ({r_w})");
+    for (policy, bound) in [
+        ("npu-910b-f32.toml", None),
+        ("npu-910b-bf16.toml", Some(3f64.sqrt() * r_w)),
+    ] {
         let out = scratch(&format!("npu-{policy}.safetensors"));
         let config = configs.join(policy);
         let run = v4(&[
@@ -197,13 +236,12 @@ fn forward_on_the_npu_emulator_matches_in_f32_and_drifts_boundedly_in_bf16() {
                     .fold(0.0, f32::max);
                 assert!(d <= 2e-5, "{policy}: max |diff| {d}");
             }
-            // bf16 operands and tiles in every matmul: ~2^-8 relative per product, compounded over
-            // 4 layers; measured 0.037 relative L2 on this fixture.
+            // On v4-tiny-a (AMD EPYC): r_w 2.32e-2, bound 4.02e-2, e 3.53e-2.
             Some(bound) => {
                 let e = rel_l2(&got, &reference);
                 assert!(
-                    e > 1e-4 && e < bound,
-                    "{policy}: relative L2 {e} outside (1e-4, {bound})"
+                    e > r_w && e <= bound,
+                    "{policy}: relative L2 {e} outside ({r_w}, {bound}]"
                 );
             }
         }

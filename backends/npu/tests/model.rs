@@ -127,10 +127,11 @@ fn v4_tiny_logits_f32_and_bf16_policies() {
         100.0 * rms_dev / rms
     );
     println!("{}", report(&dev).summary());
-    // Stated bound (measured, not derived: every matmul incl. the MoE router and the mHC mixing runs
-    // bf16 in / bf16 out, and discrete top-k routing decisions amplify the ~2^-9 roundings near
-    // ties): max deviation <= 35% of max |logit|, rms deviation <= 10% of the rms logit, and the
-    // argmax agrees on >= 80% of positions.
+    // Sanity gates only: the derived bound of the bf16 policy's logits (three bf16 roundings per matmul,
+    // measured through the weights' and added in quadrature) is asserted end to end in
+    // `tests/cli.rs::forward_on_the_npu_emulator_matches_in_f32_and_drifts_boundedly_in_bf16`. Here the
+    // policy must change the numerics, and not beyond what broken routing or a wrong cast would: max
+    // deviation <= 35% of max |logit|, rms <= 10% of the rms logit, argmax agreement >= 80%.
     assert!(
         db <= 0.35 * scale,
         "bf16 deviation {db} > 35% of max |logit| {scale}"
