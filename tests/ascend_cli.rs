@@ -88,6 +88,7 @@ fn description(dir: &Path) -> serde_json::Map<String, Value> {
 
 #[test]
 fn w8a8_writes_ascendv1_files_with_the_recipe_and_a_description_vllm_ascend_can_key() {
+    let _scratch = scratch::RemoveOnSuccess;
     let dir = convert("w8a8", "w8a8");
     let bytes = std::fs::read(dir.join("quant_model_weights.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -143,6 +144,7 @@ fn w8a8_writes_ascendv1_files_with_the_recipe_and_a_description_vllm_ascend_can_
 /// So `||Δ|| / ||ref|| <= sqrt(r_w² + r_x² + r_16²) = sqrt(2 r_w² + r_16²)`.
 #[test]
 fn w8a8_on_the_910b_emulator_runs_without_fallbacks_within_the_int8_rounding_bound() {
+    let _scratch = scratch::RemoveOnSuccess;
     let dir = convert("w8a8-forward", "w8a8");
     let (reference, _) = forward("reference", &release(), &[]);
     let (weights_only, _) = forward("weights-only", &dir, &[]);
@@ -195,6 +197,7 @@ fn values(st: &SafeTensors, name: &str) -> (Vec<f64>, Vec<usize>) {
 /// (`amax / 14` per row) of the release's values; the shared expert stays INT8 (V4-Pro's recipe).
 #[test]
 fn w4a8_packs_expert_row_pairs_with_vllm_ascends_scale_bias() {
+    let _scratch = scratch::RemoveOnSuccess;
     let dir = convert("w4a8", "w4a8");
     let bytes = std::fs::read(dir.join("quant_model_weights.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -280,6 +283,7 @@ fn w4a8_packs_expert_row_pairs_with_vllm_ascends_scale_bias() {
 /// `||Δ|| / ||ref|| <= sqrt(r_w² + r_x² + r_16²)`.
 #[test]
 fn w4a8_on_the_910b_emulator_runs_without_fallbacks_within_its_rounding_bound() {
+    let _scratch = scratch::RemoveOnSuccess;
     let dir = convert("w4a8-forward", "w4a8");
     let (reference, _) = forward("w4a8-reference", &release(), &[]);
     let (weights_only, _) = forward("w4a8-weights-only", &dir, &[]);
@@ -332,6 +336,7 @@ fn tensor_f32(dir: &Path, name: &str) -> Vec<u32> {
 
 #[test]
 fn mxfp4_experts_become_mxfp8_and_fp8_becomes_bf16_without_loss() {
+    let _scratch = scratch::RemoveOnSuccess;
     let f32_release = as_f32_checkpoint("release-f32", &release());
     let mx8_dir = convert("mxfp8", "mxfp8");
     let mx8 = as_f32_checkpoint("mxfp8-f32", &mx8_dir);
@@ -362,6 +367,7 @@ fn mxfp4_experts_become_mxfp8_and_fp8_becomes_bf16_without_loss() {
 
 #[test]
 fn port_report_writes_one_row_per_path_all_without_fallbacks() {
+    let _scratch = scratch::RemoveOnSuccess;
     let out = scratch::fresh("ascend_cli", "port-report");
     let input = fixture().join("io.safetensors");
     v4_ok(&[
@@ -415,6 +421,7 @@ fn port_report_writes_one_row_per_path_all_without_fallbacks() {
 /// smoothing computes the same logits bit for bit as one without, while its norm weights differ.
 #[test]
 fn smoothing_changes_the_weights_but_not_the_function() {
+    let _scratch = scratch::RemoveOnSuccess;
     let calib = scratch::scratch("ascend_cli", "calib").join("calib.jsonl");
     let ids: Vec<String> = (0..4)
         .map(|r| {

@@ -45,6 +45,7 @@ fn logits_with(dir: &Path, tag: &str, extra: &[&str]) -> Vec<f32> {
 
 #[test]
 fn release_layout_runs_directly_and_converted_hf_reproduces_it() {
+    let _scratch = support::RemoveOnSuccess;
     let io = fixtures().join("io.safetensors");
     let expected = f32s(&io, "native_logits");
     // The DeepSeek-layout fixture (FP8 + FP4), dequantized at load.
@@ -92,6 +93,7 @@ fn calibration_ids(path: &Path) {
 
 #[test]
 fn calibration_brings_fp4_logits_closer_to_f32_on_held_out_tokens() {
+    let _scratch = support::RemoveOnSuccess;
     let reference = f32s(&fixtures().join("io.safetensors"), "logits");
     let hf = fixtures().join("hf");
     let calib = scratch("calib.jsonl");
@@ -140,6 +142,7 @@ fn calibration_brings_fp4_logits_closer_to_f32_on_held_out_tokens() {
 
 #[test]
 fn activation_calibration_refuses_bad_calibration_data_and_writes_nothing() {
+    let _scratch = support::RemoveOnSuccess;
     let hf = fixtures().join("hf");
     let cases = [
         ("missing", None, "needs --calib-data"),
@@ -230,6 +233,7 @@ fn checkpoints() -> Vec<(String, PathBuf)> {
 
 #[test]
 fn stored_precision_gives_the_logits_and_ids_of_dequantize_at_load() {
+    let _scratch = support::RemoveOnSuccess;
     for (tag, dir) in checkpoints() {
         let resident = logits_with(&dir, &format!("{tag}-resident"), &[]);
         let dequantized = logits_with(&dir, &format!("{tag}-f32"), &["--dequantize"]);
@@ -255,6 +259,7 @@ fn stored_precision_gives_the_logits_and_ids_of_dequantize_at_load() {
 
 #[test]
 fn a_synthesized_checkpoint_converts_and_runs_in_its_stored_precision() {
+    let _scratch = support::RemoveOnSuccess;
     let dir = scratch("synth");
     let config = fixtures().join("hf/config.json");
     let synth = |dir: &Path| {
@@ -325,6 +330,7 @@ fn stored_tensor(dir: &Path, name: &str) -> (safetensors::Dtype, Vec<usize>, Vec
 
 #[test]
 fn synth_streams_a_layer_slice_into_bf16_shards_with_each_layer_kind_kept() {
+    let _scratch = support::RemoveOnSuccess;
     let config = fixtures().join("hf/config.json");
     let full = scratch("synth-full");
     let slice = scratch("synth-slice");
@@ -416,6 +422,7 @@ fn synth_streams_a_layer_slice_into_bf16_shards_with_each_layer_kind_kept() {
 
 #[test]
 fn a_load_that_cannot_fit_is_refused_before_anything_is_read() {
+    let _scratch = support::RemoveOnSuccess;
     let dir = scratch("too-big");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(fixtures().join("hf/config.json"), dir.join("config.json")).unwrap();

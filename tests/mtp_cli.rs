@@ -84,6 +84,7 @@ fn against_deepseek(out: &Path, name: &str) -> f32 {
 
 #[test]
 fn forward_matches_deepseeks_main_and_mtp_logits() {
+    let _scratch = support::RemoveOnSuccess;
     let out = forward(&fixture().join("native"), "native");
     // DeepSeek's code is a second oracle beside HF's (v4-tiny-a): the main model must match it too.
     for (name, bound) in [("logits", 2e-5), ("streams", 2e-5), ("mtp_logits", 2e-5)] {
@@ -95,6 +96,7 @@ fn forward_matches_deepseeks_main_and_mtp_logits() {
 
 #[test]
 fn convert_keeps_the_mtp_layer_in_both_layouts() {
+    let _scratch = support::RemoveOnSuccess;
     let hf = in_hf_layout("hf");
     let d = against_deepseek(&forward(&hf, "hf"), "mtp_logits");
     println!("HF layout (f32): mtp_logits max |diff| {d:.2e}");
@@ -143,6 +145,7 @@ fn losses(printed: &str, prefix: &str) -> (f64, f64) {
 
 #[test]
 fn fine_tuning_with_the_mtp_loss_lowers_both_losses_and_keeps_the_layer() {
+    let _scratch = support::RemoveOnSuccess;
     let hf = in_hf_layout("finetune-hf");
     let dir = scratch("finetune");
     std::fs::create_dir_all(&dir).unwrap();
@@ -248,6 +251,7 @@ fn chat(model: &Path, extra: &[&str]) -> (String, String) {
 
 #[test]
 fn chat_with_mtp_speculation_replies_as_plain_greedy_chat() {
+    let _scratch = support::RemoveOnSuccess;
     let model = chat_model_with_mtp();
     let (plain, _) = chat(&model, &[]);
     let (speculative, err) = chat(&model, &["--speculative", "mtp", "--draft-tokens", "2"]);

@@ -36,6 +36,7 @@ fn write_config_steps(dir: &Path, steps: usize, extra: &str) -> PathBuf {
 
 #[test]
 fn train_prints_config_refuses_unknown_keys_and_writes_a_loadable_checkpoint() {
+    let _scratch = support::RemoveOnSuccess;
     let dir = scratch("run");
     let config = write_config(&dir, "");
     let out = v4(&["train", "--print-config", config.to_str().unwrap()]);
@@ -131,6 +132,7 @@ fn tfrecords(bytes: &[u8]) -> Vec<&[u8]> {
 
 #[test]
 fn training_writes_tensorboard_event_files() {
+    let _scratch = support::RemoveOnSuccess;
     let dir = scratch("tensorboard");
     let logs = dir.join("logs");
     let config = write_config(
@@ -177,6 +179,7 @@ fn training_writes_tensorboard_event_files() {
 /// `mpi` feature).
 #[test]
 fn expert_parallel_without_its_ranks_is_refused() {
+    let _scratch = support::RemoveOnSuccess;
     let dir = scratch("ep-mismatch");
     let config = write_config(&dir, "\n[parallel]\nexpert_parallel = 2\n");
     let out = v4(&["train", config.to_str().unwrap()]);
@@ -190,6 +193,7 @@ fn expert_parallel_without_its_ranks_is_refused() {
 /// Ctrl-C (SIGINT) ends the run after the current step with a checkpoint of that step, which resumes.
 #[test]
 fn ctrl_c_stops_after_the_step_with_a_checkpoint() {
+    let _scratch = support::RemoveOnSuccess;
     use std::io::{BufRead, BufReader};
     let dir = scratch("ctrl-c");
     let config = write_config(&dir, "");
@@ -273,6 +277,7 @@ fn assert_same_tensors(a: &Path, b: &Path) {
 /// bit-identical (see train/tests/train.rs), so this runs the CLI.
 #[test]
 fn resume_from_a_checkpoint_is_bit_exact() {
+    let _scratch = support::RemoveOnSuccess;
     let run = |config: &Path, extra: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_v4"))
             .env("RAYON_NUM_THREADS", "1")
@@ -307,6 +312,7 @@ fn resume_from_a_checkpoint_is_bit_exact() {
 /// losses, step after step (both load the same dequantised values).
 #[test]
 fn training_starts_from_a_release_checkpoint_as_from_its_hf_conversion() {
+    let _scratch = support::RemoveOnSuccess;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let native = root.join("tests/fixtures/v4-tiny-a/native");
     let dir = scratch("release");

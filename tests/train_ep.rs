@@ -166,6 +166,7 @@ fn norm(v: &[f32]) -> f64 {
 
 #[test]
 fn expert_parallel_runs_equal_one_process_and_reshard_on_resume() {
+    let _scratch = support::RemoveOnSuccess;
     // The uninterrupted one-process run that the resumed runs must continue.
     let single = scratch("1");
     train(1, &[config(&single, 1, "").to_str().unwrap()]);
@@ -345,6 +346,7 @@ fn same_state(got: &Path, want: &Path, what: &str) {
 /// EP = 2 gives one process's gradients (same grouping of the batch) with `[mtp] weight` on.
 #[test]
 fn the_mtp_loss_trains_under_expert_parallelism() {
+    let _scratch = support::RemoveOnSuccess;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     // v4-tiny-mtp (DeepSeek's weights, release layout) in the HF layout training starts from.
     let model = scratch("mtp-model").join("hf");
@@ -420,6 +422,7 @@ fn the_mtp_loss_trains_under_expert_parallelism() {
 /// process's ids and logits: each row's expert output is computed by one rank alone, so bit for bit.
 #[test]
 fn expert_parallel_inference_gives_one_process_ids_and_logits() {
+    let _scratch = support::RemoveOnSuccess;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let fixture = root.join("tests/fixtures/v4-tiny-a");
     for layout in ["hf", "native"] {
@@ -474,6 +477,7 @@ fn expert_parallel_inference_gives_one_process_ids_and_logits() {
 /// gradients and losses (the same grouping of the batch), each rank holding half of the experts.
 #[test]
 fn data_parallel_replicas_of_expert_parallel_groups_equal_one_process() {
+    let _scratch = support::RemoveOnSuccess;
     let same = scratch("dp-reference");
     let same_grads = same.join("grads.safetensors");
     let cfg = config_with(&same, 1, 1, "");
