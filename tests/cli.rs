@@ -8,7 +8,7 @@ mod cli;
 #[path = "support/scratch.rs"]
 mod support;
 
-use cli::{rel_l2, v4};
+use cli::{rel_l2, v4, v4_ok};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v4-tiny-a")
@@ -168,7 +168,7 @@ fn forward_on_the_npu_emulator_matches_in_f32_and_drifts_boundedly_in_bf16() {
     // them, the weights, is measured alone: the checkpoint converted to bf16 on the f32 `cpu` backend
     // (`r_w`). To first order, independent rounding errors add in quadrature: `r_w < e <= sqrt(3) r_w`.
     let bf16_checkpoint = scratch("bf16-weights");
-    let converted = v4(&[
+    v4_ok(&[
         "convert",
         "--input",
         model.to_str().unwrap(),
@@ -177,13 +177,8 @@ fn forward_on_the_npu_emulator_matches_in_f32_and_drifts_boundedly_in_bf16() {
         "--to",
         "bf16",
     ]);
-    assert!(
-        converted.status.success(),
-        "{}",
-        String::from_utf8_lossy(&converted.stderr)
-    );
     let weights_only = scratch("bf16-weights.safetensors");
-    let run = v4(&[
+    v4_ok(&[
         "forward",
         "--model",
         bf16_checkpoint.to_str().unwrap(),
@@ -192,7 +187,6 @@ fn forward_on_the_npu_emulator_matches_in_f32_and_drifts_boundedly_in_bf16() {
         "--output",
         weights_only.to_str().unwrap(),
     ]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let bytes = std::fs::read(&weights_only).unwrap();
     let r_w = rel_l2(
         &f32s(&SafeTensors::deserialize(&bytes).unwrap(), "logits"),

@@ -71,7 +71,7 @@ fn holds(path: WeightQuant, storage: Storage) -> bool {
 }
 
 /// `W`'s integer codes and per-row scales (every block is INT8 or INT4).
-fn int8_rows(w: &PackedMatrix) -> (Vec<i8>, Vec<f32>) {
+fn integer_rows(w: &PackedMatrix) -> (Vec<i8>, Vec<f32>) {
     let mut codes = Vec::with_capacity(w.rows * w.cols);
     let mut scales = Vec::with_capacity(w.rows);
     for part in w.parts() {
@@ -95,7 +95,7 @@ fn int8_rows(w: &PackedMatrix) -> (Vec<i8>, Vec<f32>) {
 
 /// W8A8_DYNAMIC: `y[t, r] = out((f32(q_x[t] · q_w[r]) * s_w[r]) * s_x[t])`.
 fn w8a8(x: &[f32], k: usize, w: &PackedMatrix, policy: &PrecisionPolicy, y: &mut [f32]) {
-    let (qw, sw) = int8_rows(w);
+    let (qw, sw) = integer_rows(w);
     let out = policy.cube_output_dtype();
     let mut qx = vec![0i8; x.len()];
     let sx: Vec<f32> = x
