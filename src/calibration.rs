@@ -11,13 +11,12 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::Path;
+use v4_checkpoint::read_config;
 use v4_convert::layout::{norm_of_probe, smoothing_norm};
 use v4_convert::Checkpoint;
 use v4_infer::chat::{encode_chat, Message, Role};
 use v4_infer::V4Tokenizer;
-use v4_model::{
-    read_config, ExpertActivationStats, LocalExperts, ModelCache, NoProbe, Probe, Tokens, V4Model,
-};
+use v4_model::{ExpertActivationStats, LocalExperts, ModelCache, NoProbe, Probe, Tokens, V4Model};
 
 /// Token sequences for calibration, read from JSONL records: `{"text": ...}` and chat
 /// `{"messages": [{"role", "content"}, ...]}` are tokenized with `tokenizer`; `{"ids": [...]}` are raw

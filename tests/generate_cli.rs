@@ -11,9 +11,9 @@ use v4_infer::V4Tokenizer;
 #[path = "support/cli.rs"]
 mod cli;
 use cli::v4;
+use v4_checkpoint::read_config;
 use v4_model::{
-    read_config, HostData, HostTensor, LoadError, RandomWeights, SafetensorsDir, TensorSpec, Tokens,
-    V4Config, V4Model, WeightSource,
+    HostData, HostTensor, LoadError, RandomWeights, TensorSpec, Tokens, V4Config, V4Model, WeightSource,
 };
 
 type B = burn_ndarray::NdArray<f32>;
@@ -119,7 +119,7 @@ fn check_greedy(model_dir: &Path, prompt: &[u32], generated: &[u32]) {
     let config: V4Config = read_config(model_dir).unwrap();
     let model = V4Model::<B>::load(
         &config,
-        &SafetensorsDir::open(model_dir).unwrap(),
+        &*v4_checkpoint::open(model_dir).unwrap(),
         &Default::default(),
     )
     .unwrap();

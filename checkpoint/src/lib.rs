@@ -2,14 +2,16 @@
 //! in either layout, and telling before a load whether the weights fit in memory.
 //!
 //! The model knows nothing of files and the converter nothing of the model; this crate joins them:
-//! - [`open`]: HF-layout directories through the model's memory-mapped reader; DeepSeek's release layout
-//!   (FP8 + E8M0, FP4 experts, BF16) through the converter's reader, which offers each weight in its
-//!   stored form (memory-mapped, no copy) or dequantised.
+//! - [`open`]: either layout through the converter's memory-mapped reader, which offers each weight in
+//!   its stored form (no copy) or dequantised; [`read_config`]: the directory's model configuration.
 //! - [`estimate`]: the resident bytes of a load, from the checkpoint's headers, against the memory
 //!   this machine has.
 
+mod config;
 mod memory;
 mod source;
+
+pub use config::read_config;
 
 pub use memory::{available_memory, estimate, Estimate, MemoryError};
 pub use source::open;

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::path::Path;
 use v4_convert::codec::fp8::FP8_BLOCK;
-use v4_convert::{Checkpoint, Layout};
+use v4_convert::Checkpoint;
 use v4_model::{LoadPlan, Residency};
 
 /// The bytes a load would keep resident.
@@ -63,7 +63,7 @@ impl std::error::Error for MemoryError {}
 /// (hash tables) count 4 bytes an id, as the model holds them.
 pub fn estimate(dir: &Path, plan: &LoadPlan) -> Result<Estimate, String> {
     let checkpoint = Checkpoint::open(dir).map_err(|e| e.to_string())?;
-    let config = v4_model::read_config(dir).ok();
+    let config = crate::read_config(dir).ok();
     let groups = config.as_ref().map_or(1, |c| c.o_groups);
     let num_layers = config.as_ref().map_or(0, |c| c.num_layers());
     let layers = plan.layers.clone().unwrap_or(0..num_layers);
@@ -83,8 +83,7 @@ pub fn estimate(dir: &Path, plan: &LoadPlan) -> Result<Estimate, String> {
         let bands_fit = !name.ends_with("o_a_proj.weight")
             || !block_scaled
             || (shape[0] / groups).is_multiple_of(FP8_BLOCK);
-        let packable =
-            checkpoint.layout() == Layout::DeepSeek && stored < 4 * numel && shape.len() >= 2 && bands_fit;
+        let packable = stored < 4 * numel && shape.len() >= 2 && bands_fit;
         // Of stacked routed experts (equal in size), a rank holds its share.
         let (kept, of) = match shape.len() == 3 && name.contains(".experts.") {
             true => (plan.experts.range(shape[0]).len() as u64, shape[0] as u64),

@@ -1,21 +1,21 @@
 //! Opening a model directory in either checkpoint layout as a [`WeightSource`] for the model.
 //!
-//! HF-layout directories (f32 / bf16) are read by the model crate's own memory-mapped reader; DeepSeek's
-//! release layout (FP8 + E8M0, FP4 experts, BF16, F32, I64) by the converter's reader, which presents HF
-//! names and offers each weight in its stored form or dequantised: a user can run a real checkpoint
-//! without converting it first.
+//! One reader serves both layouts: the converter's memory-mapped, validating [`Checkpoint`], which presents
+//! HF names over DeepSeek's release layout (FP8 + E8M0, FP4 experts, BF16, F32, I64) as over HF's own, and
+//! offers each weight in its stored form (BF16 and the quantised formats, no copy) or dequantised: a user
+//! can run a real checkpoint without converting it first.
 
 use std::ops::Range;
 use std::path::Path;
-use v4_convert::{Checkpoint, Layout};
+use v4_convert::Checkpoint;
 use v4_formats::PackedMatrix;
 use v4_model::weights::{check_rows, rows_of_whole};
-use v4_model::{HostData, HostTensor, LoadError, SafetensorsDir, TensorSpec, WeightSource};
+use v4_model::{HostData, HostTensor, LoadError, TensorSpec, WeightSource};
 
-/// A DeepSeek-release-layout checkpoint: weights in their stored form, or dequantised on read.
-struct ReleaseCheckpoint(Checkpoint);
+/// A checkpoint directory: weights in their stored form, or dequantised on read.
+struct CheckpointSource(Checkpoint);
 
-impl ReleaseCheckpoint {
+impl CheckpointSource {
     fn failed(&self, e: v4_convert::ConvertError) -> LoadError {
         LoadError::File {
             path: self.describe(),
@@ -24,7 +24,7 @@ impl ReleaseCheckpoint {
     }
 }
 
-impl WeightSource for ReleaseCheckpoint {
+impl WeightSource for CheckpointSource {
     fn describe(&self) -> String {
         self.0.dir().display().to_string()
     }
@@ -35,7 +35,7 @@ impl WeightSource for ReleaseCheckpoint {
             name: name.to_string(),
         })?;
         let failed = |e| self.failed(e);
-        let data = if name.ends_with("tid2eid") {
+        let data = if self.0.hf_is_int(name) {
             HostData::I64(self.0.read_hf_i64(name).map_err(failed)?)
         } else {
             HostData::F32(self.0.read_hf_f32(name).map_err(failed)?)
@@ -87,14 +87,12 @@ impl WeightSource for ReleaseCheckpoint {
     }
 }
 
-/// Opens the weights of `dir`, whichever layout it uses.
+/// Opens the weights of `dir`, whichever layout it uses: every shard mapped and its header validated (a
+/// truncated or corrupt file is an error here, naming the file and the tensor).
 pub fn open(dir: &Path) -> Result<Box<dyn WeightSource>, LoadError> {
     let checkpoint = Checkpoint::open(dir).map_err(|e| LoadError::File {
         path: dir.display().to_string(),
         message: e.to_string(),
     })?;
-    Ok(match checkpoint.layout() {
-        Layout::DeepSeek => Box::new(ReleaseCheckpoint(checkpoint)),
-        Layout::Hf => Box::new(SafetensorsDir::open(dir)?),
-    })
+    Ok(Box::new(CheckpointSource(checkpoint)))
 }

@@ -3,7 +3,8 @@
 use burn_ndarray::{NdArray, NdArrayDevice};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use v4_model::{read_config, ExpertShard, LoadPlan, Residency, V4Model};
+use v4_checkpoint::read_config;
+use v4_model::{ExpertShard, LoadPlan, Residency, V4Model};
 
 fn fixture(layout: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

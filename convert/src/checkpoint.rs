@@ -551,6 +551,18 @@ impl Checkpoint {
             .sum()
     }
 
+    /// How HF tensor `name` is stored (its first member's, e.g. `F8_E4M3+F8_E8M0/128x128` or `BF16`).
+    pub fn hf_storage(&self, name: &str) -> Option<String> {
+        let first = self.hf_members(name)?.into_iter().next()?;
+        Some(self.entries.get(&first)?.source.describe())
+    }
+
+    /// Whether HF tensor `name` holds integers (the hash-routing tables), read with
+    /// [`read_hf_i64`](Self::read_hf_i64).
+    pub fn hf_is_int(&self, name: &str) -> bool {
+        matches!(self.hf.get(name), Some(HfTensor::Single(ds)) if self.entries.get(ds).is_some_and(Entry::is_int))
+    }
+
     /// Integer values of HF tensor `name`.
     pub fn read_hf_i64(&self, name: &str) -> Result<Vec<i64>, ConvertError> {
         match self.hf.get(name) {

@@ -4,8 +4,8 @@
 mod common;
 
 use common::{fixture, SEQ};
+use v4_checkpoint::read_config;
 use v4_infer::{cache_footprint, scalars_per_token, Generator};
-use v4_model::read_config;
 
 #[test]
 fn analytic_footprint_equals_the_cache_at_every_position() {

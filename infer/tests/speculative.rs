@@ -10,8 +10,9 @@ mod backends;
 
 use burn::tensor::backend::Backend;
 use std::path::PathBuf;
+use v4_checkpoint::read_config;
 use v4_infer::{Flow, GenerateParams, Generation, Generator, SpeculativeParams};
-use v4_model::{read_config, SafetensorsDir, V4Model};
+use v4_model::V4Model;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
@@ -20,7 +21,7 @@ fn fixtures() -> PathBuf {
 fn trained<B: Backend>() -> V4Model<B> {
     let dir = fixtures().join("v4-shakespeare-mtp");
     let config = read_config(&dir).unwrap();
-    let model = V4Model::load(&config, &SafetensorsDir::open(&dir).unwrap(), &Default::default()).unwrap();
+    let model = V4Model::load(&config, &*v4_checkpoint::open(&dir).unwrap(), &Default::default()).unwrap();
     assert_eq!(model.mtp.len(), 1, "the trained model has one MTP layer");
     model
 }

@@ -10,8 +10,8 @@
 //! - [`moe`]: routed + shared experts; [`rope`]: partial interleaved RoPE with YaRN; [`norm`]: RMSNorm, Linear;
 //! - [`cache`]: the incremental decoding state; [`probe`]: named probe points for validation;
 //! - [`calibration`]: activation statistics of the experts' inputs for FP4 calibration;
-//! - [`weights`], [`checkpoint`]: where weights come from; [`loader`]: how each module loads its own
-//!   tensors, and where the large matrices live (f32, or their stored precision).
+//! - [`weights`]: where weights come from (the `v4-checkpoint` crate opens files as a source); [`loader`]:
+//!   how each module loads its own tensors, and where the large matrices live (f32, or their stored precision).
 //!
 //! Probe points, per layer `N`: `layers.N.input` (streams entering the layer), `layers.N.attn.{q,kv,core,
 //! output}`, `layers.N.attn.compressor.entries`, `layers.N.attn.indexer.{scores,topk}`,
@@ -22,7 +22,6 @@ pub mod attention;
 pub mod block;
 pub mod cache;
 pub mod calibration;
-pub mod checkpoint;
 pub mod compressor;
 pub mod config;
 pub mod hyper_connection;
@@ -38,7 +37,6 @@ pub mod weights;
 
 pub use cache::{ModelCache, SequenceCaches};
 pub use calibration::{ExpertActivationStats, ExpertMeanSquares};
-pub use checkpoint::{read_config, SafetensorsDir};
 pub use config::{AttentionKind, ConfigError, ParamCounts, RoutingKind, V4Config};
 pub use loader::{ExpertShard, Layout, NamedParam, PackedWeight, Residency};
 pub use model::{

@@ -944,11 +944,12 @@ impl Packed {
 
 /// Whether the checkpoint tensor `name` (HF layout) belongs to a load of main layers `layers` of
 /// `num_layers`: tensors of other main layers do not, nor the MTP layers unless the range reaches the
-/// last layer; the embedding, heads and norms always do.
+/// last layer; the embedding, heads and norms always do. A layer the config does not have belongs to
+/// every load, so that the loader reports its tensors as unused.
 pub fn tensor_in_layers(name: &str, layers: &Range<usize>, num_layers: usize) -> bool {
     if let Some(rest) = name.strip_prefix("model.layers.") {
         let index = rest.split('.').next().and_then(|i| i.parse::<usize>().ok());
-        return index.is_some_and(|i| layers.contains(&i));
+        return index.is_none_or(|i| layers.contains(&i) || i >= num_layers);
     }
     !name.starts_with("model.mtp.") || layers.end == num_layers
 }

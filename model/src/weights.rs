@@ -1,8 +1,8 @@
 //! Where weights come from: the [`WeightSource`] trait (HF tensor names in, host tensors out), the errors
 //! of loading, and a seeded random source for benchmarks and tests.
 //!
-//! Sources that read files live beside it ([`crate::checkpoint`] for HF-layout safetensors); the converter
-//! crate provides one for DeepSeek's release layout. The model only ever asks for HF names.
+//! The model reads no files: the `v4-checkpoint` crate opens a checkpoint directory (either layout) as a
+//! source. The model only ever asks for HF names.
 
 use crate::config::ConfigError;
 use std::fmt;

@@ -4,8 +4,9 @@
 
 use burn_ndarray::NdArray;
 use std::path::PathBuf;
+use v4_checkpoint::read_config;
 use v4_model::config::RoutingKind;
-use v4_model::{read_config, LocalExperts, ModelCache, Recorder, SafetensorsDir, Tokens, V4Model};
+use v4_model::{LocalExperts, ModelCache, Recorder, Tokens, V4Model};
 
 type B = NdArray<f32>;
 
@@ -14,7 +15,7 @@ fn balance_term_equals_its_definition_on_the_router_outputs() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/v4-tiny-a/hf");
     let config = read_config(&dir).unwrap();
     let mut model =
-        V4Model::<B>::load(&config, &SafetensorsDir::open(&dir).unwrap(), &Default::default()).unwrap();
+        V4Model::<B>::load(&config, &*v4_checkpoint::open(&dir).unwrap(), &Default::default()).unwrap();
     let top_k: Vec<usize> = (0..model.layers.len())
         .filter(|&i| model.layers[i].ffn.routing == RoutingKind::TopK)
         .collect();

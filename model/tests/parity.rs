@@ -9,7 +9,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::TensorData;
 use safetensors::SafeTensors;
 use std::path::PathBuf;
-use v4_model::{read_config, LocalExperts, ModelCache, Recorder, SafetensorsDir, Tokens, V4Model};
+use v4_checkpoint::read_config;
+use v4_model::{LocalExperts, ModelCache, Recorder, Tokens, V4Model};
 
 fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/v4-tiny-a")
@@ -45,9 +46,9 @@ fn to_vec(data: &TensorData) -> Vec<f32> {
 fn full_forward_matches_hf_logits_and_streams<B: Backend>() {
     let dir = fixture_dir().join("hf");
     let config = read_config(&dir).unwrap();
-    let source = SafetensorsDir::open(&dir).unwrap();
+    let source = v4_checkpoint::open(&dir).unwrap();
     let device = Default::default();
-    let model = V4Model::<B>::load(&config, &source, &device).unwrap();
+    let model = V4Model::<B>::load(&config, &*source, &device).unwrap();
 
     let (shape, ids, _) = io_tensor("input_ids");
     let ids: Vec<i64> = ids
@@ -92,8 +93,8 @@ fn full_forward_matches_hf_logits_and_streams<B: Backend>() {
 fn gathered_and_dense_csa_paths_agree_with_hf<B: Backend>() {
     let dir = fixture_dir().join("hf");
     let config = read_config(&dir).unwrap();
-    let source = SafetensorsDir::open(&dir).unwrap();
-    let mut model = V4Model::<B>::load(&config, &source, &Default::default()).unwrap();
+    let source = v4_checkpoint::open(&dir).unwrap();
+    let mut model = V4Model::<B>::load(&config, &*source, &Default::default()).unwrap();
     // Force the gather path on every CSA layer (the fixture's few entries would pick the dense one).
     for layer in model.layers.iter_mut() {
         layer.attn.dense_selection_factor = 0;

@@ -10,13 +10,14 @@ use crate::parallel::Ranks;
 use burn::tensor::backend::Backend;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use v4_checkpoint::read_config;
 use v4_infer::sampling::argmax;
 use v4_infer::scaling::{slopes, svg, ScalingRow};
 use v4_infer::{
     cache_footprint, human_bytes, scalars_per_token, Flow, GenerateParams, Generator, SamplingParams,
     SpeculativeParams,
 };
-use v4_model::{read_config, LoadPlan, RandomWeights, V4Config, V4Model};
+use v4_model::{LoadPlan, RandomWeights, V4Config, V4Model};
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -9,8 +9,8 @@ use crate::load::{Load, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
+use v4_checkpoint::read_config;
 use v4_infer::{ChatSession, Flow, Generator, InferError, StopStrings, TextStream};
-use v4_model::read_config;
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -5,9 +5,9 @@ use crate::io::Result;
 use clap::ValueEnum;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use v4_checkpoint::read_config;
 use v4_convert::{convert, Calibration, ConvertOptions, Layout, Target};
 use v4_infer::V4Tokenizer;
-use v4_model::read_config;
 
 /// Output precision.
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -9,8 +9,9 @@ use burn::tensor::TensorData;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use v4_checkpoint::read_config;
 use v4_model::probe::{point, Scope};
-use v4_model::{read_config, LocalExperts, Recorder, Tokens, V4Config};
+use v4_model::{LocalExperts, Recorder, Tokens, V4Config};
 use v4_validate::filter::parse_layers;
 
 #[derive(clap::Args)]

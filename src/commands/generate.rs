@@ -9,11 +9,12 @@ use burn::tensor::backend::Backend;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use v4_checkpoint::read_config;
 use v4_infer::{
     cache_footprint, check_prompt, encode_chat, Acceptance, Flow, GenerateParams, Generator, InferError,
     Message, Role, SamplingParams, SpeculativeParams, StopStrings, TextStream, V4Tokenizer,
 };
-use v4_model::{read_config, V4Config};
+use v4_model::V4Config;
 
 /// Sampling and stopping flags, shared with `v4 chat`.
 #[derive(clap::Args, Clone)]

@@ -3,7 +3,8 @@
 use crate::io::{read_config_file, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use v4_model::{read_config, AttentionKind, RoutingKind, SafetensorsDir};
+use v4_checkpoint::read_config;
+use v4_model::{AttentionKind, RoutingKind};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -104,19 +105,19 @@ pub fn run(args: Args) -> Result<()> {
             dir.display()
         );
     } else if let Some(dir) = dir {
-        let source = SafetensorsDir::open(dir)?;
+        let checkpoint = v4_convert::Checkpoint::open(dir)?;
         let mut by_dtype: BTreeMap<String, (usize, u64)> = BTreeMap::new();
-        let names = v4_model::WeightSource::names(&source);
+        let names = checkpoint.hf_tensor_names();
         for name in &names {
-            if let Some((dtype, shape)) = source.info(name) {
-                let entry = by_dtype.entry(format!("{dtype:?}")).or_default();
+            if let (Some(storage), Some(shape)) = (checkpoint.hf_storage(name), checkpoint.hf_shape(name)) {
+                let entry = by_dtype.entry(storage).or_default();
                 entry.0 += 1;
                 entry.1 += shape.iter().product::<usize>() as u64;
             }
         }
         println!("tensors: {} in {}", names.len(), dir.display());
         for (dtype, (count, elements)) in by_dtype {
-            println!("  {dtype:>8}: {count:>6} tensors, {} elements", human(elements));
+            println!("  {dtype:>24}: {count:>6} tensors, {} elements", human(elements));
         }
     }
     Ok(())

@@ -10,8 +10,9 @@ use crate::load::{Load, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use v4_checkpoint::read_config;
 use v4_convert::{convert, ConvertOptions, Target};
-use v4_model::{read_config, Tokens, V4Config};
+use v4_model::{Tokens, V4Config};
 use v4_npu::NpuConfig;
 use v4_validate::metrics::compare_f32;
 

@@ -6,7 +6,8 @@ use crate::io::{read_input_ids, Result};
 use crate::load::{entry_streams, Load, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::path::{Path, PathBuf};
-use v4_model::{read_config, Tokens};
+use v4_checkpoint::read_config;
+use v4_model::Tokens;
 use v4_validate::{trace::TraceInfo, ProbeFilter, TraceMode};
 
 #[derive(clap::Args)]

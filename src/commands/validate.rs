@@ -7,7 +7,7 @@ use crate::io::Result;
 use crate::load::{Load, LoadArgs};
 use burn::tensor::backend::Backend;
 use std::path::PathBuf;
-use v4_model::read_config;
+use v4_checkpoint::read_config;
 use v4_validate::filter::parse_layers;
 use v4_validate::{trace::TraceInfo, Dtype, RunMode, Tolerances, Trace, ValidateOptions};
 

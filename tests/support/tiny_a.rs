@@ -6,7 +6,8 @@ use burn::tensor::backend::Backend;
 use burn_ndarray::NdArray;
 use safetensors::SafeTensors;
 use std::path::PathBuf;
-use v4_model::{read_config, SafetensorsDir, V4Model};
+use v4_checkpoint::read_config;
+use v4_model::V4Model;
 
 pub type B = NdArray<f32>;
 pub const VOCAB: usize = 1024;
@@ -54,7 +55,7 @@ pub fn fixture_on<M: Backend>() -> Fixture<M> {
     let config = read_config(&dir.join("hf")).unwrap();
     let model = V4Model::load(
         &config,
-        &SafetensorsDir::open(&dir.join("hf")).unwrap(),
+        &*v4_checkpoint::open(&dir.join("hf")).unwrap(),
         &Default::default(),
     )
     .unwrap();

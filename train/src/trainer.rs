@@ -20,10 +20,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+use v4_checkpoint::read_config;
 use v4_model::config::RoutingKind;
 use v4_model::{
-    read_config, ExpertRunner, ExpertShard, LoadPlan, ModelCache, MtpForward, NoProbe, RandomWeights, Tokens,
-    V4Model,
+    ExpertRunner, ExpertShard, LoadPlan, ModelCache, MtpForward, NoProbe, RandomWeights, Tokens, V4Model,
 };
 
 /// How a run ends early (for tests and `--stop-after`) and which processes take part.

@@ -192,9 +192,9 @@ fn resume_reproduces_the_uninterrupted_run() {
 
     // The saved checkpoint (HF layout) loads as a model.
     let good = dir_a.join("ckpt/step-00000004");
-    let config = v4_model::read_config(&good).unwrap();
-    let source = v4_model::SafetensorsDir::open(&good).unwrap();
-    v4_model::V4Model::<NdArray<f32>>::load(&config, &source, &NdArrayDevice::Cpu).unwrap();
+    let config = v4_checkpoint::read_config(&good).unwrap();
+    let source = v4_checkpoint::open(&good).unwrap();
+    v4_model::V4Model::<NdArray<f32>>::load(&config, &*source, &NdArrayDevice::Cpu).unwrap();
 }
 
 #[test]

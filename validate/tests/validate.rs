@@ -7,7 +7,8 @@ use burn::tensor::Tensor;
 use burn_ndarray::{NdArray, NdArrayDevice};
 use std::path::PathBuf;
 use std::sync::Mutex;
-use v4_model::{read_config, SafetensorsDir, Tokens, V4Model};
+use v4_checkpoint::read_config;
+use v4_model::{Tokens, V4Model};
 use v4_validate::report::Report;
 use v4_validate::run::trace;
 use v4_validate::trace::{TraceInfo, TraceMode};
@@ -25,8 +26,8 @@ fn fixture() -> PathBuf {
 fn load<B: burn::tensor::backend::Backend>(device: &B::Device) -> V4Model<B> {
     let dir = fixture().join("hf");
     let config = read_config(&dir).unwrap();
-    let source = SafetensorsDir::open(&dir).unwrap();
-    V4Model::load(&config, &source, device).unwrap()
+    let source = v4_checkpoint::open(&dir).unwrap();
+    V4Model::load(&config, &*source, device).unwrap()
 }
 
 fn cpu_info() -> TraceInfo {

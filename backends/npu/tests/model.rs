@@ -12,7 +12,8 @@ use common::*;
 use safetensors::SafeTensors;
 use std::path::PathBuf;
 use std::time::Instant;
-use v4_model::{read_config, SafetensorsDir, Tokens, V4Model};
+use v4_checkpoint::read_config;
+use v4_model::{Tokens, V4Model};
 use v4_npu::*;
 
 type N = Npu<NdArray<f32>>;
@@ -44,8 +45,8 @@ fn io() -> (Vec<i64>, [usize; 2], Vec<f32>) {
 fn forward<B: Backend>(dev: &B::Device) -> (Vec<f32>, f64) {
     let dir = fixture().join("hf");
     let config = read_config(&dir).unwrap();
-    let source = SafetensorsDir::open(&dir).unwrap();
-    let model = V4Model::<B>::load(&config, &source, dev).unwrap();
+    let source = v4_checkpoint::open(&dir).unwrap();
+    let model = V4Model::<B>::load(&config, &*source, dev).unwrap();
     let (ids, [b, s], _) = io();
     let tokens = Tokens::new(&ids, b, s, config.vocab_size).unwrap();
     let _ = model.forward(&tokens).unwrap(); // warm-up
@@ -154,8 +155,8 @@ fn v4_tiny_fine_tuning_step_on_autodiff_npu() {
     install_config(&dev, NpuConfig::default());
     let dir = fixture().join("hf");
     let config = read_config(&dir).unwrap();
-    let source = SafetensorsDir::open(&dir).unwrap();
-    let mut model = V4Model::<AN>::load(&config, &source, &dev).unwrap();
+    let source = v4_checkpoint::open(&dir).unwrap();
+    let mut model = V4Model::<AN>::load(&config, &*source, &dev).unwrap();
     let (ids, [b, s], _) = io();
     let (b, s) = (1.min(b), s.min(32));
     let ids: Vec<i64> = ids[..b * s].to_vec();

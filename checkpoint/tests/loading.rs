@@ -3,7 +3,8 @@
 use burn_ndarray::NdArray;
 use safetensors::tensor::{SafeTensors, TensorView};
 use std::path::{Path, PathBuf};
-use v4_model::{read_config, InputError, LoadError, SafetensorsDir, Tokens, V4Model};
+use v4_checkpoint::read_config;
+use v4_model::{InputError, LoadError, Tokens, V4Model};
 
 #[path = "../../tests/support/scratch.rs"]
 mod support;
@@ -38,8 +39,8 @@ fn edited_copy(tag: &str, edit: impl Fn(&str, TensorView<'_>) -> Option<(String,
 
 fn load(dir: &Path) -> Result<V4Model<B>, LoadError> {
     let config = read_config(dir)?;
-    let source = SafetensorsDir::open(dir)?;
-    V4Model::<B>::load(&config, &source, &Default::default())
+    let source = v4_checkpoint::open(dir)?;
+    V4Model::<B>::load(&config, &*source, &Default::default())
 }
 
 #[test]
@@ -103,8 +104,13 @@ fn missing_and_unexpected_tensors_are_named() {
         };
         Some((name.to_string(), view.shape().to_vec()))
     });
+    // A name outside V4's vocabulary is refused when the file is opened, naming the file and the tensor.
     let msg = load(&dir).expect_err("renamed tensor").to_string();
-    assert!(msg.contains("missing tensor `model.norm.weight`"), "{msg}");
+    assert!(
+        msg.contains("model.safetensors")
+            && msg.contains("`model.norm.weight_extra` is not a DeepSeek-V4 tensor name"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -112,17 +118,20 @@ fn unused_tensor_is_reported_as_unexpected() {
     let dir = edited_copy("extra", |name, view| {
         Some((name.to_string(), view.shape().to_vec()))
     });
-    // Add a stray tensor beside the real ones, in a second shard without an index: both files are read.
+    // A V4 tensor of a layer this config does not have, in a second shard without an index: both files
+    // are read, and the loader names what it did not use.
     let stray = [0u8; 16];
     let view = TensorView::new(safetensors::Dtype::F32, vec![4], &stray).unwrap();
     safetensors::serialize_to_file(
-        vec![("model.layers.0.stray", view)],
+        vec![("model.layers.99.self_attn.sinks", view)],
         None,
         &dir.join("extra.safetensors"),
     )
     .unwrap();
     match load(&dir).expect_err("unused tensor") {
-        LoadError::Unexpected { names, .. } => assert_eq!(names, vec!["model.layers.0.stray".to_string()]),
+        LoadError::Unexpected { names, .. } => {
+            assert_eq!(names, vec!["model.layers.99.self_attn.sinks".to_string()])
+        }
         other => panic!("unexpected error {other}"),
     }
 }
