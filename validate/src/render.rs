@@ -6,6 +6,7 @@ use crate::{Error, Result};
 use std::fmt::Write as _;
 use std::path::Path;
 use v4_formats::atomic;
+use v4_plot::{Chart, Panel, Scale, Series};
 
 impl Report {
     /// The terminal summary: policy diff first, then per-layer errors, localisation, worst probes.
@@ -261,82 +262,36 @@ impl Report {
         h
     }
 
-    #[allow(clippy::type_complexity)]
+    /// The worst relative L2 error per layer (then the head), propagated and isolated, on a log axis
+    /// reaching down to 1e-8.
     fn svg(&self) -> String {
-        let (w, hgt, pad) = (640.0, 280.0, 50.0);
-        let curves: Vec<(RunMode, &str, Vec<(Option<usize>, f64)>)> =
-            [(RunMode::Propagated, "#c33"), (RunMode::Isolated, "#36c")]
-                .into_iter()
-                .map(|(m, c)| (m, c, self.layer_curve(m)))
-                .filter(|c| !c.2.is_empty())
-                .collect();
-        let n = curves.iter().map(|c| c.2.len()).max().unwrap_or(1).max(2);
-        let logs: Vec<f64> = curves
-            .iter()
-            .flat_map(|c| c.2.iter().map(|p| p.1.max(1e-12).log10()))
-            .collect();
-        let lo = logs
-            .iter()
-            .cloned()
-            .fold(f64::INFINITY, f64::min)
-            .floor()
-            .min(-8.0);
-        let hi = logs
-            .iter()
-            .cloned()
-            .fold(f64::NEG_INFINITY, f64::max)
-            .ceil()
-            .max(lo + 1.0);
-        let x = |i: usize| pad + (w - 2.0 * pad) * i as f64 / (n - 1) as f64;
-        let y = |v: f64| hgt - pad - (hgt - 2.0 * pad) * (v.max(1e-12).log10() - lo) / (hi - lo);
-        let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{hgt}\">");
-        let _ = write!(
-            s,
-            "<rect width=\"{w}\" height=\"{hgt}\" fill=\"white\" stroke=\"#999\"/>"
-        );
-        for e in (lo as i64)..=(hi as i64) {
-            let yy = y(10f64.powi(e as i32));
-            let _ = write!(
-                s,
-                "<line x1=\"{pad}\" x2=\"{}\" y1=\"{yy}\" y2=\"{yy}\" stroke=\"#eee\"/><text x=\"4\" y=\"{}\" font-size=\"10\">1e{e}</text>",
-                w - pad,
-                yy + 3.0
-            );
-        }
-        if let Some((_, _, pts)) = curves.first() {
-            for (i, (l, _)) in pts.iter().enumerate() {
-                let label = l.map_or("head".to_string(), |l| format!("L{l}"));
-                let _ = write!(
-                    s,
-                    "<text x=\"{}\" y=\"{}\" font-size=\"10\">{label}</text>",
-                    x(i) - 8.0,
-                    hgt - pad + 15.0
-                );
+        let mut panel = Panel::new("max relative L2 error per layer", Scale::Linear, Scale::Log);
+        panel.y_decades = true;
+        panel.y_include = vec![1e-8];
+        for (mode, color) in [(RunMode::Propagated, "#c33"), (RunMode::Isolated, "#36c")] {
+            let curve = self.layer_curve(mode);
+            if curve.is_empty() {
+                continue;
             }
-        }
-        for (k, (mode, color, pts)) in curves.iter().enumerate() {
-            let path: Vec<String> = pts
-                .iter()
-                .enumerate()
-                .map(|(i, p)| format!("{:.1},{:.1}", x(i), y(p.1)))
-                .collect();
-            let _ = write!(
-                s,
-                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
-                path.join(" ")
-            );
-            for (i, p) in pts.iter().enumerate() {
-                let _ = write!(s, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"><title>{:.3e}</title></circle>", x(i), y(p.1), p.1);
+            if panel.x_ticks.is_empty() {
+                panel.x_ticks = curve
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (layer, _))| (i as f64, layer.map_or("head".into(), |l| format!("L{l}"))))
+                    .collect();
             }
-            let _ = write!(
-                s,
-                "<text x=\"{}\" y=\"{}\" font-size=\"11\" fill=\"{color}\">{mode:?}</text>",
-                w - pad - 80.0,
-                15.0 + 14.0 * k as f64
-            );
+            let points = curve.iter().enumerate().map(|(i, p)| (i as f64, p.1)).collect();
+            panel
+                .series
+                .push(Series::line(&format!("{mode:?}"), color, points));
         }
-        s.push_str("</svg>");
-        s
+        Chart {
+            title: String::new(),
+            panel_width: 560.0,
+            panel_height: 200.0,
+            panels: vec![panel],
+        }
+        .svg()
     }
 
     /// Writes `report.json`, `report.csv` and `report.html` into `dir` (created).
