@@ -16,7 +16,7 @@ use v4_convert::layout::{norm_of_probe, smoothing_norm};
 use v4_convert::Checkpoint;
 use v4_infer::chat::{encode_chat, Message, Role};
 use v4_infer::V4Tokenizer;
-use v4_model::{ExpertActivationStats, LocalExperts, ModelCache, NoProbe, Probe, Tokens, V4Model};
+use v4_model::{ExpertActivationStats, ModelCache, Pass, Probe, Tokens, V4Model};
 
 /// Token sequences for calibration, read from JSONL records: `{"text": ...}` and chat
 /// `{"messages": [{"role", "content"}, ...]}` are tokenized with `tokenizer`; `{"ids": [...]}` are raw
@@ -131,7 +131,7 @@ pub fn expert_importance<B: Backend>(
             config.vocab_size,
         )?;
         let mut cache = ModelCache::new(config.num_layers());
-        model.forward_with(&tokens, &mut cache, &stats, &mut NoProbe)?;
+        model.forward_with(&tokens, &mut cache, Pass::new().runner(&stats))?;
     }
     if progress {
         eprintln!();
@@ -203,7 +203,7 @@ pub fn smoothing_factors<B: Backend>(
         let ids: Vec<i64> = seq.iter().map(|&t| t as i64).collect();
         let tokens = Tokens::new(&ids, 1, seq.len(), config.vocab_size)?;
         let mut cache = ModelCache::new(config.num_layers());
-        model.forward_with(&tokens, &mut cache, &LocalExperts, &mut probe)?;
+        model.forward_with(&tokens, &mut cache, Pass::new().probe(&mut probe))?;
     }
     let checkpoint = Checkpoint::open(dir)?;
     let mut weight_amax: HashMap<String, Vec<f32>> = HashMap::new();

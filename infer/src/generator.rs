@@ -15,7 +15,7 @@ use crate::sampling::{Sampler, SamplingParams};
 use burn::tensor::{backend::Backend, Tensor};
 use std::time::Instant;
 use v4_model::{
-    ExpertRunner, LocalExperts, LogitsFor, NoProbe, PaddedTokens, Padding, SequenceCaches, V4Config, V4Model,
+    ExpertRunner, LocalExperts, LogitsFor, PaddedTokens, Padding, Pass, SequenceCaches, V4Config, V4Model,
 };
 
 /// Runs a model incrementally.
@@ -289,7 +289,11 @@ impl<'a, B: Backend> Generator<'a, B> {
             let tokens = PaddedTokens::pad(&parts, Padding::Right, 0);
             let logits = self
                 .model
-                .forward_padded(&tokens, &mut batch.caches, self.runner, &mut NoProbe, which)?
+                .forward_padded(
+                    &tokens,
+                    &mut batch.caches,
+                    Pass::new().runner(self.runner).logits(which),
+                )?
                 .logits;
             let vocab = cfg.vocab_size;
             for ((o, row), part) in out.iter_mut().zip(rows_of(logits)).zip(&parts) {

@@ -19,7 +19,7 @@ use crate::generator::{FinishReason, Flow, GenerateParams, Generation, Generator
 use crate::sampling::{Sampler, SamplingParams};
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use std::time::Instant;
-use v4_model::{LogitsFor, NoProbe, PaddedTokens, Padding, SequenceCaches};
+use v4_model::{LogitsFor, PaddedTokens, Padding, Pass, SequenceCaches};
 
 /// How to speculate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +95,11 @@ impl<B: Backend> Generator<'_, B> {
         let mut caches = SequenceCaches::new(model.layers.len(), n);
         let mut mtp_caches = SequenceCaches::new(1, n);
         let prompt = PaddedTokens::pad(prompts, Padding::Right, 0);
-        let out = model.forward_padded(&prompt, &mut caches, self.runner(), &mut NoProbe, LogitsFor::Last)?;
+        let out = model.forward_padded(
+            &prompt,
+            &mut caches,
+            Pass::new().runner(self.runner()).logits(LogitsFor::Last),
+        )?;
         let last = rows_of(out.logits);
         let mut timings = Timings {
             prompt_tokens: prompts.iter().map(|p| p.len()).sum(),
@@ -315,7 +319,7 @@ impl<B: Backend> Generator<'_, B> {
         }
         let refs: Vec<&[u32]> = chunks.iter().map(Vec::as_slice).collect();
         let tokens = PaddedTokens::pad(&refs, Padding::Right, 0);
-        let out = model.forward_padded(&tokens, caches, self.runner(), &mut NoProbe, LogitsFor::All)?;
+        let out = model.forward_padded(&tokens, caches, Pass::new().runner(self.runner()))?;
         let logits = rows_of(out.logits);
         let mut offset = 0i64;
         for (i, row) in rows.iter_mut().enumerate() {

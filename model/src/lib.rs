@@ -40,7 +40,7 @@ pub use calibration::{ExpertActivationStats, ExpertMeanSquares};
 pub use config::{AttentionKind, ConfigError, ParamCounts, RoutingKind, V4Config};
 pub use loader::{ExpertShard, Layout, NamedParam, PackedWeight, Residency};
 pub use model::{
-    tensor_in_layers, ForwardOutput, InputError, LoadPlan, LogitsFor, MtpForward, PaddedTokens, Padding,
+    tensor_in_layers, ForwardOutput, InputError, LoadPlan, LogitsFor, PaddedTokens, Padding, Pass,
     ResidentBytes, Tokens, V4Model,
 };
 pub use moe::{ExpertRunner, LocalExperts};

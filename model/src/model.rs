@@ -93,6 +93,9 @@ pub enum InputError {
     /// A model loaded with only some of its layers asked for logits or to start from tokens past
     /// its first layer (see [`V4Model::load_plan`]).
     Partial { layers: Range<usize>, num_layers: usize },
+    /// MTP asked of a padded forward, whose drafts run one depth at a time
+    /// ([`V4Model::forward_mtp_padded`]).
+    PaddedMtp,
 }
 
 impl fmt::Display for InputError {
@@ -132,6 +135,11 @@ impl fmt::Display for InputError {
                 f,
                 "only layers {layers:?} of {num_layers} are loaded: logits need every layer, and a range \
                  after layer 0 starts from recorded input streams"
+            ),
+            InputError::PaddedMtp => write!(
+                f,
+                "a padded forward does not run the MTP layers: draft one depth at a time with \
+                 forward_mtp_padded"
             ),
         }
     }
@@ -317,6 +325,60 @@ pub enum LogitsFor {
     Last,
 }
 
+/// How a sequence forward runs ([`V4Model::forward_with`], [`V4Model::forward_padded`]): who runs the
+/// routed experts, who records intermediate tensors, which positions get logits, and whether the MTP
+/// layers run too. [`Pass::new`] is a plain pass: local experts, no probe, every position, no MTP.
+pub struct Pass<'p, B: Backend> {
+    runner: &'p dyn ExpertRunner<B>,
+    probe: Option<&'p mut dyn Probe>,
+    logits: LogitsFor,
+    mtp: bool,
+}
+
+impl<B: Backend> Default for Pass<'_, B> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<'p, B: Backend> Pass<'p, B> {
+    /// A plain pass: local experts, no probe, logits at every position, no MTP.
+    pub fn new() -> Self {
+        Self {
+            runner: &LocalExperts,
+            probe: None,
+            logits: LogitsFor::All,
+            mtp: false,
+        }
+    }
+
+    /// Runs the routed experts with `runner` (expert parallelism, calibration statistics).
+    pub fn runner(self, runner: &'p dyn ExpertRunner<B>) -> Self {
+        Self { runner, ..self }
+    }
+
+    /// Offers the intermediate tensors to `probe`.
+    pub fn probe(self, probe: &'p mut dyn Probe) -> Self {
+        Self {
+            probe: Some(probe),
+            ..self
+        }
+    }
+
+    /// Computes the logits of the positions `which` selects.
+    pub fn logits(self, which: LogitsFor) -> Self {
+        Self {
+            logits: which,
+            ..self
+        }
+    }
+
+    /// With `on`, also runs every MTP depth over the whole sequence ([`ForwardOutput::mtp_logits`]).
+    pub fn mtp(self, on: bool) -> Self {
+        Self { mtp: on, ..self }
+    }
+}
+
 /// What a forward pass returns besides the logits.
 #[derive(Debug)]
 pub struct ForwardOutput<B: Backend> {
@@ -331,49 +393,29 @@ pub struct ForwardOutput<B: Backend> {
     /// padded forward, every row's real tokens packed in row order, `[1, N, c, D]`. The MTP layer reads
     /// them.
     pub streams: Tensor<B, 4>,
-}
-
-/// A full-sequence forward with the multi-token-prediction head ([`V4Model::forward_mtp`]).
-#[derive(Debug)]
-pub struct MtpForward<B: Backend> {
-    /// The main model's pass.
-    pub main: ForwardOutput<B>,
-    /// Per MTP depth `k` (0-based), `[B, S - 1 - k, vocab]`: position `t` predicts token `t + 2 + k`.
-    /// Depths with no position left are omitted.
-    pub logits: Vec<Tensor<B, 3>>,
-    /// Rows routed to each expert of each MTP layer.
-    pub expert_counts: Vec<Vec<usize>>,
+    /// With [`Pass::mtp`], per MTP depth `k` (0-based), `[B, S - 1 - k, vocab]`: position `t` predicts
+    /// token `t + 2 + k`; depths with no position left are omitted. Empty otherwise.
+    pub mtp_logits: Vec<Tensor<B, 3>>,
+    /// Rows routed to each expert of each MTP depth that ran.
+    pub mtp_expert_counts: Vec<Vec<usize>>,
 }
 
 impl<B: Backend> V4Model<B> {
     /// Full-sequence forward: `[B, S]` tokens -> logits `[B, S, vocab]`.
     pub fn forward(&self, tokens: &Tokens) -> Result<Tensor<B, 3>, InputError> {
         let mut cache = ModelCache::new(self.layers.len());
-        Ok(self
-            .forward_with(tokens, &mut cache, &LocalExperts, &mut NoProbe)?
-            .logits)
+        Ok(self.forward_with(tokens, &mut cache, Pass::new())?.logits)
     }
 
-    /// Forward of `tokens` continuing `cache` (empty for a full sequence), with experts run by `runner`
-    /// and intermediate tensors offered to `probe`.
+    /// Forward of `tokens` continuing `cache` (empty for a full sequence), run as `pass` says. The MTP
+    /// depths, when asked for, read the main streams of every position and start their own state at
+    /// position 0: depth 0 pairs the streams at `t` with the token at `t + 1`, depth `k` reads depth
+    /// `k - 1`'s streams and the token at `t + 1 + k`.
     pub fn forward_with(
         &self,
         tokens: &Tokens,
         cache: &mut ModelCache<B>,
-        runner: &dyn ExpertRunner<B>,
-        probe: &mut dyn Probe,
-    ) -> Result<ForwardOutput<B>, InputError> {
-        self.forward_logits_for(tokens, cache, runner, probe, LogitsFor::All)
-    }
-
-    /// [`forward_with`](Self::forward_with), computing the logits of the positions `which` selects.
-    pub fn forward_logits_for(
-        &self,
-        tokens: &Tokens,
-        cache: &mut ModelCache<B>,
-        runner: &dyn ExpertRunner<B>,
-        probe: &mut dyn Probe,
-        which: LogitsFor,
+        pass: Pass<'_, B>,
     ) -> Result<ForwardOutput<B>, InputError> {
         self.check_whole()?;
         tokens.check(self.config.vocab_size)?;
@@ -384,6 +426,8 @@ impl<B: Backend> V4Model<B> {
                 max: self.config.max_position_embeddings,
             });
         }
+        let mut no_probe = NoProbe;
+        let probe = pass.probe.unwrap_or(&mut no_probe);
         let (b, s) = (tokens.batch, tokens.seq);
         let all_columns = 0..s;
         let (mut x, expert_counts, balance) = self.run_blocks(
@@ -391,10 +435,14 @@ impl<B: Backend> V4Model<B> {
             &tokens.ids,
             &mut [cache],
             std::slice::from_ref(&all_columns),
-            runner,
+            pass.runner,
             probe,
         );
-        if which == LogitsFor::Last {
+        let (mtp_logits, mtp_expert_counts) = match pass.mtp {
+            true => self.mtp_depths(tokens, x.clone(), pass.runner, probe),
+            false => (Vec::new(), Vec::new()),
+        };
+        if pass.logits == LogitsFor::Last {
             x = x.narrow(1, s - 1, 1);
         }
         Ok(ForwardOutput {
@@ -402,6 +450,8 @@ impl<B: Backend> V4Model<B> {
             expert_counts,
             balance,
             streams: x,
+            mtp_logits,
+            mtp_expert_counts,
         })
     }
 
@@ -460,19 +510,16 @@ impl<B: Backend> V4Model<B> {
         }
     }
 
-    /// Full-sequence forward with the MTP head (see [`MtpForward`]); `tokens` need at least 2 positions.
-    /// Depth 0 reads the main streams at `t` and the token at `t + 1`; depth `k` reads depth `k - 1`'s
-    /// streams and the token at `t + 1 + k`. Each depth starts its own attention state at position 0.
-    pub fn forward_mtp(
+    /// Every MTP depth over the main streams `[B, S, c, D]` of `tokens`, each from a fresh state: per
+    /// depth, its logits and the rows each of its experts received (see [`ForwardOutput::mtp_logits`]).
+    fn mtp_depths(
         &self,
         tokens: &Tokens,
+        mut streams: Tensor<B, 4>,
         runner: &dyn ExpertRunner<B>,
         probe: &mut dyn Probe,
-    ) -> Result<MtpForward<B>, InputError> {
-        let mut cache = ModelCache::new(self.layers.len());
-        let main = self.forward_logits_for(tokens, &mut cache, runner, probe, LogitsFor::All)?;
+    ) -> (Vec<Tensor<B, 3>>, Vec<Vec<usize>>) {
         let (b, s) = (tokens.batch, tokens.seq);
-        let mut streams = main.streams.clone();
         let (mut logits, mut expert_counts) = (Vec::new(), Vec::new());
         for depth in 0..self.mtp.len() {
             let n = s.saturating_sub(1 + depth);
@@ -498,11 +545,7 @@ impl<B: Backend> V4Model<B> {
             expert_counts.push(routing.counts);
             streams = x;
         }
-        Ok(MtpForward {
-            main,
-            logits,
-            expert_counts,
-        })
+        (logits, expert_counts)
     }
 
     /// MTP layer `depth` over `streams: [batch, S, c, D]` and the next tokens `next_ids: [batch, S]`;
@@ -553,11 +596,15 @@ impl<B: Backend> V4Model<B> {
         &self,
         tokens: &PaddedTokens,
         caches: &mut SequenceCaches<B>,
-        runner: &dyn ExpertRunner<B>,
-        probe: &mut dyn Probe,
-        which: LogitsFor,
+        pass: Pass<'_, B>,
     ) -> Result<ForwardOutput<B>, InputError> {
         self.check_whole()?;
+        if pass.mtp {
+            return Err(InputError::PaddedMtp);
+        }
+        let (runner, which) = (pass.runner, pass.logits);
+        let mut no_probe = NoProbe;
+        let probe = pass.probe.unwrap_or(&mut no_probe);
         let packed = self.pack(tokens, caches)?;
         let mut row_caches = packed.caches(caches);
         let n = packed.ids.len();
@@ -579,6 +626,8 @@ impl<B: Backend> V4Model<B> {
             expert_counts,
             balance,
             streams: x,
+            mtp_logits: Vec::new(),
+            mtp_expert_counts: Vec::new(),
         })
     }
 

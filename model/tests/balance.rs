@@ -6,7 +6,7 @@ use burn_ndarray::NdArray;
 use std::path::PathBuf;
 use v4_checkpoint::read_config;
 use v4_model::config::RoutingKind;
-use v4_model::{LocalExperts, ModelCache, Recorder, Tokens, V4Model};
+use v4_model::{ModelCache, Pass, Recorder, Tokens, V4Model};
 
 type B = NdArray<f32>;
 
@@ -29,7 +29,7 @@ fn balance_term_equals_its_definition_on_the_router_outputs() {
     let mut recorder = Recorder::new(|n: &str| n.contains(".ffn.router."));
     let mut cache = ModelCache::new(model.layers.len());
     let out = model
-        .forward_with(&tokens, &mut cache, &LocalExperts, &mut recorder)
+        .forward_with(&tokens, &mut cache, Pass::new().probe(&mut recorder))
         .unwrap();
     let got = out.balance.expect("top-k layers compute the term").into_scalar();
 

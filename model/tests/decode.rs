@@ -9,7 +9,7 @@ mod common;
 
 use burn::tensor::backend::Backend;
 use common::max_abs_diff;
-use v4_model::{LocalExperts, LogitsFor, ModelCache, NoProbe, PaddedTokens, Padding, SequenceCaches, Tokens};
+use v4_model::{LogitsFor, ModelCache, PaddedTokens, Padding, Pass, SequenceCaches, Tokens};
 
 /// Runs sequence `b` of the fixture through the cache in chunks of the given sizes; returns the logits of
 /// every position, `[80 * vocab]`.
@@ -22,7 +22,7 @@ fn run_chunks<B: Backend>(f: &common::Fixture<B>, b: usize, chunks: &[usize]) ->
         let tokens = Tokens::new(ids, 1, len, 1024).unwrap();
         let logits = f
             .model
-            .forward_with(&tokens, &mut cache, &LocalExperts, &mut NoProbe)
+            .forward_with(&tokens, &mut cache, Pass::new())
             .unwrap()
             .logits;
         out.extend(logits.into_data().into_vec::<f32>().unwrap());
@@ -79,13 +79,13 @@ fn last_position_logits_equal_the_full_forwards_last_row<B: Backend>() {
     let mut full_cache = ModelCache::<B>::new(f.model.layers.len());
     let full = f
         .model
-        .forward_with(&tokens, &mut full_cache, &LocalExperts, &mut NoProbe)
+        .forward_with(&tokens, &mut full_cache, Pass::new())
         .unwrap()
         .logits;
     let mut cache = ModelCache::<B>::new(f.model.layers.len());
     let last = f
         .model
-        .forward_logits_for(&tokens, &mut cache, &LocalExperts, &mut NoProbe, LogitsFor::Last)
+        .forward_with(&tokens, &mut cache, Pass::new().logits(LogitsFor::Last))
         .unwrap()
         .logits;
     assert_eq!(last.dims(), [1, 1, vocab]);
@@ -100,7 +100,7 @@ fn last_position_logits_equal_the_full_forwards_last_row<B: Backend>() {
     let next = Tokens::new(&f.input_ids[45..46], 1, 1, vocab).unwrap();
     let step = f
         .model
-        .forward_logits_for(&next, &mut cache, &LocalExperts, &mut NoProbe, LogitsFor::Last)
+        .forward_with(&next, &mut cache, Pass::new().logits(LogitsFor::Last))
         .unwrap()
         .logits
         .into_data()
@@ -143,7 +143,7 @@ fn padded_batches_give_each_sequence_its_own_logits<B: Backend>() {
         let mut caches = SequenceCaches::<B>::new(f.model.layers.len(), 2);
         let logits = f
             .model
-            .forward_padded(&tokens, &mut caches, &LocalExperts, &mut NoProbe, LogitsFor::All)
+            .forward_padded(&tokens, &mut caches, Pass::new())
             .unwrap()
             .logits;
         assert_eq!(logits.dims(), [2, 45, vocab]);
@@ -184,7 +184,7 @@ fn padded_batches_give_each_sequence_its_own_logits<B: Backend>() {
             let tokens = PaddedTokens::from_mask(&ids, &mask, 2, 1, vocab).unwrap();
             let out = f
                 .model
-                .forward_padded(&tokens, &mut caches, &LocalExperts, &mut NoProbe, LogitsFor::Last)
+                .forward_padded(&tokens, &mut caches, Pass::new().logits(LogitsFor::Last))
                 .unwrap()
                 .logits
                 .into_data()
@@ -229,7 +229,7 @@ fn bad_masks_and_mismatched_states_are_refused<B: Backend>() {
     let padding = PaddedTokens::from_mask(&[1, 2], &[0, 0], 2, 1, vocab).unwrap();
     let run = |t: &PaddedTokens, c: &mut SequenceCaches<B>| {
         f.model
-            .forward_padded(t, c, &LocalExperts, &mut NoProbe, LogitsFor::Last)
+            .forward_padded(t, c, Pass::new().logits(LogitsFor::Last))
             .unwrap_err()
             .to_string()
     };
@@ -249,7 +249,7 @@ fn rewound_speculation_leaves_the_state_of_the_kept_tokens<B: Backend>() {
     let tokens = |ids: &[i64]| Tokens::new(ids, 1, ids.len(), vocab).unwrap();
     let feed = |cache: &mut ModelCache<B>, ids: &[i64]| {
         f.model
-            .forward_with(&tokens(ids), cache, &LocalExperts, &mut NoProbe)
+            .forward_with(&tokens(ids), cache, Pass::new())
             .unwrap()
             .logits
             .into_data()

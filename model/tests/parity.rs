@@ -10,7 +10,7 @@ use burn::tensor::TensorData;
 use safetensors::SafeTensors;
 use std::path::PathBuf;
 use v4_checkpoint::read_config;
-use v4_model::{LocalExperts, ModelCache, Recorder, Tokens, V4Model};
+use v4_model::{ModelCache, Pass, Recorder, Tokens, V4Model};
 
 fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/v4-tiny-a")
@@ -63,7 +63,7 @@ fn full_forward_matches_hf_logits_and_streams<B: Backend>() {
     });
     let mut cache = ModelCache::new(config.num_layers());
     let out = model
-        .forward_with(&tokens, &mut cache, &LocalExperts, &mut recorder)
+        .forward_with(&tokens, &mut cache, Pass::new().probe(&mut recorder))
         .unwrap();
 
     let (expected_shape, expected) = io_f32("logits");

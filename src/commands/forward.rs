@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use v4_checkpoint::read_config;
 use v4_model::probe::{point, Scope};
-use v4_model::{LocalExperts, Recorder, Tokens, V4Config};
+use v4_model::{LocalExperts, Pass, Recorder, Tokens, V4Config};
 use v4_validate::filter::parse_layers;
 
 #[derive(clap::Args)]
@@ -78,17 +78,11 @@ fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     let mtp = !model.mtp.is_empty() && seq >= 2;
     let mut recorder = Recorder::new(|name: &str| written(name, mtp));
     let started = Instant::now();
-    let depths = if mtp {
-        model.forward_mtp(&tokens, runner, &mut recorder)?.logits.len()
-    } else {
-        model.forward_with(
-            &tokens,
-            &mut v4_model::ModelCache::new(layers),
-            runner,
-            &mut recorder,
-        )?;
-        0
-    };
+    let pass = Pass::new().runner(runner).probe(&mut recorder).mtp(mtp);
+    let depths = model
+        .forward_with(&tokens, &mut v4_model::ModelCache::new(layers), pass)?
+        .mtp_logits
+        .len();
     let elapsed = started.elapsed();
     if !ranks.lead() {
         return Ok(());

@@ -23,7 +23,7 @@ use std::time::Instant;
 use v4_checkpoint::read_config;
 use v4_model::config::RoutingKind;
 use v4_model::{
-    ExpertRunner, ExpertShard, LoadPlan, ModelCache, MtpForward, NoProbe, RandomWeights, Tokens, V4Model,
+    ExpertRunner, ExpertShard, ForwardOutput, LoadPlan, ModelCache, Pass, RandomWeights, Tokens, V4Model,
 };
 
 /// How a run ends early (for tests and `--stop-after`) and which processes take part.
@@ -140,26 +140,16 @@ fn shifted<T: Copy>(values: &[T], b: usize, s: usize, by: usize) -> Vec<T> {
         .collect()
 }
 
-/// A micro-batch's forward: the main pass, plus the MTP depths' logits when `with_mtp`.
+/// A micro-batch's forward from a fresh state: the main pass, plus the MTP depths' logits when `with_mtp`.
 fn forward<B: Backend>(
     model: &V4Model<B>,
     tokens: &Tokens,
     runner: &dyn ExpertRunner<B>,
     with_mtp: bool,
-) -> Result<MtpForward<B>, TrainError> {
-    let out = if with_mtp {
-        model.forward_mtp(tokens, runner, &mut NoProbe)
-    } else {
-        let mut cache = ModelCache::new(model.layers.len());
-        model
-            .forward_with(tokens, &mut cache, runner, &mut NoProbe)
-            .map(|main| MtpForward {
-                main,
-                logits: Vec::new(),
-                expert_counts: Vec::new(),
-            })
-    };
-    Ok(out?)
+) -> Result<ForwardOutput<B>, TrainError> {
+    let mut cache = ModelCache::new(model.layers.len());
+    let pass = Pass::new().runner(runner).mtp(with_mtp);
+    Ok(model.forward_with(tokens, &mut cache, pass)?)
 }
 
 /// The MTP losses of a micro-batch, per depth: depth `k`'s cross-entropy on the token `2 + k` ahead
@@ -202,10 +192,10 @@ pub fn evaluate<B: Backend>(
     for chunk in refs.chunks(batch) {
         let (tokens, targets, mask) = batch_tensors(chunk);
         let out = forward(model, &tokens, runner, depths > 0)?;
-        sum += masked_loss(out.main.logits, targets.clone(), mask.clone(), 1.0)
+        sum += masked_loss(out.logits, targets.clone(), mask.clone(), 1.0)
             .into_scalar()
             .elem_f64();
-        for loss in mtp_losses(out.logits, &targets, &mask, &denoms) {
+        for loss in mtp_losses(out.mtp_logits, &targets, &mask, &denoms) {
             mtp += loss.into_scalar().elem_f64() / depths as f64;
         }
     }
@@ -621,12 +611,8 @@ fn accumulate<B: AutodiffBackend>(
     for mb in micro_batches {
         let refs: Vec<&Window> = mb.iter().skip(ctx.rank).step_by(ctx.ranks).collect();
         let (tokens, targets, mask) = batch_tensors(&refs);
-        let MtpForward {
-            main: out,
-            logits: mtp_logits,
-            expert_counts: mtp_counts,
-        } = forward(model, &tokens, ctx.runner, ctx.mtp_depths > 0)?;
-        for (l, counts) in out.expert_counts.iter().chain(&mtp_counts).enumerate() {
+        let out = forward(model, &tokens, ctx.runner, ctx.mtp_depths > 0)?;
+        for (l, counts) in out.expert_counts.iter().chain(&out.mtp_expert_counts).enumerate() {
             if sums.loads[l].is_empty() {
                 sums.loads[l] = vec![0; counts.len()];
             }
@@ -634,7 +620,7 @@ fn accumulate<B: AutodiffBackend>(
                 *a += c;
             }
         }
-        let mtp = mtp_losses(mtp_logits, &targets, &mask, &mtp_denoms);
+        let mtp = mtp_losses(out.mtp_logits, &targets, &mask, &mtp_denoms);
         let mut loss = masked_loss(out.logits, targets, mask, denom.max(1) as f64);
         sums.loss += loss.clone().into_scalar().elem_f64();
         for term in mtp {

@@ -21,7 +21,7 @@ pub fn record<B: Backend>(
 ) -> Result<Vec<(String, TensorData)>> {
     let mut recorder = Recorder::new(|n: &str| wants(n));
     let mut cache = ModelCache::new(model.layers.len());
-    model.forward_with(tokens, &mut cache, &LocalExperts, &mut recorder)?;
+    model.forward_with(tokens, &mut cache, v4_model::Pass::new().probe(&mut recorder))?;
     Ok(recorder.records)
 }
 
