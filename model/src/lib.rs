@@ -2,6 +2,7 @@
 //!
 //! Read it block by block:
 //! - [`config`]: the hyper-parameters, from HF's `config.json` or DeepSeek's `inference/config.json`;
+//!   [`accounting`]: their parameter and FLOP counts;
 //! - [`model`]: embedding, blocks, HC head, norm, LM head; [`block`]: one layer;
 //! - [`hyper_connection`]: mHC residual streams with the Sinkhorn projection;
 //! - [`attention`]: shared-KV MQA with sliding window, sinks and grouped output projection;
@@ -18,6 +19,7 @@
 //! `layers.N.ffn.router.{scores,indices,weights}`, `layers.N.ffn.output`; then `final.streams`,
 //! `final.hidden` and `logits`; the MTP layer's as `mtp.K.*` (its block) and `mtp.K.logits`.
 
+pub mod accounting;
 pub mod attention;
 pub mod block;
 pub mod cache;
@@ -35,9 +37,10 @@ pub mod probe;
 pub mod rope;
 pub mod weights;
 
+pub use accounting::ParamCounts;
 pub use cache::{ModelCache, SequenceCaches};
 pub use calibration::{ExpertActivationStats, ExpertMeanSquares};
-pub use config::{AttentionKind, ConfigError, ParamCounts, RoutingKind, V4Config};
+pub use config::{AttentionKind, ConfigError, RoutingKind, V4Config};
 pub use loader::{ExpertShard, Layout, NamedParam, PackedWeight, Residency};
 pub use model::{
     tensor_in_layers, ForwardOutput, InputError, LoadPlan, LogitsFor, PaddedTokens, Padding, Pass,
