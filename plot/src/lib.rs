@@ -368,9 +368,11 @@ mod tests {
             panels: vec![panel],
         }
         .svg();
+        // The range runs from the included 1e-8 up to the decade above the largest point (2e-3): 1e-2.
         let decades: Vec<&str> = svg.matches(">1e-").collect();
-        assert_eq!(decades.len(), 6, "1e-8 .. 1e-3: {svg}");
-        assert!(svg.contains(">1e-8<") && svg.contains(">1e-3<") && !svg.contains(">1e-9<"));
+        assert_eq!(decades.len(), 7, "1e-8 .. 1e-2: {svg}");
+        assert!(svg.contains(">1e-8<") && svg.contains(">1e-2<"));
+        assert!(!svg.contains(">1e-9<") && !svg.contains(">1e-1<"));
         assert!(svg.contains(">L0<") && svg.contains(">head<"));
         assert_eq!(markers(&svg).len(), 2);
     }
