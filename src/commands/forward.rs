@@ -17,7 +17,7 @@ use v4_validate::filter::parse_layers;
 #[derive(clap::Args)]
 pub struct Args {
     /// Model directory: config.json + safetensors, in HF layout (f32/bf16) or DeepSeek's release layout
-    /// (FP8/FP4, dequantized at load).
+    /// (FP8 + MXFP4); the large matrices stay in their stored precision unless --dequantize.
     #[arg(long)]
     model: PathBuf,
     /// Safetensors file holding `input_ids` (i64 or i32, [batch, seq]).

@@ -124,7 +124,8 @@ pub fn describe_acceptance(a: &Acceptance) -> String {
 #[derive(clap::Args)]
 pub struct Args {
     /// Model directory: config.json + safetensors in HF layout (f32/bf16) or DeepSeek's release layout
-    /// (FP8/FP4, dequantized at load); its tokenizer.json is used when present.
+    /// (FP8 + MXFP4, kept in their stored precision unless --dequantize); its tokenizer.json is used when
+    /// present.
     #[arg(long)]
     model: PathBuf,
     /// The prompt as text (needs a tokenizer).
