@@ -6,9 +6,27 @@ use crate::io::{read_streams, Result};
 use burn::tensor::backend::DeviceOps;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use v4_model::{ExpertShard, LoadPlan, Residency, Tokens, V4Config, V4Model};
+
+/// What every command that runs a checkpoint on a backend names: the model, the backend, how the weights
+/// load, and the NPU emulator's sheet.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Model directory: config.json + safetensors, in HF layout (f32/bf16) or DeepSeek's release layout
+    /// (FP8 + MXFP4); the large matrices stay in their stored precision unless --dequantize.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: Device,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// NPU precision policy and chip sheet (TOML), for `--device npu`.
+    #[arg(long)]
+    pub npu_config: Option<PathBuf>,
+}
 
 /// The loading flags every command that runs a checkpoint shares.
 #[derive(clap::Args, Debug, Clone, Copy, Default)]

@@ -1,8 +1,8 @@
 //! `v4 forward --model DIR --input IDS.safetensors --output OUT.safetensors`
 
-use crate::device::{with_backend, Device};
+use crate::device::with_backend;
 use crate::io::{read_input_ids, write_safetensors, Output, Result};
-use crate::load::{entry_streams, Load, LoadArgs};
+use crate::load::{entry_streams, Load, RunArgs};
 use crate::parallel::Ranks;
 use burn::tensor::backend::Backend;
 use burn::tensor::TensorData;
@@ -16,10 +16,8 @@ use v4_validate::filter::parse_layers;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model directory: config.json + safetensors, in HF layout (f32/bf16) or DeepSeek's release layout
-    /// (FP8 + MXFP4); the large matrices stay in their stored precision unless --dequantize.
-    #[arg(long)]
-    model: PathBuf,
+    #[command(flatten)]
+    run: RunArgs,
     /// Safetensors file holding `input_ids` (i64 or i32, [batch, seq]).
     #[arg(long)]
     input: PathBuf,
@@ -30,14 +28,6 @@ pub struct Args {
     /// streams the MTP layer reads.
     #[arg(long)]
     output: PathBuf,
-    /// Backend to run on.
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: Device,
-    #[command(flatten)]
-    load: LoadArgs,
-    /// NPU precision policy and chip sheet (TOML), for `--device npu`.
-    #[arg(long)]
-    npu_config: Option<PathBuf>,
     /// Run only main layers N, A..B (end excluded), A..=B or A..: just those layers are loaded (with the
     /// embedding and the heads), so a model too large for this machine runs range by range. Writes
     /// `hidden.N` (the streams entering each layer of the range) and `hidden.B` (the streams after it);
@@ -51,13 +41,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    with_backend!(args.device, args.npu_config.as_deref(), |B, device| forward::<B>(
-        &args, &device
-    ))
+    with_backend!(args.run.device, args.run.npu_config.as_deref(), |B, device| {
+        forward::<B>(&args, &device)
+    })
 }
 
 fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
-    let config = read_config(&args.model)?;
+    let config = read_config(&args.run.model)?;
     let (ids, batch, seq) = read_input_ids(&args.input)?;
     let tokens = Tokens::new(&ids, batch, seq, config.vocab_size)
         .map_err(|e| format!("{}: {e}", args.input.display()))?;
@@ -68,7 +58,7 @@ fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     }
     let ranks = Ranks::launched()?;
     let started = Instant::now();
-    let model = Load::new(&args.model, &config, args.device, args.load)
+    let model = Load::new(&args.run.model, &config, args.run.device, args.run.load)
         .experts(ranks.shard())
         .model::<B>(device)?;
     let loaded = started.elapsed();
@@ -101,7 +91,7 @@ fn forward<B: Backend>(args: &Args, device: &B::Device) -> Result<()> {
     };
     println!(
         "forward [{batch}, {seq}] on {:?}: loaded in {:.2}s, ran in {:.3}s ({:.0} tokens/s); wrote logits{mtp_note} and {} hidden states to {}",
-        args.device,
+        args.run.device,
         loaded.as_secs_f64(),
         elapsed.as_secs_f64(),
         (batch * seq) as f64 / elapsed.as_secs_f64(),
@@ -126,7 +116,7 @@ fn forward_layers<B: Backend>(
     }
     let streams = entry_streams::<B>(args.streams.as_deref(), &range, tokens, config, device)?;
     let started = Instant::now();
-    let model = Load::new(&args.model, config, args.device, args.load)
+    let model = Load::new(&args.run.model, config, args.run.device, args.run.load)
         .layers(Some(range.clone()))
         .model::<B>(device)?;
     let loaded = started.elapsed();
@@ -150,7 +140,7 @@ fn forward_layers<B: Backend>(
         "forward [{}, {}] of layers {range:?} of {num_layers} on {:?}: loaded in {:.2}s, ran in {:.3}s; wrote {} tensors up to {last} to {}",
         tokens.batch,
         tokens.seq,
-        args.device,
+        args.run.device,
         loaded.as_secs_f64(),
         elapsed.as_secs_f64(),
         outputs.len(),

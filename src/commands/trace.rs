@@ -3,7 +3,7 @@
 
 use crate::device::{with_backend, Device};
 use crate::io::{read_input_ids, Result};
-use crate::load::{entry_streams, Load, LoadArgs};
+use crate::load::{entry_streams, Load, RunArgs};
 use burn::tensor::backend::Backend;
 use std::path::{Path, PathBuf};
 use v4_checkpoint::read_config;
@@ -24,23 +24,14 @@ use v4_validate::{trace::TraceInfo, ProbeFilter, TraceMode};
     --output ref.safetensors\n  v4 trace ... --mode stats --layers 0..2 --filter 'layers.*.attn.*,logits'"
 )]
 pub struct Args {
-    /// Model directory (HF or DeepSeek release layout).
-    #[arg(long)]
-    model: PathBuf,
+    #[command(flatten)]
+    run: RunArgs,
     /// Safetensors file holding `input_ids` (i64 or i32, [batch, seq]).
     #[arg(long)]
     input: PathBuf,
     /// Where to write the trace.
     #[arg(long)]
     output: PathBuf,
-    /// Backend to run on.
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: Device,
-    #[command(flatten)]
-    load: LoadArgs,
-    /// NPU precision policy and chip sheet (TOML), for `--device npu`.
-    #[arg(long)]
-    npu_config: Option<PathBuf>,
     /// stats: min/max/mean/L2/NaN/Inf counts only (tiny; compares by statistics); full: the tensors
     /// (needed for element-wise metrics and isolated mode); checksum: stats + a bitwise checksum.
     #[arg(long, default_value = "full", value_parser = ["stats", "full", "checksum"])]
@@ -125,16 +116,18 @@ pub fn backend_info(device: Device, npu_config: Option<&Path>) -> Result<TraceIn
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let info = backend_info(args.device, args.npu_config.as_deref())?;
-    with_backend!(args.device, args.npu_config.as_deref(), |B, device| trace::<B>(
-        &args, info, &device
-    ))
+    let info = backend_info(args.run.device, args.run.npu_config.as_deref())?;
+    with_backend!(
+        args.run.device,
+        args.run.npu_config.as_deref(),
+        |B, device| trace::<B>(&args, info, &device)
+    )
 }
 
 fn trace<B: Backend>(args: &Args, info: TraceInfo, device: &B::Device) -> Result<()> {
     let mode: TraceMode = args.mode.parse()?;
     let filter = ProbeFilter::parse(args.layers.as_deref(), args.filter.as_deref())?;
-    let config = read_config(&args.model)?;
+    let config = read_config(&args.run.model)?;
     let (ids, batch, seq) = read_input_ids(&args.input)?;
     let tokens = Tokens::new(&ids, batch, seq, config.vocab_size)
         .map_err(|e| format!("{}: {e}", args.input.display()))?;
@@ -146,7 +139,7 @@ fn trace<B: Backend>(args: &Args, info: TraceInfo, device: &B::Device) -> Result
         Some(range) => entry_streams::<B>(args.streams.as_deref(), range, &tokens, &config, device)?,
         None => None,
     };
-    let model = Load::new(&args.model, &config, args.device, args.load)
+    let model = Load::new(&args.run.model, &config, args.run.device, args.run.load)
         .layers(range)
         .model::<B>(device)?;
     let trace = v4_validate::run::trace(
@@ -169,7 +162,7 @@ fn trace<B: Backend>(args: &Args, info: TraceInfo, device: &B::Device) -> Result
     let bytes = std::fs::metadata(&args.output)?.len();
     println!(
         "trace [{batch}, {seq}] on {:?} ({} mode): {} probes, {} bytes ({} per layer) -> {}",
-        args.device,
+        args.run.device,
         args.mode,
         trace.entries.len(),
         bytes,

@@ -2,9 +2,9 @@
 //! [--mode propagated|isolated|both] [--golden TRACE] [--report-dir DIR] [--layers A..B]`
 
 use crate::commands::trace::backend_info;
-use crate::device::{with_backend, Device};
+use crate::device::with_backend;
 use crate::io::Result;
-use crate::load::{Load, LoadArgs};
+use crate::load::{Load, RunArgs};
 use burn::tensor::backend::Backend;
 use std::path::PathBuf;
 use v4_checkpoint::read_config;
@@ -37,17 +37,8 @@ pub struct Args {
     /// The reference trace (full mode for element-wise metrics and isolated mode).
     #[arg(long)]
     reference: PathBuf,
-    /// Model directory (HF or DeepSeek release layout).
-    #[arg(long)]
-    model: PathBuf,
-    /// The candidate backend.
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: Device,
     #[command(flatten)]
-    load: LoadArgs,
-    /// NPU precision policy and chip sheet (TOML), for `--device npu`.
-    #[arg(long)]
-    npu_config: Option<PathBuf>,
+    run: RunArgs,
     /// Tolerance overrides (TOML): `dtype = "bf16"`, `[defaults]`, `[[probe]] pattern = "glob"` with
     /// rel_l2_floor, k_ref, cosine_min, small_value, elementwise, kl_max, ulp, ulp_share, ulp_gate,
     /// tie_abs, tie_rel, max_harmful_flips, skip.
@@ -74,12 +65,10 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let info = backend_info(args.device, args.npu_config.as_deref())?;
-    with_backend!(
-        args.device,
-        args.npu_config.as_deref(),
-        |B, device| validate::<B>(&args, info, &device)
-    )
+    let info = backend_info(args.run.device, args.run.npu_config.as_deref())?;
+    with_backend!(args.run.device, args.run.npu_config.as_deref(), |B, device| {
+        validate::<B>(&args, info, &device)
+    })
 }
 
 fn validate<B: Backend>(args: &Args, info: TraceInfo, device: &B::Device) -> Result<()> {
@@ -90,10 +79,10 @@ fn validate<B: Backend>(args: &Args, info: TraceInfo, device: &B::Device) -> Res
         None => Tolerances::default(),
     };
     let dtype = Dtype::parse(tolerances.dtype.as_deref().unwrap_or(&info.dtype))?;
-    let config = read_config(&args.model)?;
+    let config = read_config(&args.run.model)?;
     let layers = args.layers.as_deref().map(parse_layers).transpose()?;
     let layers = layers.map(|r| r.start..r.end.min(config.num_layers()));
-    let model = Load::new(&args.model, &config, args.device, args.load)
+    let model = Load::new(&args.run.model, &config, args.run.device, args.run.load)
         .layers(layers)
         .model::<B>(device)?;
     let opts = ValidateOptions {
