@@ -157,12 +157,14 @@ pub fn matmul_f32(lhs: ArrayViewD<'_, f32>, rhs: ArrayViewD<'_, f32>) -> ArrayD<
     };
 
     let threads = rayon::current_num_threads();
+    // Decode's GEMVs: v4's own few-row kernel, which splits itself over the threads.
+    let few_rows_kernel = m <= crate::sgemm::FEW_ROWS && rs[rank - 1] == 1;
     if batches > 1 && m * n * k < SMALL_PRODUCT {
         (0..batches)
             .into_par_iter()
             .for_each(|b| product(b, 0..n, gemm::Parallelism::None));
-    } else if m <= FEW_ROWS && threads > 1 && n >= 64 * threads {
-        // gemm's few-row path (a GEMV for one row: decode) runs on one thread; split the columns.
+    } else if m <= FEW_ROWS && threads > 1 && n >= 64 * threads && !few_rows_kernel {
+        // gemm's few-row path runs on one thread; split the columns.
         let block = n.div_ceil(4 * threads).next_multiple_of(16);
         for b in 0..batches {
             (0..n.div_ceil(block))
