@@ -10,4 +10,6 @@ pub mod atomic;
 pub mod codec;
 pub mod packed;
 
-pub use packed::{Bytes, Fp8ScaleKind, PackedMatmul, PackedMatrix, PackedRows, ReferenceMatmul, Storage};
+pub use packed::{
+    grouped_shape, Bytes, Fp8ScaleKind, PackedMatmul, PackedMatrix, PackedRows, ReferenceMatmul, Storage,
+};

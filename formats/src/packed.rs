@@ -426,10 +426,48 @@ impl PackedMatrix {
 pub trait PackedMatmul: Send + Sync + fmt::Debug {
     fn matmul_t(&self, x: &[f32], n: usize, w: &PackedMatrix, y: &mut [f32]);
 
+    /// `y_g = x_g W_g^T` for consecutive groups of rows: group `g` is the next `n_g` rows of `x`
+    /// (`[sum n_g, cols]`) and of `y` (`[sum n_g, rows]`), times its own `W_g` (every `W_g` of the same
+    /// shape). A mixture of experts' routed rows, grouped by expert. This default runs the groups one
+    /// after another; a kernel may run them all in one parallel section.
+    fn matmul_t_grouped(&self, x: &[f32], groups: &[(usize, &PackedMatrix)], y: &mut [f32]) {
+        let Some((rows, cols)) = grouped_shape(x, groups, y) else {
+            return;
+        };
+        let mut start = 0;
+        for &(n, w) in groups {
+            self.matmul_t(
+                &x[start * cols..(start + n) * cols],
+                n,
+                w,
+                &mut y[start * rows..(start + n) * rows],
+            );
+            start += n;
+        }
+    }
+
     /// Whether this kernel multiplies by `w`; a declined matrix is dequantised at the point of use.
     fn supports(&self, _w: &PackedMatrix) -> bool {
         true
     }
+}
+
+/// `(rows, cols)` of every matrix of a [`PackedMatmul::matmul_t_grouped`] call (`None` without
+/// groups), after checking that they agree and that `x` and `y` have the groups' rows.
+pub fn grouped_shape(x: &[f32], groups: &[(usize, &PackedMatrix)], y: &[f32]) -> Option<(usize, usize)> {
+    let &(_, first) = groups.first()?;
+    let (rows, cols) = (first.rows, first.cols);
+    for (_, w) in groups {
+        assert_eq!(
+            (w.rows, w.cols),
+            (rows, cols),
+            "the groups' matrices differ in shape"
+        );
+    }
+    let total: usize = groups.iter().map(|(n, _)| n).sum();
+    assert_eq!(x.len(), total * cols, "x is not [rows of all groups, cols]");
+    assert_eq!(y.len(), total * rows, "y is not [rows of all groups, rows]");
+    Some((rows, cols))
 }
 
 /// The portable kernel: decodes panels of `PANEL` rows of `W` into f32 and takes dot products, in

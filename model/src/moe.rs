@@ -13,7 +13,7 @@
 
 use crate::config::{RoutingKind, ScoreFunc, V4Config};
 use crate::loader::{PackedWeight, Weights};
-use crate::norm::Linear;
+use crate::norm::{forward_grouped, Linear};
 use crate::probe::{point, tap_in, wanted, Probe, Scope};
 use crate::weights::{Init, LoadError};
 use burn::module::{Module, Param};
@@ -123,6 +123,11 @@ impl<B: Backend> Experts<B> {
             (None, Some(p)) => p[e].0.forward(rows),
             (None, None) => unreachable!("experts hold weights"),
         };
+        self.activate(h)
+    }
+
+    /// `silu(min(gate, L)) * clamp(up, -L, L)` of the gate and up projections `h: [n, 2I]` -> `[n, I]`.
+    fn activate(&self, h: Tensor<B, 2>) -> Tensor<B, 2> {
         let i = h.dims()[1] / 2;
         let gate = h.clone().narrow(1, 0, i).clamp_max(self.limit);
         let up = h.narrow(1, i, i).clamp(-self.limit, self.limit);
@@ -145,6 +150,19 @@ impl<B: Backend> Experts<B> {
     /// returns the outputs in the same order.
     pub fn forward_grouped(&self, rows: Tensor<B, 2>, counts: &[usize]) -> Tensor<B, 2> {
         assert_eq!(counts.len(), self.len(), "a count per held expert");
+        let used: Vec<(usize, usize)> = counts
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|&(_, n)| n > 0)
+            .collect();
+        if let (Some(p), false) = (&self.packed, used.is_empty()) {
+            // Stored precision: every expert's projection in one grouped product (one parallel section
+            // for a decode step's experts instead of one per expert and projection).
+            let gate_up: Vec<_> = used.iter().map(|&(e, n)| (n, &p[e].0)).collect();
+            let down: Vec<_> = used.iter().map(|&(e, n)| (n, &p[e].1)).collect();
+            return forward_grouped(&down, self.activate(forward_grouped(&gate_up, rows)));
+        }
         let mut outputs = Vec::new();
         let mut offset = 0;
         for (e, &n) in counts.iter().enumerate() {

@@ -37,6 +37,11 @@ const CHUNK: usize = 1 << 15;
 /// splitting one product across threads.
 const SMALL_PRODUCT: usize = 1 << 21;
 
+/// Products (all batches together) with fewer multiply-adds than this run on the calling thread: a
+/// small model's decode is made of such products, and waking a second thread for one costs more than
+/// it saves (with two threads, a 3.3M-parameter model decoded slower than with one).
+const PARALLEL_PRODUCT: usize = 1 << 16;
+
 /// Products with at most this many rows are split over the threads by columns (see [`matmul_f32`]).
 const FEW_ROWS: usize = 16;
 
@@ -159,7 +164,9 @@ pub fn matmul_f32(lhs: ArrayViewD<'_, f32>, rhs: ArrayViewD<'_, f32>) -> ArrayD<
     let threads = rayon::current_num_threads();
     // Decode's GEMVs: v4's own few-row kernel, which splits itself over the threads.
     let few_rows_kernel = m <= crate::sgemm::FEW_ROWS && rs[rank - 1] == 1;
-    if batches > 1 && m * n * k < SMALL_PRODUCT {
+    if threads == 1 || batches * m * n * k < PARALLEL_PRODUCT {
+        (0..batches).for_each(|b| product(b, 0..n, gemm::Parallelism::None));
+    } else if batches > 1 && m * n * k < SMALL_PRODUCT {
         (0..batches)
             .into_par_iter()
             .for_each(|b| product(b, 0..n, gemm::Parallelism::None));

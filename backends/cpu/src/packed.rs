@@ -15,7 +15,9 @@
 //! [`PackedRows::decode_rows`] into a buffer and take dot products.
 //!
 //! Both regimes split the work over rayon's pool; call from inside it (as a model's forward pass
-//! does), since a call from another thread pays a thread wake-up per parallel section.
+//! does), since a call from another thread pays a thread wake-up per parallel section. GEMVs that read
+//! little (below `GEMV_PARALLEL_BYTES`) stay on the calling thread, and a grouped product (a decode
+//! step's routed experts) runs all its GEMVs in one parallel section.
 //!
 //! Every weight is decoded to exactly the f32 that [`PackedMatrix::to_f32`] gives (one rounding of
 //! `value * scale`); results differ from "decode, then multiply in f32" only in the order of the sums.
@@ -24,7 +26,7 @@ use crate::isa::Isa;
 use crate::sgemm::{Product, View};
 use gemm::Parallelism;
 use rayon::prelude::*;
-use v4_formats::{PackedMatmul, PackedMatrix, PackedRows};
+use v4_formats::{grouped_shape, PackedMatmul, PackedMatrix, PackedRows};
 
 /// Rows of `x` up to which the fused GEMV runs; above, decoded panels go through `gemm`. The GEMV
 /// takes `x` four rows at a time (decoding `W` again for each four), `gemm` packs `x` again for each
@@ -32,6 +34,9 @@ use v4_formats::{PackedMatmul, PackedMatrix, PackedRows};
 const GEMV_MAX_N: usize = 32;
 /// Rows of `W` per parallel task of the GEMV: enough bytes per task to amortise scheduling.
 const GEMV_ROWS: usize = 64;
+/// GEMVs that read fewer bytes of `W` than this (all of a [`grouped`] call's together) run on the
+/// calling thread: waking another costs more than it saves.
+const GEMV_PARALLEL_BYTES: usize = 1 << 18;
 /// Most rows of `W` per decoded panel (and parallel task) of the prefill product. Every panel's
 /// product packs all of `x` again, so panels should be large; their f32 copy takes
 /// `PANEL_ROWS * cols * 4` bytes per thread.
@@ -43,72 +48,133 @@ pub struct CpuPackedMatmul;
 
 impl PackedMatmul for CpuPackedMatmul {
     fn matmul_t(&self, x: &[f32], n: usize, w: &PackedMatrix, y: &mut [f32]) {
-        matmul(Isa::active(), x, n, w, y);
+        grouped(Isa::active(), x, &[(n, w)], y);
+    }
+
+    /// Every group's GEMV in one parallel section: a decode step's routed experts (a few rows each)
+    /// share one round of thread wake-ups instead of paying one per expert and projection.
+    fn matmul_t_grouped(&self, x: &[f32], groups: &[(usize, &PackedMatrix)], y: &mut [f32]) {
+        grouped(Isa::active(), x, groups, y);
     }
 }
 
-/// `y[n, w.rows] = x[n, w.cols] · W^T` on the `isa` path, one row block of `W` at a time.
-fn matmul(isa: Isa, x: &[f32], n: usize, w: &PackedMatrix, y: &mut [f32]) {
-    assert_eq!(x.len(), n * w.cols, "x is not [n, cols]");
-    assert_eq!(y.len(), n * w.rows, "y is not [n, rows]");
-    if n == 0 {
+/// `y_g = x_g W_g^T` for consecutive groups of rows of `x` (`[sum n_g, cols]`) and `y`
+/// (`[sum n_g, rows]`) on the `isa` path: the few-row groups' GEMVs together, the others' row blocks
+/// one after another through `gemm`.
+fn grouped(isa: Isa, x: &[f32], groups: &[(usize, &PackedMatrix)], y: &mut [f32]) {
+    let Some((rows, cols)) = grouped_shape(x, groups, y) else {
+        return;
+    };
+    if y.is_empty() {
         return;
     }
-    if w.cols == 0 {
+    if cols == 0 {
         y.fill(0.0);
         return;
     }
-    let mut row0 = 0;
-    for part in w.parts() {
-        if n <= GEMV_MAX_N {
-            gemv_part(isa, part, x, n, row0, y);
-        } else {
-            gemm_part(part, x, n, row0, y);
+    let mut gemvs = Vec::new();
+    let mut start = 0;
+    for &(n, w) in groups {
+        let (x, y) = (
+            &x[start * cols..(start + n) * cols],
+            &mut y[start * rows..(start + n) * rows],
+        );
+        let mut row0 = 0;
+        for part in w.parts() {
+            if n > GEMV_MAX_N {
+                gemm_part(part, x, n, row0, y);
+            } else if n > 0 {
+                gemvs.push(Gemv {
+                    task: row_task(isa, part, x, n),
+                    bytes: part.stored_bytes(),
+                    n,
+                    out: (start, row0, part.rows),
+                });
+            }
+            row0 += part.rows;
         }
-        row0 += part.rows;
+        start += n;
     }
+    run_gemvs(&gemvs, rows, y);
 }
 
-/// Columns `row0 .. row0 + part.rows` of `y` (`[n, total rows]`) for a small `n`.
-fn gemv_part(isa: Isa, part: &PackedRows, x: &[f32], n: usize, row0: usize, y: &mut [f32]) {
-    let rows = part.rows;
-    if n == 1 {
-        return gemv(isa, part, x, 1, &mut y[row0..row0 + rows]);
-    }
-    let total = y.len() / n;
-    let mut yt = vec![0f32; rows * n];
-    gemv(isa, part, x, n, &mut yt);
-    for (j, out) in yt.chunks_exact(n).enumerate() {
-        for (i, &v) in out.iter().enumerate() {
-            y[i * total + row0 + j] = v;
-        }
-    }
+/// Rows of one GEMV computed by one task: `rows(r0, out)` fills `out` (`[j, n]`) with `x_i · W_{r0 + j}`
+/// for every row `i` of the GEMV's `x` (`[n, cols]`).
+trait RowTask: Sync {
+    fn rows(&self, r0: usize, out: &mut [f32]);
 }
 
-/// `yt[r, i] = x_i · W_r`: the product transposed (`[part.rows, n]`), so that each task's rows are
-/// one contiguous slice.
-fn gemv(isa: Isa, part: &PackedRows, x: &[f32], n: usize, yt: &mut [f32]) {
-    match isa {
-        // SAFETY: `Isa::Avx2` and above are chosen only when the CPU has AVX2 and FMA. AVX-512 runs the
-        // AVX2 kernels: they are bound by memory bandwidth, not by vector width.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 if unsafe { avx2::gemv(part, x, n, yt) } => {}
-        _ => decoded_gemv(part, x, n, yt),
+/// The fused kernel for `part`'s storage on the `isa` path, or the portable one.
+fn row_task<'a>(isa: Isa, part: &'a PackedRows, x: &'a [f32], n: usize) -> Box<dyn RowTask + 'a> {
+    // SAFETY: `Isa::Avx2` and above are chosen only when the CPU has AVX2 and FMA. AVX-512 runs the
+    // AVX2 kernels: they are bound by memory bandwidth, not by vector width.
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        if let Some(task) = unsafe { avx2::task(part, x, n) } {
+            return task;
+        }
+    }
+    let _ = isa;
+    Box::new(Decoded { part, x, n })
+}
+
+/// One GEMV of a [`grouped`] product: its task, the bytes of `W` it reads, and where its output goes
+/// (`(first row of y, first column, columns)`).
+struct Gemv<'a> {
+    task: Box<dyn RowTask + 'a>,
+    bytes: usize,
+    n: usize,
+    out: (usize, usize, usize),
+}
+
+/// Runs `gemvs` as tasks of `GEMV_ROWS` rows of `W`, in parallel when they read enough bytes together,
+/// each into a `[rows, n]` buffer scattered into `y` (`[.., total_rows]`) afterwards.
+fn run_gemvs(gemvs: &[Gemv<'_>], total_rows: usize, y: &mut [f32]) {
+    let mut outs: Vec<Vec<f32>> = gemvs.iter().map(|g| vec![0f32; g.out.2 * g.n]).collect();
+    let tasks: Vec<(&dyn RowTask, usize, &mut [f32])> = gemvs
+        .iter()
+        .zip(outs.iter_mut())
+        .flat_map(|(g, out)| {
+            out.chunks_mut(GEMV_ROWS * g.n)
+                .enumerate()
+                .map(|(t, out)| (&*g.task, t * GEMV_ROWS, out))
+        })
+        .collect();
+    if gemvs.iter().map(|g| g.bytes).sum::<usize>() < GEMV_PARALLEL_BYTES {
+        tasks.into_iter().for_each(|(task, r0, out)| task.rows(r0, out));
+    } else {
+        tasks
+            .into_par_iter()
+            .for_each(|(task, r0, out)| task.rows(r0, out));
+    }
+    for (g, out) in gemvs.iter().zip(&outs) {
+        let (first, col0, _) = g.out;
+        for (j, column) in out.chunks_exact(g.n).enumerate() {
+            for (i, &v) in column.iter().enumerate() {
+                y[(first + i) * total_rows + col0 + j] = v;
+            }
+        }
     }
 }
 
 /// The portable GEMV: each row decoded by the formats crate into a buffer, then `n` dot products.
-fn decoded_gemv(part: &PackedRows, x: &[f32], n: usize, yt: &mut [f32]) {
-    let cols = part.cols;
-    yt.par_chunks_mut(GEMV_ROWS * n).enumerate().for_each(|(t, out)| {
+struct Decoded<'a> {
+    part: &'a PackedRows,
+    x: &'a [f32],
+    n: usize,
+}
+
+impl RowTask for Decoded<'_> {
+    fn rows(&self, r0: usize, out: &mut [f32]) {
+        let cols = self.part.cols;
         let mut w = vec![0f32; cols];
-        for (j, o) in out.chunks_exact_mut(n).enumerate() {
-            part.decode_rows(t * GEMV_ROWS + j, &mut w);
-            for (o, xi) in o.iter_mut().zip(x.chunks_exact(cols)) {
+        for (j, o) in out.chunks_exact_mut(self.n).enumerate() {
+            self.part.decode_rows(r0 + j, &mut w);
+            for (o, xi) in o.iter_mut().zip(self.x.chunks_exact(cols)) {
                 *o = dot(xi, &w);
             }
         }
-    });
+    }
 }
 
 /// `a · b` with eight running sums (so that the loop vectorises).
@@ -201,38 +267,33 @@ fn gemm_part(part: &PackedRows, x: &[f32], n: usize, row0: usize, y: &mut [f32])
 /// a fixed order of the decoder's (`Decoder::ORDER`); `x` is permuted once per call to match.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::GEMV_ROWS;
-    use rayon::prelude::*;
+    use super::RowTask;
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
     use v4_formats::codec::{e8m0_to_f32, E2M1_VALUES};
     use v4_formats::{Fp8ScaleKind, PackedRows, Storage};
 
-    /// Runs the fused kernel for `part`'s storage, if it has one: `yt[r, i] = x_i · W_r` with `x`
-    /// `[n, cols]` and `yt` `[part.rows, n]`. Returns whether it did.
+    /// The fused kernel for `part`'s storage, if it has one, on `x` (`[n, cols]`).
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA.
-    pub(super) unsafe fn gemv(part: &PackedRows, x: &[f32], n: usize, yt: &mut [f32]) -> bool {
+    pub(super) unsafe fn task<'a>(
+        part: &'a PackedRows,
+        x: &[f32],
+        n: usize,
+    ) -> Option<Box<dyn RowTask + 'a>> {
         if !part.cols.is_multiple_of(32) {
-            return false;
+            return None;
         }
         assert_eq!(x.len(), n * part.cols, "x is not [n, cols]");
-        assert_eq!(yt.len(), part.rows * n, "yt is not [rows, n]");
         match part.storage {
             Storage::Fp8 {
                 block: 128,
                 scale: Fp8ScaleKind::E8m0,
-            } => Fp8::new(part).map(|d| run(&d, x, n, yt)).is_some(),
-            Storage::Mxfp4 { block: 32 } => {
-                run(&Mxfp4::new(part), x, n, yt);
-                true
-            }
-            Storage::Bf16 => {
-                run(&Bf16::new(part), x, n, yt);
-                true
-            }
-            _ => false,
+            } => Fp8::new(part).map(|d| prepared(d, x, n)),
+            Storage::Mxfp4 { block: 32 } => Some(prepared(Mxfp4::new(part), x, n)),
+            Storage::Bf16 => Some(prepared(Bf16::new(part), x, n)),
+            _ => None,
         }
     }
 
@@ -287,27 +348,38 @@ mod avx2 {
         x.chunks_exact(32).flat_map(|g| D::ORDER.map(|k| g[k])).collect()
     }
 
-    /// `yt = (x W^T)^T` in parallel over tasks of `GEMV_ROWS` rows, each taking the rows of `x` in
-    /// groups of up to four (one pass over the task's rows per group).
-    ///
-    /// # Safety
-    /// The CPU must have AVX2 and FMA.
-    unsafe fn run<D: Decoder>(d: &D, x: &[f32], n: usize, yt: &mut [f32]) {
-        let cols = d.cols();
-        let x = permute::<D>(x);
-        yt.par_chunks_mut(GEMV_ROWS * n).enumerate().for_each(|(t, out)| {
-            for (g, xs) in x.chunks(4 * cols).enumerate() {
-                // SAFETY: the caller of `run` has AVX2 and FMA.
+    /// A decoder and `x` permuted to its order: the [`RowTask`] of a fused GEMV. Made only by [`task`],
+    /// whose caller has AVX2 and FMA.
+    struct Prepared<D> {
+        decoder: D,
+        x: Vec<f32>,
+        n: usize,
+    }
+
+    fn prepared<'a, D: Decoder + 'a>(decoder: D, x: &[f32], n: usize) -> Box<dyn RowTask + 'a> {
+        Box::new(Prepared {
+            x: permute::<D>(x),
+            decoder,
+            n,
+        })
+    }
+
+    impl<D: Decoder> RowTask for Prepared<D> {
+        /// Takes the rows of `x` in groups of up to four (one pass over the task's rows per group).
+        fn rows(&self, r0: usize, out: &mut [f32]) {
+            let (d, cols, n) = (&self.decoder, self.decoder.cols(), self.n);
+            for (g, xs) in self.x.chunks(4 * cols).enumerate() {
+                // SAFETY: a `Prepared` exists only where the CPU has AVX2 and FMA (see [`task`]).
                 unsafe {
                     match xs.len() / cols {
-                        1 => group::<D, 1, 4>(d, t * GEMV_ROWS, xs, 4 * g, n, out),
-                        2 => group::<D, 2, 4>(d, t * GEMV_ROWS, xs, 4 * g, n, out),
-                        3 => group::<D, 3, 2>(d, t * GEMV_ROWS, xs, 4 * g, n, out),
-                        _ => group::<D, 4, 2>(d, t * GEMV_ROWS, xs, 4 * g, n, out),
+                        1 => group::<D, 1, 4>(d, r0, xs, 4 * g, n, out),
+                        2 => group::<D, 2, 4>(d, r0, xs, 4 * g, n, out),
+                        3 => group::<D, 3, 2>(d, r0, xs, 4 * g, n, out),
+                        _ => group::<D, 4, 2>(d, r0, xs, 4 * g, n, out),
                     }
                 }
             }
-        });
+        }
     }
 
     /// `out[j, i0 + i] = xs_i · W_{r0 + j}` for the `N` rows of `xs` and every row `j` of `out`
@@ -648,7 +720,7 @@ mod tests {
             let x = data(n * c, n as u64);
             for isa in isas() {
                 let mut y = vec![f32::NAN; n * r];
-                matmul(isa, &x, n, w, &mut y);
+                grouped(isa, &x, &[(n, w)], &mut y);
                 for (i, xi) in x.chunks_exact(c).enumerate() {
                     for (j, wj) in dense.chunks_exact(c).enumerate() {
                         let terms = xi.iter().zip(wj).map(|(&a, &b)| a as f64 * b as f64);
@@ -677,7 +749,7 @@ mod tests {
                     x[i * c + c0 + i] = 1.0;
                 }
                 let mut y = vec![f32::NAN; k * r];
-                matmul(isa, &x, k, w, &mut y);
+                grouped(isa, &x, &[(k, w)], &mut y);
                 for i in 0..k {
                     for j in 0..r {
                         assert_eq!(y[i * r + j], dense[j * c + c0 + i], "{isa:?} W[{j}, {}]", c0 + i);
@@ -787,7 +859,7 @@ mod tests {
     fn empty_products_are_empty() {
         let w = matrix(vec![fp8_rows(&data(8 * 128, 12), 8, 128)]);
         for isa in isas() {
-            matmul(isa, &[], 0, &w, &mut []);
+            grouped(isa, &[], &[(0, &w)], &mut []);
         }
     }
 
@@ -801,7 +873,6 @@ mod tests {
         let (r, c) = (16, 64);
         let w = data(r * c, 13);
         let x = data(c, 14);
-        let mut y = vec![0f32; r];
         let parts = [
             fp8_rows(&w, r, c),
             mx_rows(&w, r, c),
@@ -809,7 +880,48 @@ mod tests {
             nvfp4_rows(&w, r, c),
         ];
         // SAFETY: the CPU has AVX2 and FMA.
-        let fused = parts.map(|p| unsafe { avx2::gemv(&p, &x, 1, &mut y) });
+        let fused = parts
+            .each_ref()
+            .map(|p| unsafe { avx2::task(p, &x, 1) }.is_some());
         assert_eq!(fused, [true, true, true, false]);
+    }
+
+    /// Groups of rows, each times its own matrix, equal each group's own product: few-row groups
+    /// (one parallel section, enough bytes to go parallel), an empty group, and a group above
+    /// `GEMV_MAX_N` (through `gemm`), with a two-part matrix among them.
+    #[test]
+    fn grouped_products_equal_one_product_per_group() {
+        let (r, c) = (512, 512);
+        let matrices = [
+            matrix(vec![mx_rows(&data(r * c, 21), r, c)]),
+            matrix(vec![mx_rows(&data(r * c, 22), r, c)]),
+            matrix(vec![
+                mx_rows(&data(r * c / 2, 23), r / 2, c),
+                mx_rows(&data(r * c / 2, 24), r / 2, c),
+            ]),
+            matrix(vec![fp8_rows(&data(r * c, 25), r, c)]),
+            matrix(vec![nvfp4_rows(&data(r * c, 26), r, c)]),
+        ];
+        let counts = [1, 3, 0, GEMV_MAX_N + 1, 2];
+        assert!(matrices.iter().map(PackedMatrix::stored_bytes).sum::<usize>() >= GEMV_PARALLEL_BYTES);
+        let total: usize = counts.iter().sum();
+        let x = data(total * c, 27);
+        let groups: Vec<(usize, &PackedMatrix)> = counts.iter().copied().zip(&matrices).collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for isa in isas() {
+            let mut y = vec![f32::NAN; total * r];
+            pool.install(|| grouped(isa, &x, &groups, &mut y));
+            let mut start = 0;
+            for &(n, w) in &groups {
+                let mut want = vec![f32::NAN; n * r];
+                grouped(isa, &x[start * c..(start + n) * c], &[(n, w)], &mut want);
+                assert_eq!(
+                    &y[start * r..(start + n) * r],
+                    &want[..],
+                    "{isa:?}, group of {n} rows"
+                );
+                start += n;
+            }
+        }
     }
 }
