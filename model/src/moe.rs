@@ -13,7 +13,7 @@
 
 use crate::config::{RoutingKind, ScoreFunc, V4Config};
 use crate::loader::{PackedWeight, Weights};
-use crate::norm::{forward_grouped, Linear};
+use crate::norm::Linear;
 use crate::probe::{point, tap_in, wanted, Probe, Scope};
 use crate::weights::{Init, LoadError};
 use burn::module::{Module, Param};
@@ -161,7 +161,8 @@ impl<B: Backend> Experts<B> {
             // for a decode step's experts instead of one per expert and projection).
             let gate_up: Vec<_> = used.iter().map(|&(e, n)| (n, &p[e].0)).collect();
             let down: Vec<_> = used.iter().map(|&(e, n)| (n, &p[e].1)).collect();
-            return forward_grouped(&down, self.activate(forward_grouped(&gate_up, rows)));
+            let hidden = self.activate(PackedWeight::forward_grouped(&gate_up, rows));
+            return PackedWeight::forward_grouped(&down, hidden);
         }
         let mut outputs = Vec::new();
         let mut offset = 0;

@@ -178,37 +178,39 @@ impl PackedWeight {
             }
         }
     }
-}
 
-/// `x: [R, in]` in consecutive groups of rows, group `g` (`n_g` rows) times its own weight:
-/// `[R, out]`. Routed experts' rows, grouped by expert; the host kernel runs every group in one call,
-/// other cases each group on its own as [`PackedWeight::forward`] does. Every weight has the same
-/// shape.
-pub fn forward_grouped<B: Backend>(groups: &[(usize, &PackedWeight)], x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let device = x.device();
-    let [r, _] = x.dims();
-    let kernel = groups.first().and_then(|(_, w)| w.kernel.as_ref());
-    match kernel {
-        Some(kernel) if !B::ad_enabled(&device) && groups.iter().all(|(_, w)| kernel.supports(&w.matrix)) => {
-            let x = x.into_data().convert::<f32>();
-            let x = x.as_slice::<f32>().expect("f32 after convert");
-            let rows = groups[0].1.matrix.rows;
-            let matrices: Vec<(usize, &PackedMatrix)> =
-                groups.iter().map(|&(n, w)| (n, &*w.matrix)).collect();
-            let mut y = vec![0f32; r * rows];
-            kernel.matmul_t_grouped(x, &matrices, &mut y);
-            Tensor::from_data(TensorData::new(y, [r, rows]), &device)
-        }
-        _ => {
-            let mut start = 0;
-            let outputs = groups
-                .iter()
-                .map(|&(n, w)| {
-                    start += n;
-                    w.forward(x.clone().narrow(0, start - n, n))
-                })
-                .collect();
-            Tensor::cat(outputs, 0)
+    /// `x: [R, in]` in consecutive groups of rows, group `g` (`n_g` rows) times its own weight:
+    /// `[R, out]`. Routed experts' rows, grouped by expert; the host kernel runs every group in one call,
+    /// other cases each group on its own as [`PackedWeight::forward`] does. Every weight has the same
+    /// shape.
+    pub fn forward_grouped<B: Backend>(groups: &[(usize, &PackedWeight)], x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let device = x.device();
+        let [r, _] = x.dims();
+        let kernel = groups.first().and_then(|(_, w)| w.kernel.as_ref());
+        match kernel {
+            Some(kernel)
+                if !B::ad_enabled(&device) && groups.iter().all(|(_, w)| kernel.supports(&w.matrix)) =>
+            {
+                let x = x.into_data().convert::<f32>();
+                let x = x.as_slice::<f32>().expect("f32 after convert");
+                let rows = groups[0].1.matrix.rows;
+                let matrices: Vec<(usize, &PackedMatrix)> =
+                    groups.iter().map(|&(n, w)| (n, &*w.matrix)).collect();
+                let mut y = vec![0f32; r * rows];
+                kernel.matmul_t_grouped(x, &matrices, &mut y);
+                Tensor::from_data(TensorData::new(y, [r, rows]), &device)
+            }
+            _ => {
+                let mut start = 0;
+                let outputs = groups
+                    .iter()
+                    .map(|&(n, w)| {
+                        start += n;
+                        w.forward(x.clone().narrow(0, start - n, n))
+                    })
+                    .collect();
+                Tensor::cat(outputs, 0)
+            }
         }
     }
 }
