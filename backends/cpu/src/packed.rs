@@ -127,19 +127,36 @@ struct Gemv<'a> {
     out: (usize, usize, usize),
 }
 
-/// Runs `gemvs` as tasks of `GEMV_ROWS` rows of `W`, in parallel when they read enough bytes together,
-/// each into a `[rows, n]` buffer scattered into `y` (`[.., total_rows]`) afterwards.
+/// Runs `gemvs` as tasks of `GEMV_ROWS` rows of `W`, in parallel when they read enough bytes together.
+/// A one-row GEMV writes straight into its contiguous run of `y` (`[.., total_rows]`); the others write
+/// `[rows, n]` buffers, scattered into `y` afterwards.
 fn run_gemvs(gemvs: &[Gemv<'_>], total_rows: usize, y: &mut [f32]) {
-    let mut outs: Vec<Vec<f32>> = gemvs.iter().map(|g| vec![0f32; g.out.2 * g.n]).collect();
-    let tasks: Vec<(&dyn RowTask, usize, &mut [f32])> = gemvs
+    let mut buffers: Vec<Vec<f32>> = gemvs
         .iter()
-        .zip(outs.iter_mut())
-        .flat_map(|(g, out)| {
-            out.chunks_mut(GEMV_ROWS * g.n)
-                .enumerate()
-                .map(|(t, out)| (&*g.task, t * GEMV_ROWS, out))
+        .map(|g| {
+            if g.n == 1 {
+                Vec::new()
+            } else {
+                vec![0f32; g.out.2 * g.n]
+            }
         })
         .collect();
+    let mut tasks: Vec<(&dyn RowTask, usize, &mut [f32])> = Vec::new();
+    // `grouped` pushes the GEMVs in increasing order of their place in `y`.
+    let (mut rest, mut taken) = (&mut *y, 0);
+    for (g, buffer) in gemvs.iter().zip(buffers.iter_mut()) {
+        let out: &mut [f32] = if g.n == 1 {
+            let at = g.out.0 * total_rows + g.out.1;
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(at - taken);
+            let (mine, tail) = tail.split_at_mut(g.out.2);
+            (rest, taken) = (tail, at + g.out.2);
+            mine
+        } else {
+            buffer
+        };
+        let chunks = out.chunks_mut(GEMV_ROWS * g.n).enumerate();
+        tasks.extend(chunks.map(|(t, out)| (&*g.task, t * GEMV_ROWS, out)));
+    }
     if gemvs.iter().map(|g| g.bytes).sum::<usize>() < GEMV_PARALLEL_BYTES {
         tasks.into_iter().for_each(|(task, r0, out)| task.rows(r0, out));
     } else {
@@ -147,9 +164,9 @@ fn run_gemvs(gemvs: &[Gemv<'_>], total_rows: usize, y: &mut [f32]) {
             .into_par_iter()
             .for_each(|(task, r0, out)| task.rows(r0, out));
     }
-    for (g, out) in gemvs.iter().zip(&outs) {
+    for (g, buffer) in gemvs.iter().zip(&buffers).filter(|(g, _)| g.n > 1) {
         let (first, col0, _) = g.out;
-        for (j, column) in out.chunks_exact(g.n).enumerate() {
+        for (j, column) in buffer.chunks_exact(g.n).enumerate() {
             for (i, &v) in column.iter().enumerate() {
                 y[(first + i) * total_rows + col0 + j] = v;
             }

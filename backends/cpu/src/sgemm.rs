@@ -108,10 +108,6 @@ pub(crate) const FEW_ROWS: usize = 4;
 /// 32 KB (in runs of 4 KB, a GEMV streams ~35% slower on Zen 4; with 16 KB, two rows ~10% slower).
 const FEW_ROWS_ACC: usize = 8192;
 
-/// Right sides smaller than this many bytes are multiplied on one thread: below it, waking a second
-/// thread costs more than it saves.
-const FEW_ROWS_PARALLEL_BYTES: usize = 1 << 18;
-
 /// Whether `p` is a product for [`few_rows`]: 1 to `FEW_ROWS` rows, a right side with contiguous rows.
 pub(crate) fn is_few_rows(p: &Product) -> bool {
     (1..=FEW_ROWS).contains(&p.dims.0) && p.rhs.col_stride == 1
@@ -236,7 +232,8 @@ impl<T: Copy> Shared<T> {
 /// [`few_rows`] over rayon's threads: the columns are cut into up to four parts per thread, and when
 /// that leaves threads idle (narrow outputs), the right side's rows too, each part of rows summing
 /// into its own partial product that a last pass adds up. Every task streams whole rows of its
-/// columns, so each reads contiguous runs of at least a few KB.
+/// columns, so each reads contiguous runs of at least a few KB. Whether a product is large enough to
+/// split is the caller's decision (`kernels::matmul_f32`).
 ///
 /// # Safety
 /// As [`few_rows`].
@@ -244,7 +241,7 @@ pub(crate) unsafe fn few_rows_parallel(p: &Product) {
     let (m, n, k) = p.dims;
     let isa = Isa::active();
     let threads = rayon::current_num_threads();
-    if threads == 1 || n * k * 4 < FEW_ROWS_PARALLEL_BYTES {
+    if threads == 1 {
         return few_rows_on(isa, p);
     }
     let tasks = 4 * threads;
@@ -475,10 +472,6 @@ mod tests {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for (m, n, k) in [(1, 3000, 100), (4, 1100, 65), (2, 40, 2000), (1, 16, 4099)] {
             let case = Case::new(m, n, k);
-            assert!(
-                n * k * 4 >= FEW_ROWS_PARALLEL_BYTES,
-                "{m}x{n}x{k} would run on one thread"
-            );
             let mut got = vec![f32::NAN; m * n];
             pool.install(|| {
                 let product = case.product(case.layouts()[1], &mut got);
