@@ -200,15 +200,27 @@ pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f3
     }
 }
 
-/// Index of the largest logit (the lowest index among equals; NaN never wins).
+/// Index of the largest logit (the lowest index among equals; NaN never wins unless every logit is
+/// NaN, then 0).
+///
+/// Two passes that vectorise: the largest value (lane-wise maxima over 16 lanes), then its first
+/// index. A decode step calls this on the whole vocabulary (32000 to 129280 logits).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &x) in logits.iter().enumerate() {
-        if x > logits[best] || logits[best].is_nan() {
-            best = i;
+    const L: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let chunks = logits.chunks_exact(L);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            // `x > m` is false for a NaN `x`, so NaNs never enter the maxima.
+            *m = if x > *m { x } else { *m };
         }
     }
-    best as u32
+    let max = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    logits.iter().position(|&x| x == max).unwrap_or(0) as u32
 }
 
 /// The candidate tokens and their renormalised probabilities after temperature, top-k and top-p, most
@@ -258,6 +270,35 @@ mod tests {
     #[test]
     fn argmax_prefers_lowest_index_on_ties() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
+    }
+
+    /// The vectorised argmax against a plain scan, on lengths around its 16 lanes, with NaNs,
+    /// infinities, ties in the tail and a maximum in every position.
+    #[test]
+    fn argmax_equals_a_scan_with_nans_and_ties() {
+        let scan = |l: &[f32]| {
+            let mut best: Option<usize> = None;
+            for (i, &x) in l.iter().enumerate() {
+                if !x.is_nan() && best.is_none_or(|b| x > l[b]) {
+                    best = Some(i);
+                }
+            }
+            best.unwrap_or(0) as u32
+        };
+        for len in [1, 15, 16, 17, 33, 100] {
+            for at in 0..len {
+                let mut l: Vec<f32> = (0..len).map(|i| ((i * 7) % 5) as f32).collect();
+                l[at] = 9.0;
+                if len > 2 {
+                    l[(at + 1) % len] = f32::NAN;
+                    l[len - 1 - at % 2] = 9.0;
+                }
+                assert_eq!(l.len(), len);
+                assert_eq!(argmax(&l), scan(&l), "{l:?}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY, f32::NEG_INFINITY]), 1);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
     }
 
     #[test]
