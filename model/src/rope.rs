@@ -62,13 +62,11 @@ impl Rope {
     /// are the last `r` of them).
     pub fn tables<B: Backend>(&self, positions: &[usize], width: usize, device: &B::Device) -> RopeTables<B> {
         let r = self.dim();
-        let nope = width - r;
-        // Full-width tables: nope channels keep cos 1 / sin 0, rope pairs repeat their angle.
-        let mut cos = Vec::with_capacity(positions.len() * width);
-        let mut sin = Vec::with_capacity(positions.len() * width);
+        assert!(r <= width, "rope dim {r} exceeds the vector width {width}");
+        // Rope pairs repeat their angle.
+        let mut cos = Vec::with_capacity(positions.len() * r);
+        let mut sin = Vec::with_capacity(positions.len() * r);
         for &t in positions {
-            cos.extend(std::iter::repeat_n(1.0f32, nope));
-            sin.extend(std::iter::repeat_n(0.0f32, nope));
             for &f in &self.inv_freq {
                 let angle = t as f64 * f;
                 let (c, s) = (
@@ -79,30 +77,30 @@ impl Rope {
                 sin.extend([s, s]);
             }
         }
-        // `x @ swap` maps each rope pair (x0, x1) to (-x1, x0), and nope channels to 0.
-        let mut swap = vec![0.0f32; width * width];
-        for i in (nope..width).step_by(2) {
-            swap[(i + 1) * width + i] = -1.0;
-            swap[i * width + i + 1] = 1.0;
+        // `x @ swap` maps each rope pair (x0, x1) to (-x1, x0).
+        let mut swap = vec![0.0f32; r * r];
+        for i in (0..r).step_by(2) {
+            swap[(i + 1) * r + i] = -1.0;
+            swap[i * r + i + 1] = 1.0;
         }
-        let shape = [1, positions.len(), 1, width];
+        let shape = [1, positions.len(), 1, r];
         RopeTables {
             cos: Tensor::from_data(TensorData::new(cos, shape), device),
             sin: Tensor::from_data(TensorData::new(sin, shape), device),
-            swap: Tensor::from_data(TensorData::new(swap, [width, width]), device),
+            swap: Tensor::from_data(TensorData::new(swap, [r, r]), device),
         }
     }
 }
 
-/// Cos/sin for a run of positions (see [`Rope::tables`]): the rotation is
-/// `x * cos + (x @ swap) * sin`, one small matmul and three elementwise ops, with no slicing.
+/// Cos/sin for a run of positions (see [`Rope::tables`]): the rope channels `x_r` (the last `r`) become
+/// `x_r * cos + (x_r @ swap) * sin`, one small matmul and three elementwise ops; the others are kept.
 #[derive(Debug, Clone)]
 pub struct RopeTables<B: Backend> {
-    /// `[1, P, 1, width]`
+    /// `[1, P, 1, r]`
     cos: Tensor<B, 4>,
-    /// `[1, P, 1, width]`
+    /// `[1, P, 1, r]`
     sin: Tensor<B, 4>,
-    /// `[width, width]`
+    /// `[r, r]`
     swap: Tensor<B, 2>,
 }
 
@@ -110,18 +108,21 @@ impl<B: Backend> RopeTables<B> {
     /// Rotates the last `r` channels of `x` `[B, P, H, width]` by `+angle` (or `-angle` when `inverse`).
     pub fn apply(&self, x: Tensor<B, 4>, inverse: bool) -> Tensor<B, 4> {
         let [b, p, h, width] = x.dims();
-        let swapped = x
+        let r = self.swap.dims()[0];
+        let nope = width - r;
+        let rope = x.clone().narrow(3, nope, r);
+        let swapped = rope
             .clone()
-            .reshape([b * p * h, width])
+            .reshape([b * p * h, r])
             .matmul(self.swap.clone())
-            .reshape([b, p, h, width]);
+            .reshape([b, p, h, r]);
         let turned = swapped * self.sin.clone();
-        let kept = x * self.cos.clone();
-        if inverse {
-            kept - turned
-        } else {
-            kept + turned
+        let kept = rope * self.cos.clone();
+        let rotated = if inverse { kept - turned } else { kept + turned };
+        if nope == 0 {
+            return rotated;
         }
+        Tensor::cat(vec![x.narrow(3, 0, nope), rotated], 3)
     }
 
     /// [`apply`](Self::apply) for a single-head `[B, P, width]` tensor.
@@ -152,5 +153,47 @@ mod tests {
         // The last pair is far below one turn: interpolated (divided by the factor).
         let last = plain.inv_freq.len() - 1;
         assert!((scaled.inv_freq[last] * 4.0 - plain.inv_freq[last]).abs() < 1e-15);
+    }
+
+    /// Each rope pair `(x0, x1)` becomes `(x0 c - x1 s, x0 s + x1 c)` (and back with `-angle`), computed
+    /// here in f64 from the angle; the other channels are kept bit for bit.
+    #[test]
+    fn tables_rotate_the_last_pairs_and_keep_the_rest() {
+        type B = burn_ndarray::NdArray<f32>;
+        let rope = Rope::new(4, 10000.0, None);
+        let (positions, heads, width) = ([3usize, 70], 2, 10);
+        let x: Vec<f32> = (0..2 * heads * width).map(|i| (i as f32 * 0.37).sin()).collect();
+        let tables = rope.tables::<B>(&positions, width, &Default::default());
+        let input = || {
+            Tensor::<B, 4>::from_data(
+                TensorData::new(x.clone(), [1, 2, heads, width]),
+                &Default::default(),
+            )
+        };
+        for inverse in [false, true] {
+            let got = tables
+                .apply(input(), inverse)
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            assert_eq!(got.len(), x.len());
+            for (row, (g, v)) in got.chunks(width).zip(x.chunks(width)).enumerate() {
+                let t = positions[row / heads] as f64;
+                assert_eq!(g[..width - 4], v[..width - 4], "row {row}: kept channels");
+                for (i, pair) in (width - 4..width).step_by(2).enumerate() {
+                    let angle = t * rope.inv_freq[i] * if inverse { -1.0 } else { 1.0 };
+                    let (c, s) = (angle.cos(), angle.sin());
+                    let (x0, x1) = (v[pair] as f64, v[pair + 1] as f64);
+                    assert!(
+                        (g[pair] as f64 - (x0 * c - x1 * s)).abs() < 3e-7,
+                        "row {row} pair {i}"
+                    );
+                    assert!(
+                        (g[pair + 1] as f64 - (x0 * s + x1 * c)).abs() < 3e-7,
+                        "row {row} pair {i}"
+                    );
+                }
+            }
+        }
     }
 }
