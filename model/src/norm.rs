@@ -161,28 +161,14 @@ impl PackedWeight {
     /// `x: [n, in] -> x W^T: [n, out]`: on the stored bytes by the host kernel, or (without one, or
     /// when gradients must flow to `x`) through `W` dequantised for this call only.
     pub fn forward<B: Backend>(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let device = x.device();
         let [n, _] = x.dims();
-        let m = &self.matrix;
-        match &self.kernel {
-            Some(kernel) if !B::ad_enabled(&device) && kernel.supports(m) => {
-                let x = x.into_data().convert::<f32>();
-                let x = x.as_slice::<f32>().expect("f32 after convert");
-                let mut y = vec![0f32; n * m.rows];
-                kernel.matmul_t(x, n, m, &mut y);
-                Tensor::from_data(TensorData::new(y, [n, m.rows]), &device)
-            }
-            _ => {
-                let w = Tensor::<B, 2>::from_data(TensorData::new(m.to_f32(), [m.rows, m.cols]), &device);
-                x.matmul(w.transpose())
-            }
-        }
+        Self::forward_grouped(&[(n, self)], x)
     }
 
     /// `x: [R, in]` in consecutive groups of rows, group `g` (`n_g` rows) times its own weight:
-    /// `[R, out]`. Routed experts' rows, grouped by expert; the host kernel runs every group in one call,
-    /// other cases each group on its own as [`PackedWeight::forward`] does. Every weight has the same
-    /// shape.
+    /// `[R, out]` (routed experts' rows, grouped by expert; one group for [`PackedWeight::forward`]).
+    /// The host kernel runs every group in one call; otherwise each group multiplies its weight
+    /// dequantised. Every weight has the same shape.
     pub fn forward_grouped<B: Backend>(groups: &[(usize, &PackedWeight)], x: Tensor<B, 2>) -> Tensor<B, 2> {
         let device = x.device();
         let [r, _] = x.dims();
@@ -200,18 +186,26 @@ impl PackedWeight {
                 kernel.matmul_t_grouped(x, &matrices, &mut y);
                 Tensor::from_data(TensorData::new(y, [r, rows]), &device)
             }
+            _ if groups.len() == 1 => groups[0].1.dequantized_forward(x),
             _ => {
                 let mut start = 0;
                 let outputs = groups
                     .iter()
                     .map(|&(n, w)| {
                         start += n;
-                        w.forward(x.clone().narrow(0, start - n, n))
+                        w.dequantized_forward(x.clone().narrow(0, start - n, n))
                     })
                     .collect();
                 Tensor::cat(outputs, 0)
             }
         }
+    }
+
+    /// `x W^T` through `W` dequantised to f32 for this call only (gradients flow to `x`).
+    fn dequantized_forward<B: Backend>(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let m = &self.matrix;
+        let w = Tensor::<B, 2>::from_data(TensorData::new(m.to_f32(), [m.rows, m.cols]), &x.device());
+        x.matmul(w.transpose())
     }
 }
 
