@@ -9,10 +9,10 @@
 //!   [`PackedRows::decode_rows`] into f32 and multiplies it with the `gemm` crate; decoding costs one
 //!   pass over the panel against `n` multiply-adds per weight.
 //!
-//! The fused kernels exist for AVX2 + FMA and three storages: FP8 E4M3 with 128x128 E8M0 tiles,
-//! MXFP4 (E8M0 per 32) and BF16, with whole chunks of 32 columns. Other storages, and every storage on
-//! the portable path (no AVX2, or `V4_CPU_ISA=scalar`), decode each row with
-//! [`PackedRows::decode_rows`] into a buffer and take dot products.
+//! The fused kernels exist for three storages, FP8 E4M3 with 128x128 E8M0 tiles, MXFP4 (E8M0 per 32)
+//! and BF16, on AVX-512 (`avx512`, whole chunks of 64 columns) and AVX2 + FMA (`avx2`, 32 columns).
+//! Other storages, and every storage on the portable path (no AVX2, or `V4_CPU_ISA=scalar`), decode
+//! each row with [`PackedRows::decode_rows`] into a buffer and take dot products.
 //!
 //! Both regimes split the work over rayon's pool; call from inside it (as a model's forward pass
 //! does), since a call from another thread pays a thread wake-up per parallel section. GEMVs that read
@@ -106,12 +106,20 @@ trait RowTask: Sync {
 
 /// The fused kernel for `part`'s storage on the `isa` path, or the portable one.
 fn row_task<'a>(isa: Isa, part: &'a PackedRows, x: &'a [f32], n: usize) -> Box<dyn RowTask + 'a> {
-    // SAFETY: `Isa::Avx2` and above are chosen only when the CPU has AVX2 and FMA. AVX-512 runs the
-    // AVX2 kernels: they are bound by memory bandwidth, not by vector width.
+    // SAFETY: `Isa::Avx512` is chosen only when the CPU has AVX-512F, AVX2 and FMA (BW is checked
+    // here), `Isa::Avx2` only when it has AVX2 and FMA. Storages or widths a path does not take
+    // fall to the next one down.
     #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx2 {
-        if let Some(task) = unsafe { avx2::task(part, x, n) } {
-            return task;
+    {
+        if isa >= Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512bw") {
+            if let Some(task) = unsafe { avx512::task(part, x, n) } {
+                return task;
+            }
+        }
+        if isa >= Isa::Avx2 {
+            if let Some(task) = unsafe { avx2::task(part, x, n) } {
+                return task;
+            }
         }
     }
     let _ = isa;
@@ -277,373 +285,155 @@ fn gemm_part(part: &PackedRows, x: &[f32], n: usize, row0: usize, y: &mut [f32])
         });
 }
 
-/// The fused AVX2 + FMA GEMV kernels.
-///
-/// Each decoder turns 32 columns of a row into four vectors of eight f32 with as few shuffles as it
-/// can (shuffles and shifts share two of Zen's four vector pipes), so the lanes hold the columns in
-/// a fixed order of the decoder's (`Decoder::ORDER`); `x` is permuted once per call to match.
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::RowTask;
-    use std::arch::x86_64::*;
-    use std::sync::OnceLock;
-    use v4_formats::codec::{e8m0_to_f32, E2M1_VALUES};
-    use v4_formats::{Fp8ScaleKind, PackedRows, Storage};
+/// The generic half of a fused GEMV module, for one instruction set: the `Decoder` trait its
+/// storages implement (a row's columns `4 * lanes` at a time into four vectors), `task` (the
+/// [`RowTask`] of a product on a storage it decodes) and the kernel that multiplies decoded chunks
+/// into up to four rows of `x` at once. Each module (`avx2`, `avx512`) invokes it with its vector
+/// type and operations, so the kernel is compiled with that module's target features.
+macro_rules! fused_gemv {
+    (
+        features: $features:literal,
+        vector: $vector:ty,
+        lanes: $lanes:literal,
+        ops: ($zero:path, $load:path, $fma:path, $add:path, $hsum:path $(,)?) $(,)?
+    ) => {
+        /// Columns per chunk of [`Decoder::chunk`].
+        const CHUNK: usize = 4 * $lanes;
 
-    /// The fused kernel for `part`'s storage, if it has one, on `x` (`[n, cols]`).
-    ///
-    /// # Safety
-    /// The CPU must have AVX2 and FMA.
-    pub(super) unsafe fn task<'a>(
-        part: &'a PackedRows,
-        x: &[f32],
-        n: usize,
-    ) -> Option<Box<dyn RowTask + 'a>> {
-        if !part.cols.is_multiple_of(32) {
-            return None;
+        /// A row block whose rows decode `CHUNK` columns at a time into registers.
+        trait Decoder: Sync {
+            /// The column (within the chunk) of each lane of the four vectors of [`Decoder::chunk`].
+            const ORDER: [usize; CHUNK];
+
+            /// Columns of a row.
+            fn cols(&self) -> usize;
+
+            /// Columns `CHUNK c .. CHUNK (c + 1)` of row `r`, each exactly the f32 of
+            /// `PackedRows::decode_rows`, lane `l` of vector `v` holding column
+            /// `CHUNK c + ORDER[lanes v + l]`.
+            ///
+            /// # Safety
+            /// The CPU must have the module's features, `r < rows` and `c < cols / CHUNK`.
+            unsafe fn chunk(&self, r: usize, c: usize) -> [$vector; 4];
         }
-        assert_eq!(x.len(), n * part.cols, "x is not [n, cols]");
-        match part.storage {
-            Storage::Fp8 {
-                block: 128,
-                scale: Fp8ScaleKind::E8m0,
-            } => Fp8::new(part).map(|d| prepared(d, x, n)),
-            Storage::Mxfp4 { block: 32 } => Some(prepared(Mxfp4::new(part), x, n)),
-            Storage::Bf16 => Some(prepared(Bf16::new(part), x, n)),
-            _ => None,
-        }
-    }
 
-    /// A row block whose rows decode 32 columns at a time into registers.
-    trait Decoder: Sync {
-        /// The column (within the chunk) of each lane of the four vectors of [`Decoder::chunk`].
-        const ORDER: [usize; 32];
-
-        /// Columns of a row.
-        fn cols(&self) -> usize;
-
-        /// Columns `32c .. 32c + 32` of row `r`, each exactly the f32 of `PackedRows::decode_rows`,
-        /// lane `l` of vector `v` holding column `32c + ORDER[8v + l]`.
+        /// The fused kernel for `part`'s storage, if it has one, on `x` (`[n, cols]`): FP8 with
+        /// E8M0 128x128 tiles, MXFP4 and BF16, with whole chunks of columns.
         ///
         /// # Safety
-        /// The CPU must have AVX2 and FMA, `r < rows` and `c < cols / 32`.
-        unsafe fn chunk(&self, r: usize, c: usize) -> [__m256; 4];
-    }
-
-    /// Checks the byte lengths the decoders' unchecked reads rely on (`PackedRows::new` checks them,
-    /// but the fields are public).
-    fn check_lengths(part: &PackedRows, data: usize, scales: usize) {
-        assert_eq!(
-            part.data.len(),
-            data,
-            "{} codes of a wrong length",
-            part.storage.name()
-        );
-        assert_eq!(
-            part.scales.len(),
-            scales,
-            "{} scales of a wrong length",
-            part.storage.name()
-        );
-    }
-
-    /// The order of 16-bit values split into the low and high halves of 32-bit lanes: per 16 columns,
-    /// the even ones, then the odd ones.
-    const EVEN_ODD: [usize; 32] = {
-        let mut order = [0; 32];
-        let mut p = 0;
-        while p < 32 {
-            let k = p % 16;
-            order[p] = p - k + if k < 8 { 2 * k } else { 2 * (k - 8) + 1 };
-            p += 1;
+        #[doc = concat!("The CPU must have ", $features, ".")]
+        pub(super) unsafe fn task<'a>(
+            part: &'a v4_formats::PackedRows,
+            x: &[f32],
+            n: usize,
+        ) -> Option<Box<dyn RowTask + 'a>> {
+            use v4_formats::{Fp8ScaleKind, Storage};
+            if !part.cols.is_multiple_of(CHUNK) {
+                return None;
+            }
+            assert_eq!(x.len(), n * part.cols, "x is not [n, cols]");
+            match part.storage {
+                Storage::Fp8 {
+                    block: 128,
+                    scale: Fp8ScaleKind::E8m0,
+                } => Fp8::new(part).map(|d| prepared(d, x, n)),
+                Storage::Mxfp4 { block: 32 } => Some(prepared(Mxfp4::new(part), x, n)),
+                Storage::Bf16 => Some(prepared(Bf16::new(part), x, n)),
+                _ => None,
+            }
         }
-        order
-    };
 
-    /// `x` (`[n, cols]`) with each chunk of 32 columns in the decoder's order.
-    fn permute<D: Decoder>(x: &[f32]) -> Vec<f32> {
-        x.chunks_exact(32).flat_map(|g| D::ORDER.map(|k| g[k])).collect()
-    }
+        /// A decoder and `x` permuted to its order: the [`RowTask`] of a fused GEMV. Made only by
+        /// [`task`], whose caller has the module's features.
+        struct Prepared<D> {
+            decoder: D,
+            x: Vec<f32>,
+            n: usize,
+        }
 
-    /// A decoder and `x` permuted to its order: the [`RowTask`] of a fused GEMV. Made only by [`task`],
-    /// whose caller has AVX2 and FMA.
-    struct Prepared<D> {
-        decoder: D,
-        x: Vec<f32>,
-        n: usize,
-    }
+        fn prepared<'a, D: Decoder + 'a>(decoder: D, x: &[f32], n: usize) -> Box<dyn RowTask + 'a> {
+            let x = x
+                .chunks_exact(CHUNK)
+                .flat_map(|g| D::ORDER.map(|k| g[k]))
+                .collect();
+            Box::new(Prepared { decoder, x, n })
+        }
 
-    fn prepared<'a, D: Decoder + 'a>(decoder: D, x: &[f32], n: usize) -> Box<dyn RowTask + 'a> {
-        Box::new(Prepared {
-            x: permute::<D>(x),
-            decoder,
-            n,
-        })
-    }
-
-    impl<D: Decoder> RowTask for Prepared<D> {
-        /// Takes the rows of `x` in groups of up to four (one pass over the task's rows per group).
-        fn rows(&self, r0: usize, out: &mut [f32]) {
-            let (d, cols, n) = (&self.decoder, self.decoder.cols(), self.n);
-            for (g, xs) in self.x.chunks(4 * cols).enumerate() {
-                // SAFETY: a `Prepared` exists only where the CPU has AVX2 and FMA (see [`task`]).
-                unsafe {
-                    match xs.len() / cols {
-                        1 => group::<D, 1, 4>(d, r0, xs, 4 * g, n, out),
-                        2 => group::<D, 2, 4>(d, r0, xs, 4 * g, n, out),
-                        3 => group::<D, 3, 2>(d, r0, xs, 4 * g, n, out),
-                        _ => group::<D, 4, 2>(d, r0, xs, 4 * g, n, out),
+        impl<D: Decoder> RowTask for Prepared<D> {
+            /// Takes the rows of `x` in groups of up to four (one pass over the task's rows per group).
+            fn rows(&self, r0: usize, out: &mut [f32]) {
+                let (d, cols, n) = (&self.decoder, self.decoder.cols(), self.n);
+                for (g, xs) in self.x.chunks(4 * cols).enumerate() {
+                    // SAFETY: a `Prepared` exists only where the CPU has the features (see [`task`]).
+                    unsafe {
+                        match xs.len() / cols {
+                            1 => group::<D, 1, 4>(d, r0, xs, 4 * g, n, out),
+                            2 => group::<D, 2, 4>(d, r0, xs, 4 * g, n, out),
+                            3 => group::<D, 3, 2>(d, r0, xs, 4 * g, n, out),
+                            _ => group::<D, 4, 2>(d, r0, xs, 4 * g, n, out),
+                        }
                     }
                 }
             }
         }
-    }
 
-    /// `out[j, i0 + i] = xs_i · W_{r0 + j}` for the `N` rows of `xs` and every row `j` of `out`
-    /// (`[rows, n]`), with `S` running sums per row of `xs`.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn group<D: Decoder, const N: usize, const S: usize>(
-        d: &D,
-        r0: usize,
-        xs: &[f32],
-        i0: usize,
-        n: usize,
-        out: &mut [f32],
-    ) {
-        assert_eq!(xs.len(), N * d.cols(), "x is not [N, cols]");
-        for (j, out) in out.chunks_exact_mut(n).enumerate() {
-            out[i0..i0 + N].copy_from_slice(&dots::<D, N, S>(d, r0 + j, xs));
+        /// `out[j, i0 + i] = xs_i · W_{r0 + j}` for the `N` rows of `xs` and every row `j` of `out`
+        /// (`[rows, n]`), with `S` running sums per row of `xs`.
+        #[target_feature(enable = $features)]
+        unsafe fn group<D: Decoder, const N: usize, const S: usize>(
+            d: &D,
+            r0: usize,
+            xs: &[f32],
+            i0: usize,
+            n: usize,
+            out: &mut [f32],
+        ) {
+            assert_eq!(xs.len(), N * d.cols(), "x is not [N, cols]");
+            for (j, out) in out.chunks_exact_mut(n).enumerate() {
+                // SAFETY: the caller has the features, `r0 + j < rows` and `xs` is `[N, cols]`.
+                out[i0..i0 + N].copy_from_slice(&unsafe { dots::<D, N, S>(d, r0 + j, xs) });
+            }
         }
-    }
 
-    /// `[xs_i · W_r]` for the `N` rows of `xs` (`[N, cols]`). Each chunk's four vectors feed `S`
-    /// running sums per row of `xs` in turn, so that `N * S` independent chains hide the FMA latency.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2 and FMA, `r < rows` and `xs.len() == N * cols`.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn dots<D: Decoder, const N: usize, const S: usize>(d: &D, r: usize, xs: &[f32]) -> [f32; N] {
-        let cols = d.cols();
-        let x = xs.as_ptr();
-        let mut acc = [[_mm256_setzero_ps(); S]; N];
-        for c in 0..cols / 32 {
-            // SAFETY: `r < rows`, `c < cols / 32`, and 32 floats of `xs` at `i * cols + 32 c`.
-            let w = unsafe { d.chunk(r, c) };
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let xc = unsafe { x.add(i * cols + 32 * c) };
-                for (v, &wv) in w.iter().enumerate() {
-                    let xv = unsafe { _mm256_loadu_ps(xc.add(8 * v)) };
-                    acc[v % S] = _mm256_fmadd_ps(wv, xv, acc[v % S]);
+        /// `[xs_i · W_r]` for the `N` rows of `xs` (`[N, cols]`). Each chunk's four vectors feed `S`
+        /// running sums per row of `xs` in turn, so that `N * S` independent chains hide the FMA
+        /// latency.
+        ///
+        /// # Safety
+        /// The CPU must have the features, `r < rows` and `xs.len() == N * cols`.
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn dots<D: Decoder, const N: usize, const S: usize>(d: &D, r: usize, xs: &[f32]) -> [f32; N] {
+            let cols = d.cols();
+            let x = xs.as_ptr();
+            let mut acc = [[$zero(); S]; N];
+            for c in 0..cols / CHUNK {
+                // SAFETY: `r < rows`, `c < cols / CHUNK`, and CHUNK floats of `xs` at
+                // `i * cols + CHUNK c`.
+                let w = unsafe { d.chunk(r, c) };
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let xc = unsafe { x.add(i * cols + CHUNK * c) };
+                    for (v, &wv) in w.iter().enumerate() {
+                        let xv = unsafe { $load(xc.add($lanes * v)) };
+                        acc[v % S] = $fma(wv, xv, acc[v % S]);
+                    }
                 }
             }
-        }
-        let mut sums = [0f32; N];
-        for (s, acc) in sums.iter_mut().zip(&acc) {
-            *s = hsum(acc[1..].iter().fold(acc[0], |t, &a| _mm256_add_ps(t, a)));
-        }
-        sums
-    }
-
-    /// The sum of the eight lanes.
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
-
-    /// FP8 E4M3FN codes `[rows, cols]` with one E8M0 scale per 128x128 tile.
-    struct Fp8<'a> {
-        codes: &'a [u8],
-        cols: usize,
-        /// Tiles per row of the scale grid.
-        grid_cols: usize,
-        /// Per tile, `2^(e - 7)` for scale byte `e`: the factor that turns a code's bits placed at
-        /// f32 bit 20 (the code's value times 2^-120) into the code's value times the scale.
-        factors: Vec<f32>,
-    }
-
-    impl<'a> Fp8<'a> {
-        /// `None` if a scale exceeds 2^7 (its factor would overflow; no checkpoint has one).
-        fn new(part: &'a PackedRows) -> Option<Self> {
-            let tiles = part.rows.div_ceil(128) * part.cols.div_ceil(128);
-            check_lengths(part, part.rows * part.cols, tiles);
-            let factor = |e: u8| (e <= 134).then(|| f32::from_bits((e as u32 + 120) << 23));
-            Some(Self {
-                codes: part.data.as_slice(),
-                cols: part.cols,
-                grid_cols: part.cols.div_ceil(128),
-                factors: part
-                    .scales
-                    .as_slice()
-                    .iter()
-                    .map(|&e| factor(e))
-                    .collect::<Option<_>>()?,
-            })
-        }
-    }
-
-    impl Decoder for Fp8<'_> {
-        const ORDER: [usize; 32] = EVEN_ODD;
-
-        fn cols(&self) -> usize {
-            self.cols
-        }
-
-        /// Sign-extends 16 codes to 16 bits; shifting the 32-bit lanes left by 20 (the even code) or
-        /// 4 (the odd one) puts a code's 7 magnitude bits at f32 bits 20..27 and a copy of its sign at
-        /// bit 31, and a mask clears the rest. That is the code's value times 2^-120 (an f32
-        /// subnormal for an E4M3 subnormal, so those are exact too), which one multiplication by the
-        /// tile's factor rounds to `value * scale` as the converter does.
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn chunk(&self, r: usize, c: usize) -> [__m256; 4] {
-            // SAFETY (all reads): the tile of (r, 32c) and the 32 codes at (r, 32c) lie inside the
-            // part, whose byte lengths `new` checked.
-            let f =
-                _mm256_set1_ps(unsafe { *self.factors.get_unchecked((r / 128) * self.grid_cols + c / 4) });
-            let codes = unsafe { self.codes.as_ptr().add(r * self.cols + 32 * c) };
-            let mask = _mm256_set1_epi32(0x87F0_0000u32 as i32);
-            let decode = |bits: __m256i| _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(bits, mask)), f);
-            let lo = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(codes.cast()) });
-            let hi = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(codes.add(16).cast()) });
-            [
-                decode(_mm256_slli_epi32(lo, 20)),
-                decode(_mm256_slli_epi32(lo, 4)),
-                decode(_mm256_slli_epi32(hi, 20)),
-                decode(_mm256_slli_epi32(hi, 4)),
-            ]
-        }
-    }
-
-    /// MXFP4: E2M1 codes packed two per byte (low nibble first) `[rows, cols/2]`, one E8M0 scale per
-    /// 32 columns `[rows, cols/32]`.
-    struct Mxfp4<'a> {
-        packed: &'a [u8],
-        scales: &'a [u8],
-        cols: usize,
-        tables: &'static [[u8; 32]; 256],
-    }
-
-    impl<'a> Mxfp4<'a> {
-        fn new(part: &'a PackedRows) -> Self {
-            check_lengths(part, part.rows * part.cols / 2, part.rows * part.cols / 32);
-            Self {
-                packed: part.data.as_slice(),
-                scales: part.scales.as_slice(),
-                cols: part.cols,
-                tables: mx_tables(),
+            let mut sums = [0f32; N];
+            for (s, acc) in sums.iter_mut().zip(&acc) {
+                *s = $hsum(acc[1..].iter().fold(acc[0], |t, &a| $add(t, a)));
             }
+            sums
         }
-    }
-
-    impl Decoder for Mxfp4<'_> {
-        /// Per 16 columns: 0, 4, 8, 12, 1, 5, 9, 13, then 2, 6, 10, 14, 3, 7, 11, 15.
-        const ORDER: [usize; 32] = {
-            let mut order = [0; 32];
-            let mut p = 0;
-            while p < 32 {
-                let k = p % 8;
-                order[p] = 16 * (p / 16) + 2 * (p / 8 % 2) + 4 * (k % 4) + k / 4;
-                p += 1;
-            }
-            order
-        };
-
-        fn cols(&self) -> usize {
-            self.cols
-        }
-
-        /// The block's 16 bytes go to both 128-bit lanes; the low lane keeps the low nibbles (even
-        /// columns), the high lane the high ones (odd columns). Two byte shuffles look up the top two
-        /// bytes of each `value * scale` in the scale's table; interleaving them gives 16-bit values
-        /// whose 32-bit pairs become two f32 vectors by a shift (low half) and a mask (high half).
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn chunk(&self, r: usize, c: usize) -> [__m256; 4] {
-            // SAFETY (all reads): the scale and the 16 bytes of (r, 32c) lie inside the part, whose
-            // byte lengths `new` checked; a table is 32 bytes.
-            let e = unsafe { *self.scales.get_unchecked(r * (self.cols / 32) + c) };
-            let table = unsafe { self.tables.get_unchecked(e as usize).as_ptr() };
-            let bytes = unsafe { self.packed.as_ptr().add(r * (self.cols / 2) + 16 * c) };
-            let load = |p: *const u8| _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(p.cast()) });
-            let (top, next, v) = (load(table), load(unsafe { table.add(16) }), load(bytes));
-            let shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-            let codes = _mm256_and_si256(_mm256_srlv_epi32(v, shift), _mm256_set1_epi8(0x0F));
-            let (hi, lo) = (_mm256_shuffle_epi8(top, codes), _mm256_shuffle_epi8(next, codes));
-            let (w0, w1) = (_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi));
-            let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
-            [
-                _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)),
-                _mm256_castsi256_ps(_mm256_and_si256(w0, high)),
-                _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)),
-                _mm256_castsi256_ps(_mm256_and_si256(w1, high)),
-            ]
-        }
-    }
-
-    /// Per E8M0 byte `e`, the bytes 3 (first 16) and 2 (last 16) of the f32 `E2M1_VALUES[k] *
-    /// 2^(e - 127)` for the 16 codes `k`. These products are exact and have at most two significant
-    /// bits, so their low 16 bits are zero and the two bytes are the whole value.
-    fn mx_tables() -> &'static [[u8; 32]; 256] {
-        static TABLES: OnceLock<Box<[[u8; 32]; 256]>> = OnceLock::new();
-        TABLES.get_or_init(|| {
-            let mut t = Box::new([[0u8; 32]; 256]);
-            for (e, row) in t.iter_mut().enumerate() {
-                for (k, &v) in E2M1_VALUES.iter().enumerate() {
-                    let bits = (v * e8m0_to_f32(e as u8)).to_bits();
-                    debug_assert!(bits & 0xFFFF == 0 || e == 0xFF, "E2M1 {v} * E8M0 {e}");
-                    row[k] = (bits >> 24) as u8;
-                    row[16 + k] = (bits >> 16) as u8;
-                }
-            }
-            t
-        })
-    }
-
-    /// BF16 `[rows, cols]`.
-    struct Bf16<'a> {
-        data: &'a [u8],
-        cols: usize,
-    }
-
-    impl<'a> Bf16<'a> {
-        fn new(part: &'a PackedRows) -> Self {
-            check_lengths(part, 2 * part.rows * part.cols, 0);
-            Self {
-                data: part.data.as_slice(),
-                cols: part.cols,
-            }
-        }
-    }
-
-    impl Decoder for Bf16<'_> {
-        const ORDER: [usize; 32] = EVEN_ODD;
-
-        fn cols(&self) -> usize {
-            self.cols
-        }
-
-        /// Each 32-bit lane holds two values: the low one shifted up, the high one masked, are f32.
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn chunk(&self, r: usize, c: usize) -> [__m256; 4] {
-            // SAFETY: the 32 values at (r, 32c) lie inside the part (`new` checked its length).
-            let values = unsafe { self.data.as_ptr().add(2 * (r * self.cols + 32 * c)) };
-            let (lo, hi) = unsafe {
-                (
-                    _mm256_loadu_si256(values.cast()),
-                    _mm256_loadu_si256(values.add(32).cast()),
-                )
-            };
-            let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
-            [
-                _mm256_castsi256_ps(_mm256_slli_epi32(lo, 16)),
-                _mm256_castsi256_ps(_mm256_and_si256(lo, high)),
-                _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16)),
-                _mm256_castsi256_ps(_mm256_and_si256(hi, high)),
-            ]
-        }
-    }
+    };
 }
+use fused_gemv;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod storage;
 
 #[cfg(test)]
 mod tests {
@@ -652,13 +442,12 @@ mod tests {
     use v4_formats::codec::{f32_to_bf16, fp8, mxfp4, nvfp4, ScaleSearch};
     use v4_formats::{Bytes, Fp8ScaleKind, Storage};
 
-    /// The paths to test: the portable one, and the CPU's best if that is another.
+    /// The paths to test: every one this CPU runs.
     fn isas() -> Vec<Isa> {
-        let mut isas = vec![Isa::Scalar];
-        if Isa::best() >= Isa::Avx2 {
-            isas.push(Isa::Avx2);
-        }
-        isas
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|&isa| isa <= Isa::best())
+            .collect()
     }
 
     /// Deterministic values in [-1, 1) times a power of two in 2^-10..2^10 that changes every 16
@@ -778,7 +567,8 @@ mod tests {
 
     #[test]
     fn fp8_matches_decode_then_multiply() {
-        for (r, c) in [(200, 320), (130, 384)] {
+        // 352 columns are not whole chunks of 64: the AVX-512 path hands them to the AVX2 kernel.
+        for (r, c) in [(200, 320), (130, 384), (40, 352)] {
             let w = matrix(vec![fp8_rows(&data(r * c, 1), r, c)]);
             check(&w, &[1, 2, 3, 5, 8, 32, 70]);
         }
@@ -831,10 +621,11 @@ mod tests {
 
     #[test]
     fn bf16_matches_decode_then_multiply() {
-        let (r, c) = (70, 160);
-        let w = matrix(vec![bf16_rows(&data(r * c, 6), r, c)]);
-        check(&w, &[1, 4, 20]);
-        check_exact(&w, 8);
+        for (r, c) in [(70, 160), (33, 192)] {
+            let w = matrix(vec![bf16_rows(&data(r * c, 6), r, c)]);
+            check(&w, &[1, 4, 20]);
+            check_exact(&w, 8);
+        }
     }
 
     #[test]
@@ -880,27 +671,40 @@ mod tests {
         }
     }
 
-    /// The fused kernels take FP8 (E8M0), MXFP4 and BF16 with whole chunks of columns.
+    /// The fused kernels take FP8 (E8M0), MXFP4 and BF16 with whole chunks of columns: 32 for AVX2,
+    /// 64 for AVX-512.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_fused_kernels_cover_their_storages() {
-        if Isa::best() < Isa::Avx2 {
-            return;
+        let parts = |c: usize| {
+            let r = 16;
+            let w = data(r * c, 13);
+            [
+                fp8_rows(&w, r, c),
+                mx_rows(&w, r, c),
+                bf16_rows(&w, r, c),
+                nvfp4_rows(&w, r, c),
+            ]
+        };
+        let (x32, x64) = (data(32, 14), data(64, 14));
+        if Isa::best() >= Isa::Avx2 {
+            // SAFETY: the CPU has AVX2 and FMA.
+            let fused = parts(32)
+                .each_ref()
+                .map(|p| unsafe { avx2::task(p, &x32, 1) }.is_some());
+            assert_eq!(fused, [true, true, true, false]);
         }
-        let (r, c) = (16, 64);
-        let w = data(r * c, 13);
-        let x = data(c, 14);
-        let parts = [
-            fp8_rows(&w, r, c),
-            mx_rows(&w, r, c),
-            bf16_rows(&w, r, c),
-            nvfp4_rows(&w, r, c),
-        ];
-        // SAFETY: the CPU has AVX2 and FMA.
-        let fused = parts
-            .each_ref()
-            .map(|p| unsafe { avx2::task(p, &x, 1) }.is_some());
-        assert_eq!(fused, [true, true, true, false]);
+        if Isa::best() >= Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the CPU has AVX-512F and BW, AVX2 and FMA.
+            let fused = parts(64)
+                .each_ref()
+                .map(|p| unsafe { avx512::task(p, &x64, 1) }.is_some());
+            assert_eq!(fused, [true, true, true, false]);
+            let fused = parts(32)
+                .each_ref()
+                .map(|p| unsafe { avx512::task(p, &x32, 1) }.is_some());
+            assert_eq!(fused, [false; 4]);
+        }
     }
 
     /// Groups of rows, each times its own matrix, equal each group's own product: few-row groups
