@@ -232,11 +232,18 @@ impl<T: Copy> Shared<T> {
     }
 }
 
-/// [`few_rows`] over rayon's threads: the columns are cut into up to four parts per thread, and when
-/// that leaves threads idle (narrow outputs), the right side's rows too, each part of rows summing
-/// into its own partial product that a last pass adds up. Every task streams whole rows of its
-/// columns, so each reads contiguous runs of at least a few KB. Whether a product is large enough to
-/// split is the caller's decision (`kernels::matmul_f32`).
+/// Outputs (`rows x columns` of a [`few_rows_parallel`] product) up to which its tasks take whole rows
+/// of the right side and split only their range: each task then streams one contiguous run, which
+/// memory serves faster than column parts of every row (v4-small's decode projections from memory on
+/// two Zen 4 cores: 24-30 GB/s against 17-24); above it, summing the partial products costs more.
+const FULL_ROWS: usize = 4096;
+
+/// [`few_rows`] over rayon's threads. Narrow products (at most [`FULL_ROWS`] outputs) cut the right
+/// side's rows into four parts per thread; wider ones cut the columns into up to four parts per
+/// thread, and when that leaves threads idle, the rows too. Each part of rows sums into its own
+/// partial product that a last pass adds up. Every task streams whole rows of its columns, so each
+/// reads contiguous runs of at least a few KB. Whether a product is large enough to split is the
+/// caller's decision (`kernels::matmul_f32`).
 ///
 /// # Safety
 /// As [`few_rows`].
@@ -248,7 +255,11 @@ pub(crate) unsafe fn few_rows_parallel(p: &Product) {
         return few_rows_on(isa, p);
     }
     let tasks = 4 * threads;
-    let width = n.div_ceil(tasks).next_multiple_of(16).max(256);
+    let width = if m * n <= FULL_ROWS {
+        n
+    } else {
+        n.div_ceil(tasks).next_multiple_of(16).max(256)
+    };
     let col_parts = n.div_ceil(width);
     let k_parts = (tasks / col_parts).clamp(1, k.div_ceil(64));
     let k_len = k.div_ceil(k_parts);
