@@ -114,11 +114,8 @@ pub(crate) fn is_few_rows(p: &Product) -> bool {
 }
 
 /// `dst = lhs · rhs` for a [`is_few_rows`] product. Each block of columns streams its part of the
-/// right side's rows once, one row from each quarter of them at a time (rows `i`, `q + i`, `2q + i`,
-/// `3q + i` for `q = k / 4`), adding their products with `lhs` into `m` accumulator rows in L1. Four
-/// streams keep more reads in flight than one: a narrow right side (v4-small's 512 KB expert
-/// projections) that arrives from memory is read at ~22 GB/s on one Zen 4 core, against ~11 GB/s
-/// walking its rows in order (`cargo run --release -p v4-cpu --example gemv`). gemm packs the right side on every call (at a few rows that costs more
+/// right side's rows once, four rows at a time, adding `lhs[r, i..i + 4] · rhs[i..i + 4, block]` into
+/// `m` accumulator rows in L1. gemm packs the right side on every call (at a few rows that costs more
 /// than the product) and its GEMV walks a row-major right side in short strided runs that the
 /// prefetchers follow badly: ~10 GB/s on one Zen 4 core, where this kernel streams at memory speed.
 ///
@@ -145,11 +142,11 @@ unsafe fn few_rows(p: &Product) {
         for row in acc_rows.chunks_exact_mut(block).take(m) {
             row[..width].fill(0.0);
         }
-        let quarter = k / 4;
-        for i in 0..quarter {
-            let w = [0, 1, 2, 3].map(|d| rhs(d * quarter + i, start, width));
+        let quads = k / 4 * 4;
+        for i in (0..quads).step_by(4) {
+            let w = [0, 1, 2, 3].map(|d| rhs(i + d, start, width));
             for (r, row) in acc_rows.chunks_exact_mut(block).take(m).enumerate() {
-                let a = [0, 1, 2, 3].map(|d| lhs(r, d * quarter + i));
+                let a = [0, 1, 2, 3].map(|d| lhs(r, i + d));
                 let quad = w[0].iter().zip(w[1]).zip(w[2]).zip(w[3]);
                 for (o, (((&w0, &w1), &w2), &w3)) in row[..width].iter_mut().zip(quad) {
                     let s = a[0].mul_add(w0, *o);
@@ -159,7 +156,7 @@ unsafe fn few_rows(p: &Product) {
                 }
             }
         }
-        for i in 4 * quarter..k {
+        for i in quads..k {
             let w = rhs(i, start, width);
             for (r, row) in acc_rows.chunks_exact_mut(block).take(m).enumerate() {
                 let a = lhs(r, i);
@@ -232,18 +229,11 @@ impl<T: Copy> Shared<T> {
     }
 }
 
-/// Outputs (`rows x columns` of a [`few_rows_parallel`] product) up to which its tasks take whole rows
-/// of the right side and split only their range: each task then streams one contiguous run, which
-/// memory serves faster than column parts of every row (v4-small's decode projections from memory on
-/// two Zen 4 cores: 24-30 GB/s against 17-24); above it, summing the partial products costs more.
-const FULL_ROWS: usize = 4096;
-
-/// [`few_rows`] over rayon's threads. Narrow products (at most [`FULL_ROWS`] outputs) cut the right
-/// side's rows into four parts per thread; wider ones cut the columns into up to four parts per
-/// thread, and when that leaves threads idle, the rows too. Each part of rows sums into its own
-/// partial product that a last pass adds up. Every task streams whole rows of its columns, so each
-/// reads contiguous runs of at least a few KB. Whether a product is large enough to split is the
-/// caller's decision (`kernels::matmul_f32`).
+/// [`few_rows`] over rayon's threads: the columns are cut into up to four parts per thread, and when
+/// that leaves threads idle (narrow outputs), the right side's rows too, each part of rows summing
+/// into its own partial product that a last pass adds up. Every task streams whole rows of its
+/// columns, so each reads contiguous runs of at least a few KB. Whether a product is large enough to
+/// split is the caller's decision (`kernels::matmul_f32`).
 ///
 /// # Safety
 /// As [`few_rows`].
@@ -255,11 +245,7 @@ pub(crate) unsafe fn few_rows_parallel(p: &Product) {
         return few_rows_on(isa, p);
     }
     let tasks = 4 * threads;
-    let width = if m * n <= FULL_ROWS {
-        n
-    } else {
-        n.div_ceil(tasks).next_multiple_of(16).max(256)
-    };
+    let width = n.div_ceil(tasks).next_multiple_of(16).max(256);
     let col_parts = n.div_ceil(width);
     let k_parts = (tasks / col_parts).clamp(1, k.div_ceil(64));
     let k_len = k.div_ceil(k_parts);
