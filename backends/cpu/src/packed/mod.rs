@@ -2,9 +2,10 @@
 //!
 //! Two regimes, chosen by the number `n` of rows of `x`:
 //! - decode (`n <= GEMV_MAX_N`): a fused GEMV. Each task streams the packed bytes of a few rows of `W`
-//!   once, decodes 32 columns at a time in registers and multiplies them into every row of `x`; no f32
-//!   copy of `W` is made. This is bound by memory bandwidth on the packed bytes, so FP8 reads a quarter
-//!   and MXFP4 about an eighth of the bytes of an f32 GEMV.
+//!   once, decodes a chunk of columns at a time in registers (32 with AVX2, 64 with AVX-512) and
+//!   multiplies them into every row of `x`; no f32 copy of `W` is made. FP8 reads a quarter and MXFP4
+//!   about an eighth of the bytes of an f32 GEMV; BF16 and FP8 are bound by memory bandwidth, MXFP4's
+//!   table lookups by the vector pipes (on Zen 4, ~11 GB/s a thread).
 //! - prefill (larger `n`): each task decodes a panel of up to `PANEL_ROWS` rows with
 //!   [`PackedRows::decode_rows`] into f32 and multiplies it with the `gemm` crate; decoding costs one
 //!   pass over the panel against `n` multiply-adds per weight.
