@@ -4,7 +4,7 @@
 //! can (shuffles and shifts share two of Zen's four vector pipes), so the lanes hold the columns in
 //! a fixed order of the decoder's (`Decoder::ORDER`); `x` is permuted once per call to match.
 
-use super::storage::{Bf16, Fp8, Mxfp4};
+use super::storage::{Bf16, Columns, Fp8, Mxfp4};
 use super::RowTask;
 use std::arch::x86_64::*;
 
@@ -38,10 +38,6 @@ const EVEN_ODD: [usize; 32] = {
 
 impl Decoder for Fp8<'_> {
     const ORDER: [usize; 32] = EVEN_ODD;
-
-    fn cols(&self) -> usize {
-        self.cols
-    }
 
     /// Sign-extends 16 codes to 16 bits; shifting the 32-bit lanes left by 20 (the even code) or
     /// 4 (the odd one) puts a code's 7 magnitude bits at f32 bits 20..27 and a copy of its sign at
@@ -79,10 +75,6 @@ impl Decoder for Mxfp4<'_> {
         order
     };
 
-    fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// The block's 16 bytes go to both 128-bit lanes; the low lane keeps the low nibbles (even
     /// columns), the high lane the high ones (odd columns). Two byte shuffles look up the top two
     /// bytes of each `value * scale` in the scale's byte table; interleaving them gives 16-bit
@@ -111,10 +103,6 @@ impl Decoder for Mxfp4<'_> {
 
 impl Decoder for Bf16<'_> {
     const ORDER: [usize; 32] = EVEN_ODD;
-
-    fn cols(&self) -> usize {
-        self.cols
-    }
 
     /// Each 32-bit lane holds two values: the low one shifted up, the high one masked, are f32.
     #[target_feature(enable = "avx2,fma")]

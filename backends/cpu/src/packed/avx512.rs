@@ -7,7 +7,7 @@
 //! about half the AVX2 kernels' instructions per byte; MXFP4, whose AVX2 decoding is bound by
 //! shuffles rather than by memory, gains the most.
 
-use super::storage::{Bf16, Fp8, Mxfp4};
+use super::storage::{Bf16, Columns, Fp8, Mxfp4};
 use super::RowTask;
 use std::arch::x86_64::*;
 
@@ -33,10 +33,6 @@ const EVEN_ODD: [usize; 64] = {
 impl Decoder for Fp8<'_> {
     const ORDER: [usize; 64] = EVEN_ODD;
 
-    fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// As the AVX2 decoder: 32 codes sign-extended to 16 bits, each 32-bit lane shifted by 20 (the
     /// even code) or 4 (the odd one) and masked to the code's value times 2^-120, times the tile's
     /// factor. A chunk of 64 columns lies inside one 128-column tile.
@@ -61,10 +57,6 @@ impl Decoder for Fp8<'_> {
 impl Decoder for Mxfp4<'_> {
     const ORDER: [usize; 64] = EVEN_ODD;
 
-    fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// Each block's 16 bytes widen to sixteen 32-bit lanes. `vpermps` reads only the low four bits
     /// of an index, so a lane indexes its even column's code as it is and its odd column's after a
     /// shift by 4, in the block's sixteen `value * scale` (exact: a power-of-two scale).
@@ -88,10 +80,6 @@ impl Decoder for Mxfp4<'_> {
 
 impl Decoder for Bf16<'_> {
     const ORDER: [usize; 64] = EVEN_ODD;
-
-    fn cols(&self) -> usize {
-        self.cols
-    }
 
     /// Each 32-bit lane holds two values: the low one shifted up, the high one masked, are f32.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]

@@ -302,12 +302,9 @@ macro_rules! fused_gemv {
         const CHUNK: usize = 4 * $lanes;
 
         /// A row block whose rows decode `CHUNK` columns at a time into registers.
-        trait Decoder: Sync {
+        trait Decoder: Columns + Sync {
             /// The column (within the chunk) of each lane of the four vectors of [`Decoder::chunk`].
             const ORDER: [usize; CHUNK];
-
-            /// Columns of a row.
-            fn cols(&self) -> usize;
 
             /// Columns `CHUNK c .. CHUNK (c + 1)` of row `r`, each exactly the f32 of
             /// `PackedRows::decode_rows`, lane `l` of vector `v` holding column

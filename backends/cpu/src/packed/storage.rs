@@ -23,6 +23,23 @@ fn check_lengths(part: &PackedRows, data: usize, scales: usize) {
     );
 }
 
+/// The columns of a stored row block, which every decoder walks in chunks.
+pub(super) trait Columns {
+    /// Columns of a row.
+    fn cols(&self) -> usize;
+}
+
+macro_rules! columns {
+    ($($storage:ident),*) => {
+        $(impl Columns for $storage<'_> {
+            fn cols(&self) -> usize {
+                self.cols
+            }
+        })*
+    };
+}
+columns!(Fp8, Mxfp4, Bf16);
+
 /// FP8 E4M3FN codes `[rows, cols]` with one E8M0 scale per 128x128 tile.
 pub(super) struct Fp8<'a> {
     pub codes: &'a [u8],
