@@ -13,6 +13,7 @@ super::fused_gemv! {
     vector: __m256,
     lanes: 8,
     ops: (_mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_add_ps, hsum),
+    streams: [2, 1, 1, 1],
 }
 
 /// The sum of the eight lanes.

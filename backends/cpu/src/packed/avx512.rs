@@ -16,6 +16,7 @@ super::fused_gemv! {
     vector: __m512,
     lanes: 16,
     ops: (_mm512_setzero_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_add_ps, _mm512_reduce_add_ps),
+    streams: [4, 2, 2, 2],
 }
 
 /// Per 32 columns: the 16 even ones, then the 16 odd ones.

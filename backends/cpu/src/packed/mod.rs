@@ -1,11 +1,13 @@
 //! `y = x W^T` on weights kept in their stored precision ([`PackedMatrix`]), fast on x86-64.
 //!
 //! Two regimes, chosen by the number `n` of rows of `x`:
-//! - decode (`n <= GEMV_MAX_N`): a fused GEMV. Each task streams the packed bytes of a few rows of `W`
+//! - decode (`n <= GEMV_MAX_N`): a fused GEMV. Each task streams the packed bytes of its rows of `W`
 //!   once, decodes a chunk of columns at a time in registers (32 with AVX2, 64 with AVX-512) and
-//!   multiplies them into every row of `x`; no f32 copy of `W` is made. FP8 reads a quarter and MXFP4
-//!   about an eighth of the bytes of an f32 GEMV; BF16 and FP8 are bound by memory bandwidth, MXFP4's
-//!   table lookups by the vector pipes (on Zen 4, ~11 GB/s a thread).
+//!   multiplies them into every row of `x`; no f32 copy of `W` is made. A task reads its rows from
+//!   up to four places at once: one core draws more bandwidth from several long streams than from
+//!   one (a 4096x4096 FP8 GEMV from memory: 23 -> 33 GB/s on two Zen 4 cores). FP8 reads a quarter
+//!   and MXFP4 about an eighth of the bytes of an f32 GEMV; BF16 and FP8 are bound by memory
+//!   bandwidth, MXFP4's table lookups by the vector pipes (on Zen 4, ~11 GB/s a thread).
 //! - prefill (larger `n`): each task decodes a panel of up to `PANEL_ROWS` rows with
 //!   [`PackedRows::decode_rows`] into f32 and multiplies it with the `gemm` crate; decoding costs one
 //!   pass over the panel against `n` multiply-adds per weight.
@@ -33,8 +35,10 @@ use v4_formats::{grouped_shape, PackedMatmul, PackedMatrix, PackedRows};
 /// takes `x` four rows at a time (decoding `W` again for each four), `gemm` packs `x` again for each
 /// panel: on two Zen 3 cores the GEMV is ahead up to about 32 rows and even at 48.
 const GEMV_MAX_N: usize = 32;
-/// Rows of `W` per parallel task of the GEMV: enough bytes per task to amortise scheduling.
+/// Fewest rows of `W` per parallel task of the GEMV: enough bytes per task to amortise scheduling.
 const GEMV_ROWS: usize = 64;
+/// Tasks per thread of a large GEMV: few, so that each task's streams are long.
+const TASKS_PER_THREAD: usize = 4;
 /// GEMVs that read fewer bytes of `W` than this (all of a [`grouped`] call's together) run on the
 /// calling thread: waking another costs more than it saves.
 const GEMV_PARALLEL_BYTES: usize = 1 << 18;
@@ -163,8 +167,9 @@ fn run_gemvs(gemvs: &[Gemv<'_>], total_rows: usize, y: &mut [f32]) {
         } else {
             buffer
         };
-        let chunks = out.chunks_mut(GEMV_ROWS * g.n).enumerate();
-        tasks.extend(chunks.map(|(t, out)| (&*g.task, t * GEMV_ROWS, out)));
+        let per = GEMV_ROWS.max(g.out.2.div_ceil(TASKS_PER_THREAD * rayon::current_num_threads()));
+        let chunks = out.chunks_mut(per * g.n).enumerate();
+        tasks.extend(chunks.map(|(t, out)| (&*g.task, t * per, out)));
     }
     if gemvs.iter().map(|g| g.bytes).sum::<usize>() < GEMV_PARALLEL_BYTES {
         tasks.into_iter().for_each(|(task, r0, out)| task.rows(r0, out));
@@ -290,13 +295,16 @@ fn gemm_part(part: &PackedRows, x: &[f32], n: usize, row0: usize, y: &mut [f32])
 /// storages implement (a row's columns `4 * lanes` at a time into four vectors), `task` (the
 /// [`RowTask`] of a product on a storage it decodes) and the kernel that multiplies decoded chunks
 /// into up to four rows of `x` at once. Each module (`avx2`, `avx512`) invokes it with its vector
-/// type and operations, so the kernel is compiled with that module's target features.
+/// type and operations, so the kernel is compiled with that module's target features, and with
+/// `streams`: how many rows of `W` the kernel reads at once for one, two, three and four rows of `x`
+/// (as many as its running sums leave registers for).
 macro_rules! fused_gemv {
     (
         features: $features:literal,
         vector: $vector:ty,
         lanes: $lanes:literal,
-        ops: ($zero:path, $load:path, $fma:path, $add:path, $hsum:path $(,)?) $(,)?
+        ops: ($zero:path, $load:path, $fma:path, $add:path, $hsum:path $(,)?),
+        streams: $streams:expr $(,)?
     ) => {
         /// Columns per chunk of [`Decoder::chunk`].
         const CHUNK: usize = 4 * $lanes;
@@ -365,10 +373,10 @@ macro_rules! fused_gemv {
                     // SAFETY: a `Prepared` exists only where the CPU has the features (see [`task`]).
                     unsafe {
                         match xs.len() / cols {
-                            1 => group::<D, 1, 4>(d, r0, xs, 4 * g, n, out),
-                            2 => group::<D, 2, 4>(d, r0, xs, 4 * g, n, out),
-                            3 => group::<D, 3, 2>(d, r0, xs, 4 * g, n, out),
-                            _ => group::<D, 4, 2>(d, r0, xs, 4 * g, n, out),
+                            1 => group::<D, 1, 4, { $streams[0] }>(d, r0, xs, 4 * g, n, out),
+                            2 => group::<D, 2, 4, { $streams[1] }>(d, r0, xs, 4 * g, n, out),
+                            3 => group::<D, 3, 2, { $streams[2] }>(d, r0, xs, 4 * g, n, out),
+                            _ => group::<D, 4, 2, { $streams[3] }>(d, r0, xs, 4 * g, n, out),
                         }
                     }
                 }
@@ -376,9 +384,11 @@ macro_rules! fused_gemv {
         }
 
         /// `out[j, i0 + i] = xs_i · W_{r0 + j}` for the `N` rows of `xs` and every row `j` of `out`
-        /// (`[rows, n]`), with `S` running sums per row of `xs`.
+        /// (`[rows, n]`), with `S` running sums per row of `xs`. The task's rows are read `R` at a
+        /// time from `R` evenly spaced places (`j, j + m/R, ..`): one core reads memory faster from
+        /// several streams than from one, and each dot product sums in the same order either way.
         #[target_feature(enable = $features)]
-        unsafe fn group<D: Decoder, const N: usize, const S: usize>(
+        unsafe fn group<D: Decoder, const N: usize, const S: usize, const R: usize>(
             d: &D,
             r0: usize,
             xs: &[f32],
@@ -387,41 +397,55 @@ macro_rules! fused_gemv {
             out: &mut [f32],
         ) {
             assert_eq!(xs.len(), N * d.cols(), "x is not [N, cols]");
-            for (j, out) in out.chunks_exact_mut(n).enumerate() {
-                // SAFETY: the caller has the features, `r0 + j < rows` and `xs` is `[N, cols]`.
-                out[i0..i0 + N].copy_from_slice(&unsafe { dots::<D, N, S>(d, r0 + j, xs) });
+            let m = out.len() / n;
+            let stride = m / R;
+            let mut put = |j: usize, sums: &[f32; N]| out[j * n + i0..j * n + i0 + N].copy_from_slice(sums);
+            for j in 0..stride {
+                let rows = std::array::from_fn(|q| r0 + j + q * stride);
+                // SAFETY: the caller has the features, every row is below `r0 + m <= rows` and
+                // `xs` is `[N, cols]`.
+                let sums = unsafe { dots::<D, N, S, R>(d, rows, xs) };
+                for (q, sums) in sums.iter().enumerate() {
+                    put(j + q * stride, sums);
+                }
+            }
+            for j in R * stride..m {
+                // SAFETY: as above.
+                put(j, &unsafe { dots::<D, N, S, 1>(d, [r0 + j], xs) }[0]);
             }
         }
 
-        /// `[xs_i · W_r]` for the `N` rows of `xs` (`[N, cols]`). Each chunk's four vectors feed `S`
-        /// running sums per row of `xs` in turn, so that `N * S` independent chains hide the FMA
-        /// latency.
+        /// `[[xs_i · W_r]]` for each of the `R` rows `r` and the `N` rows of `xs` (`[N, cols]`). Each
+        /// chunk's four vectors feed `S` running sums per pair of rows in turn, so that `R * N * S`
+        /// independent chains hide the FMA latency; a dot product's sums do not depend on `R`.
         ///
         /// # Safety
-        /// The CPU must have the features, `r < rows` and `xs.len() == N * cols`.
+        /// The CPU must have the features, every `r < rows` and `xs.len() == N * cols`.
         #[target_feature(enable = $features)]
         #[inline]
-        unsafe fn dots<D: Decoder, const N: usize, const S: usize>(d: &D, r: usize, xs: &[f32]) -> [f32; N] {
+        unsafe fn dots<D: Decoder, const N: usize, const S: usize, const R: usize>(
+            d: &D,
+            rows: [usize; R],
+            xs: &[f32],
+        ) -> [[f32; N]; R] {
             let cols = d.cols();
             let x = xs.as_ptr();
-            let mut acc = [[$zero(); S]; N];
+            let mut acc = [[[$zero(); S]; N]; R];
             for c in 0..cols / CHUNK {
-                // SAFETY: `r < rows`, `c < cols / CHUNK`, and CHUNK floats of `xs` at
-                // `i * cols + CHUNK c`.
-                let w = unsafe { d.chunk(r, c) };
-                for (i, acc) in acc.iter_mut().enumerate() {
-                    let xc = unsafe { x.add(i * cols + CHUNK * c) };
-                    for (v, &wv) in w.iter().enumerate() {
-                        let xv = unsafe { $load(xc.add($lanes * v)) };
-                        acc[v % S] = $fma(wv, xv, acc[v % S]);
+                for (acc, &r) in acc.iter_mut().zip(&rows) {
+                    // SAFETY: `r < rows`, `c < cols / CHUNK`, and CHUNK floats of `xs` at
+                    // `i * cols + CHUNK c`.
+                    let w = unsafe { d.chunk(r, c) };
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let xc = unsafe { x.add(i * cols + CHUNK * c) };
+                        for (v, &wv) in w.iter().enumerate() {
+                            let xv = unsafe { $load(xc.add($lanes * v)) };
+                            acc[v % S] = $fma(wv, xv, acc[v % S]);
+                        }
                     }
                 }
             }
-            let mut sums = [0f32; N];
-            for (s, acc) in sums.iter_mut().zip(&acc) {
-                *s = $hsum(acc[1..].iter().fold(acc[0], |t, &a| $add(t, a)));
-            }
-            sums
+            acc.map(|acc| acc.map(|acc| $hsum(acc[1..].iter().fold(acc[0], |t, &a| $add(t, a)))))
         }
     };
 }
