@@ -485,7 +485,7 @@ macro_rules! fused_gemv {
         }
 
         /// `[[xs_i · W_r]]` for each of the `R` rows `r` and the `N` rows of `xs` (`[N, cols]`). Each
-        /// chunk's four vectors feed `S` running sums per pair of rows in turn, so that `R * N * S`
+        /// chunk's four vectors feed `S` running sums per (row of `W`, row of `xs`) in turn, so that `R * N * S`
         /// independent chains hide the FMA latency; a dot product's sums do not depend on `R`.
         ///
         /// # Safety
@@ -752,6 +752,53 @@ mod tests {
             ]),
             &[1, 3, 12],
         );
+    }
+
+    /// A GEMV reads several rows of `W` at once (`streams`); each row's dot products must still sum
+    /// exactly as a one-row matrix's do, bit for bit.
+    #[test]
+    fn rows_read_together_sum_as_rows_read_alone() {
+        let (r, c) = (300, 256);
+        let w = data(r * c, 16);
+        let whole = matrix(vec![fp8_rows(&w, r, c)]);
+        let bf16 = matrix(vec![bf16_rows(&w, r, c)]);
+        for isa in isas() {
+            for n in [1, 2, 3, 4] {
+                let x = data(n * c, 17 + n as u64);
+                for w in [&whole, &bf16] {
+                    let decoded = w.to_f32();
+                    let mut y = vec![0f32; n * r];
+                    grouped(isa, &x, &[(n, w)], &mut y);
+                    for j in 0..r {
+                        let dense = &decoded[j * c..(j + 1) * c];
+                        let part = &w.parts()[0];
+                        let one = matrix(vec![match part.storage {
+                            Storage::Bf16 => bf16_rows(dense, 1, c),
+                            _ => rows(
+                                1,
+                                c,
+                                FP8,
+                                part.data.as_slice()[j * c..(j + 1) * c].to_vec(),
+                                vec![
+                                    part.scales.as_slice()[(j / 128) * (c / 128)],
+                                    part.scales.as_slice()[(j / 128) * (c / 128) + 1],
+                                ],
+                            ),
+                        }]);
+                        let mut alone = vec![0f32; n];
+                        grouped(isa, &x, &[(n, &one)], &mut alone);
+                        for i in 0..n {
+                            assert_eq!(
+                                y[i * r + j].to_bits(),
+                                alone[i].to_bits(),
+                                "{isa:?} n={n} {} row {j}",
+                                part.storage.name()
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Prefill panels whose rows and columns are not multiples of the transpose's 4x4 blocks.
